@@ -1,0 +1,135 @@
+"""The agent's configuration: one typed pydantic model, loadable from a dict or a TOML file."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ClipMode = Literal["none", "norm", "value", "param_norm", "agc", "auto_percentile", "zscore"]
+GuardAction = Literal["warn", "skip", "raise", "ignore"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClipConfig(_Section):
+    """Gradient clipping, applied in the optimizer's step pre-hook before the update.
+
+    norm: global L2 norm to `max_norm` (as `clip_grad_norm_`); value: every element to
+    [-max_value, max_value] (as `clip_grad_value_`); param_norm: each parameter to its own
+    `max_norm`; agc: unit-wise adaptive clipping (Brock et al. 2021) with `clip_factor` and
+    `eps`; auto_percentile: AutoClip (Seetharaman et al. 2020), the `percentile`-th percentile
+    of the last `history` total norms; zscore: ZClip (Kumar et al. 2025), EMA mean/variance of
+    the total norm with `alpha`, clipping when z > `z_threshold` after `warmup` steps.
+    """
+
+    mode: ClipMode = "none"
+    max_norm: float | None = Field(default=None, gt=0)
+    max_value: float | None = Field(default=None, gt=0)
+    clip_factor: float = Field(default=0.01, gt=0)
+    eps: float = Field(default=1e-3, gt=0)
+    agc_exclude_last_layer: bool = True
+    percentile: float = Field(default=10.0, gt=0, le=100)
+    history: int = Field(default=1000, ge=1)
+    alpha: float = Field(default=0.97, gt=0, lt=1)
+    z_threshold: float = Field(default=2.5, gt=0)
+    warmup: int = Field(default=25, ge=2)
+
+    @model_validator(mode="after")
+    def _needs_threshold(self) -> ClipConfig:
+        if self.mode in ("norm", "param_norm") and self.max_norm is None:
+            raise ValueError(f"clip mode {self.mode!r} needs max_norm")
+        if self.mode == "value" and self.max_value is None:
+            raise ValueError("clip mode 'value' needs max_value")
+        return self
+
+
+GuardCallback = Callable[[dict[str, Any]], None]
+
+
+class GuardConfig(_Section):
+    """Guards that act on the training job.
+
+    `warn` logs and records an event when the step's statistics reach the host (no sync);
+    `skip` (the step is not applied) and `raise` decide on the step itself, which costs one
+    host synchronisation per step; a callable is called with the event dict, without a sync,
+    when the statistics reach the host.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    nonfinite: Union[GuardAction, GuardCallback] = "warn"
+    max_total_norm: float | None = Field(default=None, gt=0)
+    max_total_norm_action: Union[GuardAction, GuardCallback] = "warn"
+
+    @property
+    def synchronous(self) -> bool:
+        """True when a guard must decide on the step itself (needs a host sync)."""
+        actions = [self.nonfinite] + ([self.max_total_norm_action] if self.max_total_norm else [])
+        return any(a in ("skip", "raise") for a in actions)
+
+
+class MeasureConfig(_Section):
+    """How often each measurement is taken. 0 turns a measurement off.
+
+    Gradient norms, clipping and guards run at every optimizer step; the costlier
+    measurements every few steps. Statistics reach the host every `flush_every` steps.
+    """
+
+    flush_every: int = Field(default=20, ge=1)
+    param_every: int = Field(default=10, ge=0)
+    update_ratio_every: int = Field(default=10, ge=0)
+    activation_every: int = Field(default=10, ge=0)
+    saturation_eps: float = Field(default=0.01, gt=0, lt=0.5)
+
+
+class AgentConfig(_Section):
+    """Everything the agent can be told. Defaults: no clipping, `warn` guards."""
+
+    project: str = "default"
+    home: Path | None = None
+    clip: ClipConfig = ClipConfig()
+    guards: GuardConfig = GuardConfig()
+    measure: MeasureConfig = MeasureConfig()
+    queue_size: int = Field(default=64, ge=1)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the bad value."""
+
+
+def load_config(config: AgentConfig | dict[str, Any] | str | Path | None) -> AgentConfig:
+    """Build an AgentConfig from a model, a dict, a TOML file path, or None (defaults)."""
+    if config is None:
+        return AgentConfig()
+    if isinstance(config, AgentConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        try:
+            data: Any = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read gradwatch config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"gradwatch config {path} is not valid TOML: {exc}") from None
+        data = data.get("gradwatch", data)
+    elif isinstance(config, dict):
+        data = config
+    else:
+        raise ConfigError(f"config must be an AgentConfig, a dict or a TOML path. Got {type(config).__name__}")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"invalid gradwatch config at {where}: {first['msg']} (got {first.get('input')!r})") from None
