@@ -1,0 +1,327 @@
+"""The Prometheus collector: the latest stored values of every live run, built at scrape time.
+
+`GradwatchCollector.collect()` asks its source for one `Snapshot` (one store read per
+scrape) and turns it into metric families. Runs that ended more than `grace` seconds ago
+are left out, so a finished run's series disappear and cardinality stays bounded. The
+metric names, types and labels are listed in docs/metrics.md; `METRICS` below is the
+single table both the collector and the documentation test read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gradwatch.service.logs import log_event
+
+RUN_LABELS = ("run", "rank")
+LAYER_LABELS = ("run", "rank", "layer")
+PARAM_LABELS = ("run", "rank", "layer", "param")
+STATUSES = ("running", "finished", "crashed")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: name, Prometheus type, labels, help text."""
+
+    name: str
+    type: str  # "gauge" | "counter" | "info"
+    labels: tuple[str, ...]
+    help: str
+
+
+def _g(name: str, labels: tuple[str, ...], help: str) -> MetricSpec:
+    return MetricSpec(name, "gauge", labels, help)
+
+
+def _c(name: str, labels: tuple[str, ...], help: str) -> MetricSpec:
+    return MetricSpec(name, "counter", labels, help)
+
+
+# Run-level run-log metric -> exported gauge.
+RUN_GAUGES: dict[str, MetricSpec] = {
+    "grad_norm_total": _g("gradwatch_global_grad_norm", RUN_LABELS,
+                          "L2 norm over all gradients at the last step, before clipping, unscaled"),
+    "grad_norm_total_clipped": _g("gradwatch_global_grad_norm_clipped", RUN_LABELS,
+                                  "L2 norm over all gradients at the last step, after clipping"),
+    "clip_coef": _g("gradwatch_clip_coefficient_ratio", RUN_LABELS,
+                    "Factor applied to the gradients by clipping at the last step (1 = not clipped)"),
+    "clip_threshold": _g("gradwatch_clip_threshold", RUN_LABELS,
+                         "Norm threshold clipping used at the last step (fixed or adaptive)"),
+    "nonfinite_params": _g("gradwatch_nonfinite_params", RUN_LABELS,
+                           "Number of params whose gradient held NaN/Inf at the last step"),
+    "loss": _g("gradwatch_loss", RUN_LABELS, "Last loss given to watcher.log()"),
+}
+# Run-level counters: metric name of the count in the snapshot -> exported counter.
+RUN_COUNTERS: dict[str, MetricSpec] = {
+    "clipped_steps": _c("gradwatch_clipped_steps_total", RUN_LABELS,
+                        "Optimizer steps whose gradients were clipped (clip coefficient < 1)"),
+    "skipped_steps": _c("gradwatch_skipped_steps_total", RUN_LABELS,
+                        "Optimizer steps not applied (guard skip or AMP scaler skip)"),
+    "nonfinite_steps": _c("gradwatch_nonfinite_steps_total", RUN_LABELS,
+                          "Optimizer steps with at least one NaN/Inf gradient"),
+}
+STEP = _g("gradwatch_step", RUN_LABELS, "Last optimizer step recorded for the run and rank")
+SCALAR = _g("gradwatch_scalar", RUN_LABELS + ("scalar",),
+            "Last value of a user scalar given to watcher.log() (other than loss)")
+LEARNING_RATE = _g("gradwatch_learning_rate", RUN_LABELS + ("group",),
+                   "Learning rate of an optimizer param group at the last step")
+# Layer-scope run-log metric -> exported gauge.
+LAYER_GAUGES: dict[str, MetricSpec] = {
+    "act_grad_norm": _g("gradwatch_layer_act_grad_norm", LAYER_LABELS,
+                        "L2 norm of the gradient w.r.t. the layer's output (gradient flow through depth)"),
+    "act_mean": _g("gradwatch_layer_activation_mean", LAYER_LABELS, "Mean of the layer's output"),
+    "act_std": _g("gradwatch_layer_activation_std", LAYER_LABELS,
+                  "Standard deviation of the layer's output"),
+    "saturation_ratio": _g("gradwatch_layer_saturation_ratio", LAYER_LABELS,
+                           "Fraction of a bounded activation's outputs within eps of its asymptotes"),
+    "dead_ratio": _g("gradwatch_layer_dead_ratio", LAYER_LABELS,
+                     "Fraction of a ReLU-family layer's units that output zero for the whole batch"),
+    "zero_ratio": _g("gradwatch_layer_zero_ratio", LAYER_LABELS,
+                     "Fraction of a ReLU-family layer's outputs equal to zero"),
+}
+# Per-layer aggregates of per-param metrics.
+LAYER_GRAD_NORM = _g("gradwatch_layer_grad_norm", LAYER_LABELS,
+                     "L2 norm of the layer's parameter gradients at the last step, before clipping")
+LAYER_PARAM_NORM = _g("gradwatch_layer_param_norm", LAYER_LABELS, "L2 norm of the layer's parameters")
+LAYER_UPDATE_RATIO = _g("gradwatch_layer_update_ratio", LAYER_LABELS,
+                        "||delta theta|| / ||theta|| of the layer's parameters at the last update")
+# Per-param metrics (exported when per-param export is on).
+PARAM_GAUGES: dict[str, MetricSpec] = {
+    "grad_norm": _g("gradwatch_param_grad_norm", PARAM_LABELS,
+                    "L2 norm of a parameter's gradient at the last step, before clipping"),
+    "param_norm": _g("gradwatch_param_norm", PARAM_LABELS, "L2 norm of a parameter"),
+    "update_ratio": _g("gradwatch_param_update_ratio", PARAM_LABELS,
+                       "||delta theta|| / ||theta|| of a parameter at the last update"),
+}
+RUN_INFO = MetricSpec("gradwatch_run_info", "info",
+                      ("run", "name", "project", "host", "world_size", "device", "torch_version",
+                       "gradwatch_version"), "Run metadata; the value is always 1")
+RUN_STATUS = _g("gradwatch_run_status", ("run", "status"),
+                "1 for the run's current status (running, finished, crashed), 0 for the others")
+RUN_START = _g("gradwatch_run_start_time_seconds", ("run",), "Unix time the run started")
+RUN_END = _g("gradwatch_run_end_time_seconds", ("run",), "Unix time the run finished or crashed")
+RUNS_EXPORTED = _g("gradwatch_exporter_runs", (), "Runs whose series this scrape exports")
+STORE_UP = _g("gradwatch_exporter_store_up", (), "1 when this scrape could read the store, else 0")
+
+METRICS: tuple[MetricSpec, ...] = (
+    *RUN_GAUGES.values(), *RUN_COUNTERS.values(), STEP, SCALAR, LEARNING_RATE,
+    LAYER_GRAD_NORM, LAYER_PARAM_NORM, LAYER_UPDATE_RATIO, *LAYER_GAUGES.values(),
+    *PARAM_GAUGES.values(), RUN_INFO, RUN_STATUS, RUN_START, RUN_END, RUNS_EXPORTED, STORE_UP,
+)
+
+
+@dataclass(frozen=True)
+class Latest:
+    """The latest value of one stored series: metric, scope, entity index, rank, step, value."""
+
+    metric: str
+    scope: str  # run | group | param | layer
+    entity: int
+    rank: int
+    step: int
+    value: float | None
+
+
+@dataclass
+class RunLatest:
+    """One run as the exporter needs it: metadata, names of its params/layers, latest values.
+
+    `params` maps a param index to (name, layer index); `layers` a layer index to its name;
+    `counts` maps (rank, counter name) to a cumulative count (see `RUN_COUNTERS`).
+    """
+
+    id: str
+    name: str
+    project: str
+    status: str
+    started_at: float | None = None
+    ended_at: float | None = None
+    host: str | None = None
+    world_size: int = 1
+    device: str | None = None
+    torch_version: str | None = None
+    gradwatch_version: str | None = None
+    params: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    layers: dict[int, str] = field(default_factory=dict)
+    values: list[Latest] = field(default_factory=list)
+    counts: dict[tuple[int, str], float] = field(default_factory=dict)
+
+
+Snapshot = list[RunLatest]
+
+
+def visible(run: RunLatest, now: float, grace: float) -> bool:
+    """Whether a run's series are still exported: running, or ended less than `grace` ago."""
+    if run.status == "running" or run.ended_at is None:
+        return True
+    return now - run.ended_at < grace
+
+
+class _Families:
+    """Metric families built lazily in `METRICS` order, so output is stable."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Metric] = {}
+
+    def add(self, spec: MetricSpec, labels: Iterable[str], value: float) -> None:
+        family = self._by_name.get(spec.name)
+        if family is None:
+            family = _new_family(spec)
+            self._by_name[spec.name] = family
+        family.add_metric(list(labels), value)
+
+    def ordered(self) -> Iterator[Metric]:
+        for spec in METRICS:
+            family = self._by_name.get(spec.name)
+            if family is not None:
+                yield family
+
+
+def _new_family(spec: MetricSpec) -> Metric:
+    if spec.type == "counter":
+        return CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+    return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+
+
+def families_for(runs: Snapshot, per_param: bool = False) -> Iterator[Metric]:
+    """Metric families for runs (all of them: filter with `visible` first)."""
+    out = _Families()
+    for run in runs:
+        _add_run(out, run, per_param)
+    return out.ordered()
+
+
+def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
+    info = (run.id, run.name, run.project, run.host or "", str(run.world_size), run.device or "",
+            run.torch_version or "", run.gradwatch_version or "")
+    out.add(RUN_INFO, info, 1.0)
+    for status in STATUSES:
+        out.add(RUN_STATUS, (run.id, status), 1.0 if run.status == status else 0.0)
+    if run.started_at is not None:
+        out.add(RUN_START, (run.id,), run.started_at)
+    if run.ended_at is not None and run.status != "running":
+        out.add(RUN_END, (run.id,), run.ended_at)
+
+    steps: dict[int, int] = {}
+    param_norms = {(v.rank, v.entity): v.value for v in run.values
+                   if v.scope == "param" and v.metric == "param_norm" and v.value is not None}
+    by_layer: dict[tuple[int, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for v in run.values:
+        steps[v.rank] = max(steps.get(v.rank, v.step), v.step)
+        if v.value is None:
+            continue
+        rank = str(v.rank)
+        if v.scope == "run":
+            spec = RUN_GAUGES.get(v.metric)
+            if spec is not None:
+                out.add(spec, (run.id, rank), v.value)
+            elif v.metric != "skipped":
+                out.add(SCALAR, (run.id, rank, v.metric), v.value)
+        elif v.scope == "group" and v.metric == "lr":
+            out.add(LEARNING_RATE, (run.id, rank, str(v.entity)), v.value)
+        elif v.scope == "layer" and v.metric in LAYER_GAUGES:
+            out.add(LAYER_GAUGES[v.metric], (run.id, rank, _layer_name(run, v.entity)), v.value)
+        elif v.scope == "param" and v.metric in PARAM_GAUGES:
+            name, layer = run.params.get(v.entity, (f"param{v.entity}", None))
+            if per_param:
+                out.add(PARAM_GAUGES[v.metric], (run.id, rank, _layer_name(run, layer), name), v.value)
+            if layer is not None:
+                by_layer[(v.rank, layer)][v.metric].append(v.value)
+                if v.metric == "update_ratio":
+                    by_layer[(v.rank, layer)]["_pn_for_ur"].append(
+                        param_norms.get((v.rank, v.entity), math.nan))
+
+    for (rank, layer), metrics in sorted(by_layer.items()):
+        labels = (run.id, str(rank), _layer_name(run, layer))
+        if metrics.get("grad_norm"):
+            out.add(LAYER_GRAD_NORM, labels, l2(metrics["grad_norm"]))
+        if metrics.get("param_norm"):
+            out.add(LAYER_PARAM_NORM, labels, l2(metrics["param_norm"]))
+        ratio = layer_update_ratio(metrics.get("update_ratio", []), metrics.get("_pn_for_ur", []))
+        if ratio is not None:
+            out.add(LAYER_UPDATE_RATIO, labels, ratio)
+
+    for rank, step in sorted(steps.items()):
+        out.add(STEP, (run.id, str(rank)), float(step))
+    for (rank, counter), count in sorted(run.counts.items()):
+        spec = RUN_COUNTERS.get(counter)
+        if spec is not None:
+            out.add(spec, (run.id, str(rank)), count)
+
+
+def _layer_name(run: RunLatest, layer: int | None) -> str:
+    if layer is None:
+        return ""
+    return run.layers.get(layer, f"layer{layer}")
+
+
+def l2(values: Iterable[float]) -> float:
+    """L2 norm of norms: the norm of the concatenation of the vectors they measure."""
+    return math.sqrt(sum(x * x for x in values))
+
+
+def layer_update_ratio(ratios: list[float], param_norms: list[float]) -> float | None:
+    """||delta theta_layer|| / ||theta_layer|| from per-param ratios and norms.
+
+    ||delta theta_p|| = ratio_p * ||theta_p||, so the layer ratio is
+    sqrt(sum (ratio_p * norm_p)^2) / sqrt(sum norm_p^2). None when no norm is known.
+    """
+    pairs = [(r, n) for r, n in zip(ratios, param_norms) if not math.isnan(n)]
+    if not pairs:
+        return None
+    denominator = l2(n for _, n in pairs)
+    if denominator == 0:
+        return None
+    return l2(r * n for r, n in pairs) / denominator
+
+
+class GradwatchCollector(Collector):
+    """Yields the latest stored values of live runs at scrape time.
+
+    `source` returns a `Snapshot` (one store read); `clock` is injected for the grace
+    period. A failing source is logged and reported as ``gradwatch_exporter_store_up 0``
+    instead of failing the scrape.
+    """
+
+    def __init__(self, source: Callable[[], Snapshot], grace: float = 300.0, per_param: bool = False,
+                 clock: Callable[[], float] = time.time, logger: logging.Logger | None = None,
+                 errors: tuple[type[Exception], ...] = (Exception,)) -> None:
+        self.source = source
+        self.grace = grace
+        self.per_param = per_param
+        self.clock = clock
+        self.logger = logger
+        self.errors = errors
+        self._failing = False
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            runs = self.source()
+        except self.errors as exc:
+            if not self._failing and self.logger is not None:
+                log_event(self.logger, "store_read_failed", logging.ERROR, error=str(exc).splitlines()[0])
+            self._failing = True
+            yield _single(STORE_UP, 0.0)
+            return
+        if self._failing and self.logger is not None:
+            log_event(self.logger, "store_read_recovered")
+        self._failing = False
+        now = self.clock()
+        live = [run for run in runs if visible(run, now, self.grace)]
+        yield from families_for(live, self.per_param)
+        yield _single(RUNS_EXPORTED, float(len(live)))
+        yield _single(STORE_UP, 1.0)
+
+
+def _single(spec: MetricSpec, value: float) -> Metric:
+    family = _new_family(spec)
+    family.add_metric([], value)
+    return family

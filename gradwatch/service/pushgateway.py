@@ -1,0 +1,87 @@
+"""Periodic push of the metrics to a Prometheus Pushgateway.
+
+For clusters where Prometheus cannot reach the training nodes. Each push is a PUT of the
+whole registry under ``job=<job>/instance=<host>``, so it replaces that group: series of
+runs that left /metrics (after their grace period) leave the gateway on the next push.
+Failures are logged when the state changes (first failure, recovery), never raised: the
+service keeps ingesting while the gateway is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client import CollectorRegistry, push_to_gateway
+
+from gradwatch.service.logs import log_event
+
+PUSH_TIMEOUT_S = 10.0
+
+
+def redact_url(url: str) -> str:
+    """The URL without any ``user:password@`` part, safe for a log line."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Pusher:
+    """Pushes `registry` to `url` every `interval` seconds in a background thread.
+
+    `push_once()` pushes now and returns whether it worked; `stop()` ends the thread after
+    one final push, so the gateway holds the state the service stopped with.
+    """
+
+    def __init__(self, url: str, registry: CollectorRegistry, interval: float = 15.0,
+                 job: str = "gradwatch", instance: str | None = None,
+                 logger: logging.Logger | None = None) -> None:
+        self.url = url
+        self.registry = registry
+        self.interval = interval
+        self.job = job
+        self.grouping_key = {"instance": instance or socket.gethostname()}
+        self.logger = logger
+        self._ok: bool | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def push_once(self) -> bool:
+        """Push the registry now; log state changes; True on success."""
+        try:
+            push_to_gateway(self.url, job=self.job, registry=self.registry,
+                            grouping_key=self.grouping_key, timeout=PUSH_TIMEOUT_S)
+        except Exception as exc:  # any network/HTTP failure: keep serving, log once per outage
+            if self._ok is not False and self.logger is not None:
+                log_event(self.logger, "push_failed", logging.WARNING, gateway=redact_url(self.url),
+                          error=f"{type(exc).__name__}: {exc}".replace(self.url, redact_url(self.url)))
+            self._ok = False
+            return False
+        if self._ok is not True and self.logger is not None:
+            log_event(self.logger, "push_ok", gateway=redact_url(self.url), job=self.job,
+                      **self.grouping_key)
+        self._ok = True
+        return True
+
+    def start(self) -> None:
+        """Push now, then every `interval` seconds."""
+        self._thread = threading.Thread(target=self._run, name="gradwatch-push", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.push_once()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stop the thread and push one last time."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.push_once()
