@@ -1,0 +1,84 @@
+"""The measured data of one run, as plain arrays: what diagnosis and plots work on."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer of the model, in model order (so `index` is depth)."""
+
+    index: int
+    name: str
+    type: str
+    kind: str
+    family: str | None = None
+
+    @property
+    def is_recurrent(self) -> bool:
+        """True for RNN, LSTM and GRU modules (and their cells)."""
+        return self.type.removesuffix("Cell") in ("RNN", "LSTM", "GRU")
+
+    @property
+    def is_norm(self) -> bool:
+        """True for normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...)."""
+        return "Norm" in self.type
+
+
+@dataclass(frozen=True)
+class Series:
+    """A metric over steps: `values` is (n,) for a run-level metric, (layers, n) per layer.
+
+    NaN means "not measured at that step" (or not applicable to that layer).
+    """
+
+    steps: np.ndarray
+    values: np.ndarray
+
+    def window(self, fraction: float = 0.5) -> Series:
+        """The last `fraction` of the steps (at least one): the steady part of a run."""
+        n = self.steps.shape[0]
+        k = max(1, int(np.ceil(n * fraction)))
+        return Series(self.steps[n - k :], self.values[..., n - k :])
+
+
+@dataclass
+class RunData:
+    """Everything recorded about one run that diagnosis and plots need.
+
+    `run` holds run-level series by metric name (grad_norm_total, grad_norm_total_clipped,
+    clip_coef, clip_threshold, loss, nonfinite_params, ...); `layer` holds per-layer series
+    with one row per entry of `layers` (act_grad_norm, grad_norm, saturation_ratio,
+    dead_ratio, ...). `init_check` and `config` come from the run log header.
+    """
+
+    run_id: str
+    name: str
+    layers: tuple[LayerInfo, ...]
+    run: dict[str, Series] = field(default_factory=dict)
+    layer: dict[str, Series] = field(default_factory=dict)
+    events: tuple[dict[str, Any], ...] = ()
+    init_check: tuple[dict[str, Any], ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def layer_names(self, rows: np.ndarray | list[int]) -> tuple[str, ...]:
+        """Names of the layers at the given row indices."""
+        return tuple(self.layers[int(i)].name for i in rows)
+
+    @property
+    def clip_config(self) -> dict[str, Any]:
+        """The clipping section of the agent config (mode "none" when absent)."""
+        clip = self.config.get("clip") or {}
+        return {"mode": "none", **clip}
+
+
+def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """`np.nanmedian` without the warning on all-NaN slices (they give NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(values, axis=axis)
