@@ -122,6 +122,7 @@ class ServiceSettings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     poll_interval: float = Field(default=0.5, gt=0, le=60)
     grace: float = Field(default=300.0, ge=0)
+    per_param: bool = False
     log_format: LogFormat = "text"
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)

@@ -1,0 +1,163 @@
+"""The collector, fed from store-shaped snapshots: values, layer aggregates, grace, promtool."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from fixtures.prometheus import require_binary
+from gradwatch.service.exporter import (
+    METRICS,
+    GradwatchCollector,
+    Latest,
+    RunLatest,
+    layer_update_ratio,
+    visible,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+
+
+def _run(run_id: str = "r1", status: str = "running", ended_at: float | None = None,
+         rank: int = 0) -> RunLatest:
+    """A two-layer run (fc: weight+bias, act: tanh) with every kind of series."""
+    v = [
+        Latest("grad_norm_total", "run", 0, rank, 7, 5.0),
+        Latest("grad_norm_total_clipped", "run", 0, rank, 7, 1.0),
+        Latest("clip_coef", "run", 0, rank, 7, 0.2),
+        Latest("clip_threshold", "run", 0, rank, 7, 1.0),
+        Latest("skipped", "run", 0, rank, 7, 0.0),
+        Latest("nonfinite_params", "run", 0, rank, 7, 0.0),
+        Latest("loss", "run", 0, rank, 7, 0.75),
+        Latest("accuracy", "run", 0, rank, 6, 0.5),
+        Latest("lr", "group", 0, rank, 7, 0.01),
+        Latest("lr", "group", 1, rank, 7, 0.001),
+        Latest("grad_norm", "param", 0, rank, 7, 3.0),
+        Latest("grad_norm", "param", 1, rank, 7, 4.0),
+        Latest("param_norm", "param", 0, rank, 5, 6.0),
+        Latest("param_norm", "param", 1, rank, 5, 8.0),
+        Latest("update_ratio", "param", 0, rank, 5, 0.01),
+        Latest("update_ratio", "param", 1, rank, 5, 0.02),
+        Latest("act_grad_norm", "layer", 1, rank, 5, 0.3),
+        Latest("saturation_ratio", "layer", 1, rank, 5, 0.125),
+    ]
+    return RunLatest(
+        id=run_id, name="exp", project="proj", status=status, started_at=1000.0, ended_at=ended_at,
+        host="node1", world_size=1, device="cpu", torch_version="2.13", gradwatch_version="0.1.0",
+        params={0: ("fc.weight", 0), 1: ("fc.bias", 0)}, layers={0: "fc", 1: "act"}, values=v,
+        counts={(rank, "clipped_steps"): 4.0, (rank, "skipped_steps"): 1.0, (rank, "nonfinite_steps"): 0.0})
+
+
+def _registry(runs: list[RunLatest], **kwargs: object) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(GradwatchCollector(lambda: runs, **kwargs))  # type: ignore[arg-type]
+    return registry
+
+
+def test_run_level_values_and_counters() -> None:
+    reg = _registry([_run()])
+    labels = {"run": "r1", "rank": "0"}
+    assert reg.get_sample_value("gradwatch_global_grad_norm", labels) == 5.0
+    assert reg.get_sample_value("gradwatch_global_grad_norm_clipped", labels) == 1.0
+    assert reg.get_sample_value("gradwatch_clip_coefficient_ratio", labels) == 0.2
+    assert reg.get_sample_value("gradwatch_loss", labels) == 0.75
+    assert reg.get_sample_value("gradwatch_step", labels) == 7.0
+    assert reg.get_sample_value("gradwatch_scalar", {**labels, "scalar": "accuracy"}) == 0.5
+    assert reg.get_sample_value("gradwatch_learning_rate", {**labels, "group": "1"}) == 0.001
+    assert reg.get_sample_value("gradwatch_clipped_steps_total", labels) == 4.0
+    assert reg.get_sample_value("gradwatch_skipped_steps_total", labels) == 1.0
+    assert reg.get_sample_value("gradwatch_scalar", {**labels, "scalar": "skipped"}) is None
+    assert reg.get_sample_value("gradwatch_run_status", {"run": "r1", "status": "running"}) == 1.0
+    assert reg.get_sample_value("gradwatch_run_status", {"run": "r1", "status": "finished"}) == 0.0
+    info = {"run": "r1", "name": "exp", "project": "proj", "host": "node1", "world_size": "1",
+            "device": "cpu", "torch_version": "2.13", "gradwatch_version": "0.1.0"}
+    assert reg.get_sample_value("gradwatch_run_info", info) == 1.0
+    assert reg.get_sample_value("gradwatch_exporter_store_up") == 1.0
+
+
+def test_layer_aggregates_match_a_direct_computation() -> None:
+    reg = _registry([_run()])
+    fc = {"run": "r1", "rank": "0", "layer": "fc"}
+    assert reg.get_sample_value("gradwatch_layer_grad_norm", fc) == pytest.approx(5.0)  # sqrt(3²+4²)
+    assert reg.get_sample_value("gradwatch_layer_param_norm", fc) == pytest.approx(10.0)
+    # ||Δθ|| = sqrt((0.01*6)² + (0.02*8)²), ||θ|| = 10
+    expected = math.hypot(0.06, 0.16) / 10.0
+    assert reg.get_sample_value("gradwatch_layer_update_ratio", fc) == pytest.approx(expected)
+    act = {"run": "r1", "rank": "0", "layer": "act"}
+    assert reg.get_sample_value("gradwatch_layer_saturation_ratio", act) == 0.125
+    assert reg.get_sample_value("gradwatch_layer_act_grad_norm", act) == pytest.approx(0.3)
+    assert reg.get_sample_value("gradwatch_param_grad_norm", {**fc, "param": "fc.weight"}) is None
+
+
+def test_per_param_series_when_enabled() -> None:
+    reg = _registry([_run()], per_param=True)
+    labels = {"run": "r1", "rank": "0", "layer": "fc", "param": "fc.bias"}
+    assert reg.get_sample_value("gradwatch_param_grad_norm", labels) == 4.0
+    assert reg.get_sample_value("gradwatch_param_update_ratio", labels) == 0.02
+
+
+@pytest.mark.parametrize(("status", "ended_at", "now", "shown"), [
+    pytest.param("running", None, 10_000.0, True, id="running-always"),
+    pytest.param("finished", 1000.0, 1000.0 + 299, True, id="finished-within-grace"),
+    pytest.param("finished", 1000.0, 1000.0 + 301, False, id="finished-after-grace"),
+    pytest.param("crashed", 1000.0, 1000.0 + 301, False, id="crashed-after-grace"),
+])
+def test_grace_period(status: str, ended_at: float | None, now: float, shown: bool) -> None:
+    run = _run(status=status, ended_at=ended_at)
+    assert visible(run, now, grace=300.0) is shown
+    reg = _registry([run], grace=300.0, clock=lambda: now)
+    value = reg.get_sample_value("gradwatch_global_grad_norm", {"run": "r1", "rank": "0"})
+    assert (value is not None) is shown
+    assert reg.get_sample_value("gradwatch_exporter_runs") == (1.0 if shown else 0.0)
+
+
+def test_finished_run_reports_end_time() -> None:
+    reg = _registry([_run(status="finished", ended_at=1234.5)], clock=lambda: 1300.0)
+    assert reg.get_sample_value("gradwatch_run_end_time_seconds", {"run": "r1"}) == 1234.5
+    assert reg.get_sample_value("gradwatch_run_status", {"run": "r1", "status": "finished"}) == 1.0
+
+
+def test_failing_store_reports_down_instead_of_failing_the_scrape() -> None:
+    class Broken(Exception):
+        pass
+
+    def source() -> list[RunLatest]:
+        raise Broken("database is locked")
+
+    registry = CollectorRegistry()
+    registry.register(GradwatchCollector(source, errors=(Broken,)))
+    assert registry.get_sample_value("gradwatch_exporter_store_up") == 0.0
+    assert registry.get_sample_value("gradwatch_exporter_runs") is None
+
+
+def test_layer_update_ratio_without_norms() -> None:
+    assert layer_update_ratio([0.1], [math.nan]) is None
+    assert layer_update_ratio([], []) is None
+    assert layer_update_ratio([0.5], [2.0]) == pytest.approx(0.5)
+
+
+def test_exposition_passes_promtool() -> None:
+    promtool = require_binary("promtool")
+    runs = [_run("r1"), _run("r2", status="finished", ended_at=1000.0), _run("r3", rank=1)]
+    text = generate_latest(_registry(runs, per_param=True, clock=lambda: 1001.0))
+    assert b"gradwatch_layer_update_ratio" in text and b"gradwatch_param_norm" in text
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
+    assert proc.stdout.strip() == b"" and proc.stderr.strip() == b""
+
+
+def test_every_metric_is_documented() -> None:
+    doc = DOCS.read_text()
+    documented = set(re.findall(r"^\| `(gradwatch_[a-z_]+)` \|", doc, flags=re.MULTILINE))
+    exported = {spec.name for spec in METRICS}
+    assert exported == documented, "docs/metrics.md and the exporter disagree"
+    for spec in METRICS:
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{spec.name}` |"))
+        assert spec.type in row, f"{spec.name}: type {spec.type} not in its docs row"
+        for label in spec.labels:
+            assert f"`{label}`" in row, f"{spec.name}: label {label} not in its docs row"
