@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from gradwatch.agent import runlog
 
@@ -32,16 +33,17 @@ class LogWriter:
         self.dropped = 0
         self.bytes_written = 0
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
-        self._good_offset = self._file.tell()
-        self._append([header])
+        self._header: bytes | None = header  # written first, as soon as the file opens
+        self._file: BinaryIO | None = None
+        self._closed = False
+        self._good_offset = 0
+        self._append([])
         self._thread = threading.Thread(target=self._run, name=f"gradwatch-writer-{path.stem}", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False (and counted as dropped) when the queue is full or closed."""
-        if self._file.closed:
+        if self._closed:
             self.dropped += 1
             return False
         try:
@@ -53,8 +55,9 @@ class LogWriter:
 
     def close(self, final: Job | None = None, timeout: float = 30.0) -> None:
         """Drain the queue, run `final` last, fsync and close the file."""
-        if self._file.closed:
+        if self._closed:
             return
+        self._closed = True
         if final is not None:
             self._queue.put(final)
         self._queue.put(None)
@@ -62,6 +65,8 @@ class LogWriter:
         if self._thread.is_alive():
             self.errors["writer_timeout"] += 1
             log.warning("gradwatch: the run log writer did not finish within %.0f s: %s", timeout, self.path)
+            return
+        if self._file is None:
             return
         try:
             os.fsync(self._file.fileno())
@@ -82,18 +87,39 @@ class LogWriter:
                 continue
             self._append(chunks)
 
+    def _open(self) -> BinaryIO | None:
+        """The log file, opened (and its header written) on first success; None while it cannot be."""
+        if self._file is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+                self._good_offset = self._file.tell()
+            except OSError as exc:
+                self.errors[f"open:{exc.errno}"] += 1
+                if self.errors[f"open:{exc.errno}"] == 1:
+                    log.warning("gradwatch: cannot open the run log %s: %s", self.path, exc.strerror)
+                return None
+        return self._file
+
     def _append(self, chunks: list[bytes]) -> None:
+        f = self._open()
+        if f is None:
+            return
+        if self._header is not None:
+            chunks = [self._header, *chunks]
         if not chunks:
             return
         try:
-            runlog.append_records(self._file, chunks)
-            self._good_offset = self._file.tell()
+            runlog.append_records(f, chunks)
+            self._header = None
+            self._good_offset = f.tell()
             self.bytes_written += sum(len(c) for c in chunks)
         except OSError as exc:
             self.errors[f"write:{exc.errno}"] += 1
-            log.warning("gradwatch: cannot write the run log %s: %s", self.path, exc.strerror)
+            if self.errors[f"write:{exc.errno}"] == 1:
+                log.warning("gradwatch: cannot write the run log %s: %s", self.path, exc.strerror)
             try:
-                self._file.truncate(self._good_offset)
-                self._file.seek(self._good_offset)
+                f.truncate(self._good_offset)
+                f.seek(self._good_offset)
             except OSError:
                 self.errors["truncate"] += 1

@@ -1,0 +1,665 @@
+"""`gradwatch.watch()`: attach to a model and optimizer, measure, clip and guard each step.
+
+The step path makes no host synchronisation: statistics are written into a preallocated
+device buffer (see `buffer.py`) and reach the host once every `flush_every` steps through
+one copy to pinned memory, which the writer thread turns into a run log frame. Every
+failure inside the agent is caught, counted and reported; only a guard set to `raise`
+raises into the training loop, by the user's choice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch.agent import runlog
+from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
+from gradwatch.agent.clipping import make_clipper
+from gradwatch.agent.config import AgentConfig, ConfigError, load_config
+from gradwatch.agent.initcheck import check_init
+from gradwatch.agent.layers import Layer, build_tables, last_linear_params, saturation_bounds
+from gradwatch.agent.stats import dead_zero_ratios, mean_std, saturation_ratio
+from gradwatch.agent.writer import LogWriter
+
+log = logging.getLogger("gradwatch.agent")
+
+_attached: weakref.WeakSet[Any] = weakref.WeakSet()
+_PINNED_BUFFERS = 3
+
+
+class GradientGuardError(RuntimeError):
+    """Raised by a guard whose action is `raise`; names the first params and layers affected."""
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer, run: str | None = None,
+          config: AgentConfig | dict[str, Any] | str | Path | None = None, *,
+          scaler: Any = None) -> Watcher:
+    """Attach gradwatch to a training job; see `Watcher`.
+
+    `run` names the run (default: the model's class name); `config` is an `AgentConfig`,
+    a dict or a TOML file path; pass the AMP `GradScaler` as `scaler` so that the steps it
+    skips are recorded as skipped.
+    """
+    return Watcher(model, optimizer, run=run, config=config, scaler=scaler)
+
+
+class Watcher:
+    """Measures one model and optimizer through hooks; writes one run log per rank.
+
+    Call `log(loss=...)` once per iteration after `optimizer.step()` for scalars, `close()`
+    at the end (or use it as a context manager), `snapshot()` for the latest values.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, run: str | None = None,
+                 config: AgentConfig | dict[str, Any] | str | Path | None = None, scaler: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module. Got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer. Got {type(optimizer).__name__}")
+        for obj, what in ((model, "model"), (optimizer, "optimizer")):
+            if obj in _attached:
+                raise RuntimeError(f"gradwatch is already watching this {what}; close() the first watcher before "
+                                   "attaching another")
+        self.config = load_config(config)
+        self.errors: Counter[str] = Counter()
+        self._model_ref = weakref.ref(model)
+        self._optimizer = optimizer
+        self._scaler = scaler
+        self._handles: list[RemovableHandle] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+        self.layers, self.params = build_tables(model, optimizer)
+        self._param_tensors = [p.tensor for p in self.params]
+        self._index_of = {id(t): i for i, t in enumerate(self._param_tensors)}
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self._uniform = all(t.device == self.device and t.dtype == torch.float32 for t in self._param_tensors)
+
+        measure = self.config.measure
+        self._flush_every = measure.flush_every
+        act_layers = [l.index for l in self.layers] if measure.activation_every else []
+        self.layout = Layout(len(self.params), len(optimizer.param_groups), act_layers,
+                             [i for i in act_layers if self.layers[i].family == "bounded"],
+                             [i for i in act_layers if self.layers[i].family == "relu"])
+        self._act_slot = {layer: j for j, layer in enumerate(act_layers)}
+        metric_defs = standard_metrics(self.layout, bool(measure.param_every), bool(measure.update_ratio_every),
+                                       bool(measure.activation_every))
+        self.metrics = {m.name: m for m in metric_defs}
+        self._scalar_names: list[str] = []
+        self._scalar_ids: list[int] = []
+        self._pending_defs: list[runlog.MetricDef] = []
+
+        self._clipper = make_clipper(self.config.clip, exclude=last_linear_params(self.layers, self.params)
+                                     if self.config.clip.agc_exclude_last_layer else ())
+        self._buf = torch.full((self._flush_every, self.layout.width), float("nan"), device=self.device)
+        self._host = HostRows.empty(self._flush_every, self.layout.n_groups, len(act_layers))
+        pin = self.device.type == "cuda"
+        staging = [torch.empty_like(self._buf, device="cpu", pin_memory=pin) for _ in range(_PINNED_BUFFERS)]
+        self._staging = [(t, t.numpy()) for t in staging]  # numpy views taken once, here
+        self._free_staging = list(range(_PINNED_BUFFERS))
+        self._present_index: dict[tuple[int, ...], torch.Tensor] = {}
+        self._no_clip = torch.tensor([1.0, float("nan")], device=self.device)  # clip_coef, clip_threshold
+        self._reported_errors: dict[str, int] = {}
+
+        self.step = 0  # index of the optimizer step in progress (0-based)
+        self._unsent = 0  # first step not yet sent to the writer
+        self._act_row = -1  # step whose activation columns are initialised
+        self._update_prev: list[torch.Tensor] | None = None
+        self._stepped_since_log = True
+        self._latest: dict[str, tuple[int, np.ndarray]] = {}
+        self._events_seen: set[str] = set()
+
+        self.run_id, rank, world = _run_identity()
+        home = self.config.home or runlog.default_home()
+        self.name = run or type(model).__name__
+        self.init_check = check_init(self.layers, self.params)
+        header = runlog.Header(self._header_info(model, rank, world), metric_defs)
+        self.path = runlog.log_path(self.run_id, rank, home)
+        self._writer = LogWriter(self.path, runlog.encode_header(header), self.config.queue_size)
+        self._attach(model, optimizer)
+        _attached.add(model)
+        _attached.add(optimizer)
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
+        self._handles.append(optimizer.register_step_post_hook(self._on_step_post))
+        for layer in self.layers:
+            if layer.index in self._act_slot:
+                self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+
+    def close(self) -> None:
+        """Remove every hook, send what is left to the run log and close it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        model = self._model_ref()
+        if model is not None:
+            _attached.discard(model)
+        _attached.discard(self._optimizer)
+        self._update_prev = None
+        self._flush()
+        stats = {"steps": self.step, "dropped_frames": self._writer.dropped, "errors": dict(self.errors)}
+
+        def final() -> list[bytes]:
+            stats["errors"].update({f"writer:{k}": v for k, v in self._writer.errors.items()})
+            stats["bytes_written"] = self._writer.bytes_written
+            return [runlog.encode_close(runlog.Close(time.time(), self.step, stats))]
+
+        self._writer.close(final)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ user API
+
+    def log(self, **scalars: float | torch.Tensor) -> None:
+        """Record scalars (loss, accuracy, ...) for the last optimizer step, with no host sync.
+
+        Call it once per iteration after `optimizer.step()`. With an AMP scaler given to
+        `watch`, an iteration whose step the scaler skipped is recorded as skipped.
+        """
+        if self._closed:
+            return
+        try:
+            if self._scaler is not None and not self._stepped_since_log:
+                self._record_skipped_step()
+            self._stepped_since_log = False
+            row = (self.step - 1) % self._flush_every
+            if self.step == 0:
+                return
+            for name, value in scalars.items():
+                slot = self._scalar_slot(name)
+                if slot is None:
+                    continue
+                cell = self._buf[row, self.layout.scalars + slot]
+                if isinstance(value, torch.Tensor):
+                    cell.copy_(value.detach().reshape(()), non_blocking=True)
+                else:
+                    cell.fill_(float(value))
+                self._host.scalar_set[row, slot] = True
+            self._maybe_flush()
+        except Exception as exc:  # the agent never breaks the training loop
+            self._count_error("log", exc)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The latest measurements as plain Python values (forces one transfer and waits for it)."""
+        done = threading.Event()
+        self._flush(on_done=done.set)
+        done.wait(timeout=30)
+        with self._lock:
+            latest = dict(self._latest)
+        return self._snapshot_dict(latest)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            self._maybe_flush()
+            self._measure_step()
+        except GradientGuardError:
+            raise
+        except Exception as exc:
+            self._count_error("step", exc)
+
+    def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            self._measure_after_step()
+        except Exception as exc:
+            self._count_error("step_post", exc)
+        self._stepped_since_log = True
+        self.step += 1
+
+    @torch.no_grad()
+    def _measure_step(self) -> None:
+        step, row = self.step, self.step % self._flush_every
+        buf = self._buf[row]
+        host = self._host
+        host.steps[row] = step
+        host.skipped[row] = 0.0
+        host.scalar_set[row] = False
+        host.param_due[row] = False
+        host.update_due[row] = False
+        if self._act_row != step:
+            host.act_count[row] = 0
+            host.act_grad_count[row] = 0
+        for g, group in enumerate(self._optimizer.param_groups):
+            lr = group.get("lr", float("nan"))
+            host.lr[row, g] = float(lr)
+
+        present = [i for i, t in enumerate(self._param_tensors) if t.grad is not None]
+        p = self.layout.n_params
+        grad_cols = buf[self.layout.grad_norm:self.layout.grad_norm + p]
+        total = buf[self.layout.run]
+        if not present:
+            grad_cols.fill_(NO_GRAD)
+            buf[self.layout.run:self.layout.run + 4].fill_(float("nan"))
+            return
+        params = [self._param_tensors[i] for i in present]
+        grads = [t.grad for t in params]
+        norms_list = torch._foreach_norm(grads)
+        if len(present) == p and self._uniform:
+            torch.stack(norms_list, out=grad_cols)
+            norms = grad_cols
+        else:
+            norms = torch.stack([n.to(self.device, torch.float32, non_blocking=True) for n in norms_list])
+            grad_cols.fill_(NO_GRAD)
+            grad_cols.index_copy_(0, self._index_tensor(tuple(present)), norms)
+        torch.linalg.vector_norm(norms, out=total)
+
+        if self.config.guards.synchronous and self._guard_blocks_step(norms, total, present):
+            host.skipped[row] = 1.0
+            for t in self._param_tensors:
+                t.grad = None
+            buf[self.layout.run + 1:self.layout.run + 4].fill_(float("nan"))
+            return
+        if self._clipper is not None:
+            result = self._clipper.clip_(params, grads, norms, total)
+            after = buf[self.layout.run + 1:self.layout.run + 3]
+            torch.stack((result.total_after, result.coef), out=after)
+            if result.threshold is not None:
+                buf[self.layout.run + 3].copy_(result.threshold)
+            else:
+                buf[self.layout.run + 3].fill_(float("nan"))
+        else:
+            buf[self.layout.run + 1].copy_(total)
+            buf[self.layout.run + 2:self.layout.run + 4].copy_(self._no_clip)
+
+        measure = self.config.measure
+        if measure.update_ratio_every and step % measure.update_ratio_every == 0:
+            self._update_prev = torch._foreach_mul(self._param_tensors, 1.0)
+
+    @torch.no_grad()
+    def _measure_after_step(self) -> None:
+        step, row = self.step, self.step % self._flush_every
+        buf = self._buf[row]
+        measure = self.config.measure
+        p = self.layout.n_params
+        needs_norms = (measure.param_every and step % measure.param_every == 0) or self._update_prev is not None
+        if not needs_norms:
+            return
+        param_norms = torch._foreach_norm(self._param_tensors)
+        if self._uniform:
+            pn = buf[self.layout.param_norm:self.layout.param_norm + p]
+            torch.stack(param_norms, out=pn)
+        else:
+            pn = torch.stack([n.to(self.device, torch.float32, non_blocking=True) for n in param_norms])
+            buf[self.layout.param_norm:self.layout.param_norm + p].copy_(pn)
+        if measure.param_every and step % measure.param_every == 0:
+            self._host.param_due[row] = True
+        if self._update_prev is not None:
+            torch._foreach_sub_(self._update_prev, self._param_tensors)
+            deltas = torch._foreach_norm(self._update_prev)
+            self._update_prev = None
+            delta = torch.stack([d.to(self.device, torch.float32, non_blocking=True) for d in deltas])
+            torch.div(delta, pn.clamp_min(1e-12), out=buf[self.layout.update_ratio:self.layout.update_ratio + p])
+            self._host.update_due[row] = True
+
+    def _forward_hook(self, layer: Layer) -> Callable[..., None]:
+        slot = self._act_slot[layer.index]
+        start = self.layout.act[layer.index]
+        width = self.layout.act_width(layer.index)
+        grad_col = self.layout.act_grad[layer.index]
+        bounded = layer.index in self.layout.bounded
+        relu = layer.index in self.layout.relu
+        low, high = saturation_bounds(layer.module) if bounded else (0.0, 0.0)
+        eps = self.config.measure.saturation_eps
+        every = self.config.measure.activation_every
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            try:
+                row = self._buf[self.step % self._flush_every]
+                norm = torch.linalg.vector_norm(grad, dtype=torch.float32).to(self.device, non_blocking=True)
+                row[grad_col].add_(norm * norm)
+                self._host.act_grad_count[self.step % self._flush_every, slot] += 1
+            except Exception as exc:
+                self._count_error("activation_grad", exc)
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self.step % every or not torch.is_grad_enabled():
+                return
+            try:
+                y = _first_tensor(output)
+                if y is None or not y.is_floating_point():
+                    return
+                self._init_act_row()
+                with torch.no_grad():
+                    d = y.detach()
+                    parts = [mean_std(d)]
+                    if bounded:
+                        parts.append(saturation_ratio(d, low, high, eps).reshape(1))
+                    if relu:
+                        parts.append(dead_zero_ratios(d))
+                    values = torch.cat(parts).to(self.device, non_blocking=True)
+                    row = self._buf[self.step % self._flush_every]
+                    row[start:start + width].add_(values)
+                self._host.act_count[self.step % self._flush_every, slot] += 1
+                if y.requires_grad:
+                    y.register_hook(grad_hook)
+            except Exception as exc:
+                self._count_error("activation", exc)
+
+        return hook
+
+    # ------------------------------------------------------------------ internals
+
+    def _init_act_row(self) -> None:
+        """Zero the activation columns the first time a step's forward is measured."""
+        if self._act_row == self.step:
+            return
+        self._maybe_flush()
+        self._act_row = self.step
+        row = self.step % self._flush_every
+        first = self.layout.act_grad[self.layout.act_layers[0]]
+        self._buf[row, first:].zero_()
+        self._host.act_count[row] = 0
+        self._host.act_grad_count[row] = 0
+
+    def _index_tensor(self, present: tuple[int, ...]) -> torch.Tensor:
+        index = self._present_index.get(present)
+        if index is None:
+            if len(self._present_index) > 64:
+                self._present_index.clear()
+            index = self._present_index[present] = torch.tensor(present, device=self.device)
+        return index
+
+    def _scalar_slot(self, name: str) -> int | None:
+        if name in self._scalar_names:
+            return self._scalar_names.index(name)
+        if name in self.metrics:
+            self.errors["scalar_name_taken"] += 1
+            return None
+        if len(self._scalar_names) >= MAX_SCALARS:
+            self.errors["too_many_scalars"] += 1
+            return None
+        metric = runlog.MetricDef(len(self.metrics) + len(self._scalar_names), name, "run")
+        self._scalar_names.append(name)
+        self._scalar_ids.append(metric.id)
+        self._pending_defs.append(metric)
+        return len(self._scalar_names) - 1
+
+    def _record_skipped_step(self) -> None:
+        """An iteration with no optimizer step: AMP's scaler found inf/NaN and skipped it."""
+        row = self.step % self._flush_every
+        self._host.steps[row] = self.step
+        self._host.skipped[row] = 1.0
+        self._host.scalar_set[row] = False
+        self._host.param_due[row] = False
+        self._host.update_due[row] = False
+        self._host.act_count[row] = 0
+        self._host.act_grad_count[row] = 0
+        self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in self._optimizer.param_groups]
+        self._buf[row, :self.layout.run].fill_(NO_GRAD)
+        self._buf[row, self.layout.run:self.layout.run + 4].fill_(float("nan"))
+        self.step += 1
+        self._stepped_since_log = True
+
+    def _guard_blocks_step(self, norms: torch.Tensor, total: torch.Tensor, present: list[int]) -> bool:
+        """Synchronous guards (`skip`, `raise`): one host sync per step, by the user's choice."""
+        guards = self.config.guards
+        limit = guards.max_total_norm if guards.max_total_norm is not None else float("inf")
+        nonfinite, over = torch.stack((~torch.isfinite(total), total > limit)).tolist()
+        for fired, action, kind in ((nonfinite, guards.nonfinite, "nonfinite"),
+                                    (over and not nonfinite, guards.max_total_norm_action, "norm_limit")):
+            if not fired or action not in ("skip", "raise"):
+                continue
+            bad = [self.params[present[i]] for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok]
+            names = [p.name for p in bad[:5]] or ["(total norm)"]
+            layers = list(dict.fromkeys(self.layers[p.layer].name for p in bad))[:5]
+            self._writer.submit(_event_job(kind, self.step, {"params": names, "layers": layers, "action": action,
+                                                             "limit": guards.max_total_norm}))
+            if action == "raise":
+                what = "non-finite gradients" if kind == "nonfinite" else f"total gradient norm above {limit}"
+                raise GradientGuardError(f"gradwatch: {what} at step {self.step} in params {', '.join(names)}"
+                                         + (f" (layers {', '.join(layers)})" if layers else ""))
+            return True
+        return False
+
+    def _maybe_flush(self) -> None:
+        """Flush a full window before its first row is reused (after `log()` had its chance)."""
+        if self.step - self._unsent >= self._flush_every:
+            self._flush()
+
+    def _flush(self, on_done: Callable[[], None] | None = None) -> None:
+        """Copy the finished rows to pinned host memory and hand them to the writer thread."""
+        first, last = self._unsent, self.step  # steps [first, last) are complete
+        if last <= first:
+            if on_done is not None:
+                self._writer.submit(lambda: (on_done(), [])[1]) or on_done()
+            return
+        self._unsent = last
+        try:
+            if not self._free_staging:
+                self._writer.dropped += 1
+                if on_done is not None:
+                    on_done()
+                return
+            slot = self._free_staging.pop()
+            staging, array = self._staging[slot]
+            staging.copy_(self._buf, non_blocking=True)
+            ready = torch.cuda.Event() if self.device.type == "cuda" else None
+            if ready is not None:
+                ready.record()
+            rows = np.array([s % self._flush_every for s in range(first, last)])
+            host = self._host.take(rows)
+            defs, self._pending_defs = self._pending_defs, []
+            scalar_ids = list(self._scalar_ids)
+            errors = dict(self.errors)
+
+            def job() -> list[bytes]:
+                try:
+                    if ready is not None:
+                        ready.synchronize()
+                    values = array[rows].copy()
+                finally:
+                    self._free_staging.append(slot)
+                result = window_blocks(self.layout, self._all_metrics(), values, host, scalar_ids)
+                chunks = [runlog.encode_metric(d) for d in defs]
+                chunks.append(runlog.encode_frame(result.blocks))
+                chunks += self._guard_events(result, values, host)
+                if errors and errors != self._reported_errors:
+                    self._reported_errors = errors
+                    chunks.append(runlog.encode_event(runlog.Event("agent_error", int(host.steps[-1]), time.time(),
+                                                                   {"errors": errors})))
+                with self._lock:
+                    for name, (step, vals) in result.latest.items():
+                        if name not in self._latest or self._latest[name][0] <= step:
+                            self._latest[name] = (step, vals)
+                if on_done is not None:
+                    on_done()
+                return chunks
+
+            if not self._writer.submit(job):
+                self._free_staging.append(slot)
+                self._pending_defs = defs + self._pending_defs
+                if on_done is not None:
+                    on_done()
+        except Exception as exc:
+            self._count_error("flush", exc)
+            if on_done is not None:
+                on_done()
+
+    def _all_metrics(self) -> dict[str, runlog.MetricDef]:
+        metrics = dict(self.metrics)
+        for name, metric_id in zip(self._scalar_names, self._scalar_ids):
+            metrics[name] = runlog.MetricDef(metric_id, name, "run")
+        return metrics
+
+    def _guard_events(self, result: Any, values: np.ndarray, host: HostRows) -> list[bytes]:
+        """Asynchronous guards (`warn`, callback): the first offending step of the window."""
+        guards = self.config.guards
+        chunks = []
+        grad = values[:, self.layout.grad_norm:self.layout.grad_norm + self.layout.n_params]
+        total = values[:, self.layout.run]
+        bad_rows = np.flatnonzero((~np.isfinite(grad)).any(axis=1))
+        checks = [("nonfinite", guards.nonfinite, bad_rows)]
+        if guards.max_total_norm is not None:
+            checks.append(("norm_limit", guards.max_total_norm_action,
+                           np.flatnonzero(np.isfinite(total) & (total > guards.max_total_norm))))
+        for kind, action, rows in checks:
+            if action in ("skip", "raise", "ignore") or rows.size == 0:
+                continue
+            r = int(rows[0])
+            bad = [self.params[i] for i in np.flatnonzero(~np.isfinite(grad[r]))]
+            data = {"params": [p.name for p in bad[:5]],
+                    "layers": list(dict.fromkeys(self.layers[p.layer].name for p in bad))[:5],
+                    "action": action if isinstance(action, str) else "callback",
+                    "steps": int(rows.size), "total": float(total[r]), "limit": guards.max_total_norm}
+            event = runlog.Event(kind, int(host.steps[r]), time.time(), data)
+            chunks.append(runlog.encode_event(event))
+            if action == "warn":
+                if kind not in self._events_seen:
+                    log.warning("gradwatch: %s at step %d (run %s): params %s", kind, event.step, self.name,
+                                ", ".join(data["params"]) or "-")
+                self._events_seen.add(kind)
+            else:
+                try:
+                    action({"kind": kind, "step": event.step, **data})
+                except Exception as exc:
+                    self._count_error("guard_callback", exc)
+        return chunks
+
+    def _count_error(self, where: str, exc: BaseException) -> None:
+        key = f"{where}:{type(exc).__name__}"
+        if key not in self.errors:
+            log.warning("gradwatch: error in %s, counted and ignored: %r", where, exc)
+        self.errors[key] += 1
+
+    def _header_info(self, model: nn.Module, rank: int, world: int) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "name": self.name, "project": self.config.project,
+            "host": socket.gethostname(), "pid": os.getpid(), "rank": rank, "world_size": world,
+            "torch_version": torch.__version__, "gradwatch_version": _version(),
+            "python_version": platform.python_version(), "device": str(self.device), "started_at": time.time(),
+            "config": _config_json(self.config),
+            "model": {"class": type(model).__name__, "num_params": sum(p.numel() for p in model.parameters()),
+                      "num_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "groups": [{"index": g, "lr": _float_or_none(group.get("lr")),
+                        "params": [self._index_of[id(p)] for p in group["params"] if id(p) in self._index_of]}
+                       for g, group in enumerate(self._optimizer.param_groups)],
+            "params": [p.to_json() for p in self.params],
+            "layers": [layer.to_json() for layer in self.layers],
+            "init_check": self.init_check,
+        }
+
+    def _snapshot_dict(self, latest: dict[str, tuple[int, np.ndarray]]) -> dict[str, Any]:
+        def run_value(name: str) -> float | None:
+            entry = latest.get(name)
+            return _float_or_none(entry[1][0]) if entry is not None else None
+
+        def per(scope: str, names: list[str]) -> dict[str, dict[str, float | None]]:
+            out: dict[str, dict[str, float | None]] = {n: {} for n in names}
+            for name, metric in self._all_metrics().items():
+                if metric.scope != scope or name not in latest:
+                    continue
+                for col, index in enumerate(metric.indices):
+                    out[names[index]][name] = _float_or_none(latest[name][1][col])
+            return out
+
+        params = per("param", [p.name for p in self.params])
+        for entry in params.values():
+            norm = entry.get("grad_norm")
+            entry["nonfinite"] = norm is None and "grad_norm" in entry  # NaN/Inf stored as None
+        layers = per("layer", [l.name or "<model>" for l in self.layers])
+        for layer in self.layers:
+            norms = [params[self.params[i].name].get("grad_norm") for i in layer.params]
+            finite = [n for n in norms if n is not None]
+            if finite:
+                layers[layer.name or "<model>"]["grad_norm"] = float(np.sqrt(np.sum(np.square(finite))))
+        step = latest.get("grad_norm_total", (None,))[0]
+        return {
+            "run_id": self.run_id, "name": self.name, "step": step, "steps": self.step,
+            "grad_norm_total": {"before_clip": run_value("grad_norm_total"),
+                                "after_clip": run_value("grad_norm_total_clipped")},
+            "clip_coef": run_value("clip_coef"), "clip_threshold": run_value("clip_threshold"),
+            "clip_mode": self.config.clip.mode, "skipped": run_value("skipped"),
+            "nonfinite_params": run_value("nonfinite_params"),
+            "lr": [_float_or_none(v) for v in latest["lr"][1]] if "lr" in latest else [],
+            "scalars": {n: run_value(n) for n in self._scalar_names},
+            "params": params, "layers": layers, "init_check": self.init_check,
+            "errors": dict(self.errors), "dropped_frames": self._writer.dropped, "log_path": str(self.path),
+        }
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        return output.data
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[0])
+    return None
+
+
+def _event_job(kind: str, step: int, data: dict[str, Any]) -> Callable[[], list[bytes]]:
+    event = runlog.Event(kind, step, time.time(), data)
+    return lambda: [runlog.encode_event(event)]
+
+
+def _run_identity() -> tuple[str, int, int]:
+    """(run id, rank, world size); ranks of a distributed job share rank 0's run id."""
+    run_id = os.environ.get("GRADWATCH_RUN_ID") or uuid.uuid4().hex[:12]
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0]), dist.get_rank(), dist.get_world_size()
+    return run_id, 0, 1
+
+
+def _config_json(config: AgentConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="python")
+    for key in ("nonfinite", "max_total_norm_action"):
+        if callable(data["guards"][key]):
+            data["guards"][key] = "callback"
+    data["home"] = str(data["home"]) if data["home"] is not None else None
+    return data
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _version() -> str:
+    from gradwatch import __version__
+
+    return __version__
+
+
+def _close_at_exit(ref: weakref.ref[Watcher]) -> None:
+    watcher = ref()
+    if watcher is not None:
+        watcher.close()
+
+
+__all__ = ["ConfigError", "GradientGuardError", "Watcher", "watch"]
