@@ -1,0 +1,192 @@
+"""Polling the run logs of a gradwatch home into a store.
+
+Each log is locked (`flock` on the log file itself) while it is ingested, so two ingesters
+(the service and a CLI command) never write the same log at once; the offset update is
+also conditional on the offset read, so even without the lock a log is ingested once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from gradwatch.agent.runlog import LOG_SUFFIX, LogReader, logs_dir
+from gradwatch.ingest.batch import LogState, OffsetConflict, apply_batch, refresh_run_status
+from gradwatch.ingest.liveness import DEFAULT_STALE_AFTER_S, writer_gone
+from gradwatch.ingest.report import IngestReport
+from gradwatch.store import Store
+from gradwatch.store import schema as s
+from gradwatch.store.engine import writing
+
+log = logging.getLogger("gradwatch.ingest")
+
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+_DONE_STATES = ("broken", "deleted")
+
+
+class Ingester:
+    """Ingests every run log under `home/logs` into `store`, incrementally.
+
+    `poll_once()` is one pass (what the CLI runs before it answers); `poll_forever()` is
+    the service's loop. `stale_after` is how long an unclosed log may stay silent before
+    its run is declared crashed (sooner when its writer ran on this host and is gone).
+    """
+
+    def __init__(self, store: Store, home: Path | None = None, stale_after: float = DEFAULT_STALE_AFTER_S,
+                 max_batch_bytes: int = MAX_BATCH_BYTES, clock: Callable[[], float] = time.time,
+                 hostname: str | None = None) -> None:
+        self.store = store
+        self.dir = logs_dir(home)
+        self.stale_after = stale_after
+        self.max_batch_bytes = max_batch_bytes
+        self.clock = clock
+        self.hostname = hostname or socket.gethostname()
+        self._logs: dict[str, LogState] = {}
+
+    def poll_once(self) -> IngestReport:
+        """Ingest everything new in every log (round robin, one bounded transaction at a
+        time), then decide crashed runs. Returns what was done."""
+        report = IngestReport()
+        rows = self._log_rows()
+        pending, idle = [], []
+        for path in sorted(self.dir.glob(f"*{LOG_SUFFIX}")) if self.dir.is_dir() else []:
+            row = rows.get(path.name)
+            if row is not None and row.state in _DONE_STATES:
+                continue
+            st = self._logs.setdefault(path.name, LogState(path.name, path))
+            if row is not None and _size(path) <= row.offset:
+                if row.state == "running":
+                    idle.append(st)
+            else:
+                pending.append(st)
+        while pending:
+            still = []
+            for st in pending:
+                with _locked(st.path) as ok:
+                    if not ok:
+                        report.busy.append(st.name)
+                    elif self._ingest_batch(st, report):
+                        still.append(st)
+                    else:
+                        idle.append(st)
+            pending = still
+        for st in idle:
+            self._check_alive(st, report)
+        return report
+
+    def poll_forever(self, stop: threading.Event, interval: float = 0.5,
+                     on_report: Callable[[IngestReport], None] | None = None) -> None:
+        """Poll until `stop` is set; a failing pass is logged and retried after `interval`."""
+        while not stop.is_set():
+            try:
+                rep = self.poll_once()
+                if on_report is not None:
+                    on_report(rep)
+            except Exception as exc:  # the service keeps polling through a database outage
+                log.warning("gradwatch: ingest pass failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            stop.wait(interval)
+
+    # ------------------------------------------------------------------ internals
+
+    def _log_rows(self) -> dict:
+        c = s.logs.c
+        with self.store.engine.connect() as conn:
+            return {r.name: r for r in conn.execute(select(c.name, c.state, c.offset))}
+
+    def _ingest_batch(self, st: LogState, report: IngestReport) -> bool:
+        """One transaction for one log; False when there was nothing (complete) to read."""
+        try:
+            size = st.path.stat().st_size
+        except FileNotFoundError:
+            return False
+        try:
+            with writing(self.store.engine) as conn:
+                row = conn.execute(select(s.logs.c.offset, s.logs.c.state)
+                                   .where(s.logs.c.name == st.name)).first()
+                offset = 0 if row is None else int(row.offset)
+                if row is not None and row.state in _DONE_STATES or size <= offset:
+                    return False
+                if st.reader is None or st.reader.offset != offset:
+                    st.reset()
+                    st.reader = LogReader(st.path, offset=offset)
+                records = st.reader.read(self.max_batch_bytes)
+                if not records and offset + self.max_batch_bytes < size:
+                    records = st.reader.read()  # one record (or a damaged stretch) larger than a batch
+                if not records:
+                    return False
+                rep = apply_batch(conn, st, offset, records, st.reader.offset, self.clock())
+        except OffsetConflict:
+            st.reset()
+            return True
+        except (SQLAlchemyError, OSError):
+            st.reset()
+            raise
+        report.add(rep)
+        return True
+
+    def _check_alive(self, st: LogState, report: IngestReport) -> None:
+        """Declare the log's run crashed when its unclosed log's writer is gone."""
+        c = s.logs.c
+        now = self.clock()
+        with self.store.engine.connect() as conn:
+            row = conn.execute(select(c.state, c.host, c.pid, c.last_growth_at, c.run_id, c.offset)
+                               .where(c.name == st.name)).first()
+        if row is None or row.state != "running" or row.run_id is None:
+            return
+        alive_at = max(row.last_growth_at, _mtime(st.path, row.last_growth_at))
+        if not writer_gone(row.host, row.pid, alive_at, now, self.stale_after, self.hostname):
+            return
+        with writing(self.store.engine) as conn:
+            done = conn.execute(update(s.logs).where(c.name == st.name, c.state == "running",
+                                                     c.offset == row.offset)
+                                .values(state="crashed", state_at=now, last_growth_at=alive_at))
+            if done.rowcount == 1 and refresh_run_status(conn, row.run_id, now) == "crashed":
+                report.crashed.append(row.run_id)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on the log file; yields False when another ingester holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def ingest_pending(store: Store, home: Path | None = None, stale_after: float = DEFAULT_STALE_AFTER_S) -> IngestReport:
+    """One ingest pass over every log of `home` (what the CLI runs before it answers)."""
+    return Ingester(store, home, stale_after=stale_after).poll_once()
