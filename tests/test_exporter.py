@@ -11,14 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fixtures.prometheus import require_binary
-from gradwatch.service.exporter import (
-    METRICS,
-    GradwatchCollector,
-    Latest,
-    RunLatest,
-    layer_update_ratio,
-    visible,
-)
+from gradwatch.service.exporter import METRICS, GradwatchCollector, RunLatest, layer_update_ratio, visible
+from gradwatch.store.models import LatestValue
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 
@@ -26,30 +20,34 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 def _run(run_id: str = "r1", status: str = "running", ended_at: float | None = None,
          rank: int = 0) -> RunLatest:
     """A two-layer run (fc: weight+bias, act: tanh) with every kind of series."""
-    v = [
-        Latest("grad_norm_total", "run", 0, rank, 7, 5.0),
-        Latest("grad_norm_total_clipped", "run", 0, rank, 7, 1.0),
-        Latest("clip_coef", "run", 0, rank, 7, 0.2),
-        Latest("clip_threshold", "run", 0, rank, 7, 1.0),
-        Latest("skipped", "run", 0, rank, 7, 0.0),
-        Latest("nonfinite_params", "run", 0, rank, 7, 0.0),
-        Latest("loss", "run", 0, rank, 7, 0.75),
-        Latest("accuracy", "run", 0, rank, 6, 0.5),
-        Latest("lr", "group", 0, rank, 7, 0.01),
-        Latest("lr", "group", 1, rank, 7, 0.001),
-        Latest("grad_norm", "param", 0, rank, 7, 3.0),
-        Latest("grad_norm", "param", 1, rank, 7, 4.0),
-        Latest("param_norm", "param", 0, rank, 5, 6.0),
-        Latest("param_norm", "param", 1, rank, 5, 8.0),
-        Latest("update_ratio", "param", 0, rank, 5, 0.01),
-        Latest("update_ratio", "param", 1, rank, 5, 0.02),
-        Latest("act_grad_norm", "layer", 1, rank, 5, 0.3),
-        Latest("saturation_ratio", "layer", 1, rank, 5, 0.125),
+    def v(metric: str, scope: str, entity: str, step: int, value: float) -> LatestValue:
+        return LatestValue(run_id, rank, metric, scope, entity, step, value)
+
+    values = [
+        v("grad_norm_total", "run", "", 7, 5.0),
+        v("grad_norm_total_clipped", "run", "", 7, 1.0),
+        v("clip_coef", "run", "", 7, 0.2),
+        v("clip_threshold", "run", "", 7, 1.0),
+        v("skipped", "run", "", 7, 0.0),
+        v("nonfinite_params", "run", "", 7, 0.0),
+        v("loss", "run", "", 7, 0.75),
+        v("accuracy", "run", "", 6, 0.5),
+        v("lr", "group", "0", 7, 0.01),
+        v("lr", "group", "1", 7, 0.001),
+        v("grad_norm", "param", "fc.weight", 7, 3.0),
+        v("grad_norm", "param", "fc.bias", 7, 4.0),
+        v("grad_norm", "layer", "fc", 7, 5.0),  # the store's L2 of its params' grad_norm
+        v("param_norm", "param", "fc.weight", 5, 6.0),
+        v("param_norm", "param", "fc.bias", 5, 8.0),
+        v("update_ratio", "param", "fc.weight", 5, 0.01),
+        v("update_ratio", "param", "fc.bias", 5, 0.02),
+        v("act_grad_norm", "layer", "act", 5, 0.3),
+        v("saturation_ratio", "layer", "act", 5, 0.125),
     ]
     return RunLatest(
         id=run_id, name="exp", project="proj", status=status, started_at=1000.0, ended_at=ended_at,
         host="node1", world_size=1, device="cpu", torch_version="2.13", gradwatch_version="0.1.0",
-        params={0: ("fc.weight", 0), 1: ("fc.bias", 0)}, layers={0: "fc", 1: "act"}, values=v,
+        param_layers={"fc.weight": "fc", "fc.bias": "fc"}, values=values,
         counts={(rank, "clipped_steps"): 4.0, (rank, "skipped_steps"): 1.0, (rank, "nonfinite_steps"): 0.0})
 
 
@@ -83,7 +81,7 @@ def test_run_level_values_and_counters() -> None:
 def test_layer_aggregates_match_a_direct_computation() -> None:
     reg = _registry([_run()])
     fc = {"run": "r1", "rank": "0", "layer": "fc"}
-    assert reg.get_sample_value("gradwatch_layer_grad_norm", fc) == pytest.approx(5.0)  # sqrt(3²+4²)
+    assert reg.get_sample_value("gradwatch_layer_grad_norm", fc) == pytest.approx(5.0)
     assert reg.get_sample_value("gradwatch_layer_param_norm", fc) == pytest.approx(10.0)
     # ||Δθ|| = sqrt((0.01*6)² + (0.02*8)²), ||θ|| = 10
     expected = math.hypot(0.06, 0.16) / 10.0
@@ -133,6 +131,17 @@ def test_failing_store_reports_down_instead_of_failing_the_scrape() -> None:
     registry.register(GradwatchCollector(source, errors=(Broken,)))
     assert registry.get_sample_value("gradwatch_exporter_store_up") == 0.0
     assert registry.get_sample_value("gradwatch_exporter_runs") is None
+
+
+def test_layer_update_ratio_uses_params_measured_at_the_same_step() -> None:
+    run = _run()
+    run.values.append(LatestValue("r1", 0, "update_ratio", "param", "fc.weight", 9, 0.5))
+    run.values.append(LatestValue("r1", 0, "param_norm", "param", "fc.weight", 9, 2.0))
+    reg = _registry([run])
+    fc = {"run": "r1", "rank": "0", "layer": "fc"}
+    # step 9 holds only fc.weight: the layer's values are fc.weight's alone
+    assert reg.get_sample_value("gradwatch_layer_update_ratio", fc) == pytest.approx(0.5)
+    assert reg.get_sample_value("gradwatch_layer_param_norm", fc) == pytest.approx(2.0)
 
 
 def test_layer_update_ratio_without_norms() -> None:

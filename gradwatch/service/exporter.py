@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gradwatch.service.logs import log_event
+from gradwatch.store.models import LatestValue
 
 RUN_LABELS = ("run", "rank")
 LAYER_LABELS = ("run", "rank", "layer")
@@ -118,24 +119,13 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Latest:
-    """The latest value of one stored series: metric, scope, entity index, rank, step, value."""
-
-    metric: str
-    scope: str  # run | group | param | layer
-    entity: int
-    rank: int
-    step: int
-    value: float | None
-
-
 @dataclass
 class RunLatest:
-    """One run as the exporter needs it: metadata, names of its params/layers, latest values.
+    """One run as the exporter needs it: metadata, its params' layers, and latest values.
 
-    `params` maps a param index to (name, layer index); `layers` a layer index to its name;
-    `counts` maps (rank, counter name) to a cumulative count (see `RUN_COUNTERS`).
+    `values` are the store's latest values (entity = param / layer name, group index or "");
+    `param_layers` maps a param name to its layer's name; `counts` maps (rank, counter) to a
+    cumulative count (see `RUN_COUNTERS`).
     """
 
     id: str
@@ -149,9 +139,8 @@ class RunLatest:
     device: str | None = None
     torch_version: str | None = None
     gradwatch_version: str | None = None
-    params: dict[int, tuple[str, int | None]] = field(default_factory=dict)
-    layers: dict[int, str] = field(default_factory=dict)
-    values: list[Latest] = field(default_factory=list)
+    param_layers: dict[str, str] = field(default_factory=dict)
+    values: list[LatestValue] = field(default_factory=list)
     counts: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
@@ -211,13 +200,11 @@ def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
         out.add(RUN_END, (run.id,), run.ended_at)
 
     steps: dict[int, int] = {}
-    param_norms = {(v.rank, v.entity): v.value for v in run.values
-                   if v.scope == "param" and v.metric == "param_norm" and v.value is not None}
-    by_layer: dict[tuple[int, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # (rank, layer) -> metric -> param -> (step, value), for the per-layer aggregates
+    by_layer: dict[tuple[int, str], dict[str, dict[str, tuple[int, float]]]] = \
+        defaultdict(lambda: defaultdict(dict))
     for v in run.values:
         steps[v.rank] = max(steps.get(v.rank, v.step), v.step)
-        if v.value is None:
-            continue
         rank = str(v.rank)
         if v.scope == "run":
             spec = RUN_GAUGES.get(v.metric)
@@ -226,26 +213,27 @@ def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
             elif v.metric != "skipped":
                 out.add(SCALAR, (run.id, rank, v.metric), v.value)
         elif v.scope == "group" and v.metric == "lr":
-            out.add(LEARNING_RATE, (run.id, rank, str(v.entity)), v.value)
+            out.add(LEARNING_RATE, (run.id, rank, v.entity), v.value)
+        elif v.scope == "layer" and v.metric == "grad_norm":
+            out.add(LAYER_GRAD_NORM, (run.id, rank, v.entity), v.value)
         elif v.scope == "layer" and v.metric in LAYER_GAUGES:
-            out.add(LAYER_GAUGES[v.metric], (run.id, rank, _layer_name(run, v.entity)), v.value)
+            out.add(LAYER_GAUGES[v.metric], (run.id, rank, v.entity), v.value)
         elif v.scope == "param" and v.metric in PARAM_GAUGES:
-            name, layer = run.params.get(v.entity, (f"param{v.entity}", None))
+            layer = run.param_layers.get(v.entity, "")
             if per_param:
-                out.add(PARAM_GAUGES[v.metric], (run.id, rank, _layer_name(run, layer), name), v.value)
-            if layer is not None:
-                by_layer[(v.rank, layer)][v.metric].append(v.value)
-                if v.metric == "update_ratio":
-                    by_layer[(v.rank, layer)]["_pn_for_ur"].append(
-                        param_norms.get((v.rank, v.entity), math.nan))
+                out.add(PARAM_GAUGES[v.metric], (run.id, rank, layer, v.entity), v.value)
+            if layer:
+                by_layer[(v.rank, layer)][v.metric][v.entity] = (v.step, v.value)
 
     for (rank, layer), metrics in sorted(by_layer.items()):
-        labels = (run.id, str(rank), _layer_name(run, layer))
-        if metrics.get("grad_norm"):
-            out.add(LAYER_GRAD_NORM, labels, l2(metrics["grad_norm"]))
-        if metrics.get("param_norm"):
-            out.add(LAYER_PARAM_NORM, labels, l2(metrics["param_norm"]))
-        ratio = layer_update_ratio(metrics.get("update_ratio", []), metrics.get("_pn_for_ur", []))
+        labels = (run.id, str(rank), layer)
+        _, norms = _at_latest_step(metrics.get("param_norm", {}))
+        if norms:
+            out.add(LAYER_PARAM_NORM, labels, l2(norms.values()))
+        step, ratios = _at_latest_step(metrics.get("update_ratio", {}))
+        all_norms = metrics.get("param_norm", {})
+        paired = [(r, all_norms[p][1]) for p, r in ratios.items() if all_norms.get(p, (None,))[0] == step]
+        ratio = layer_update_ratio([r for r, _ in paired], [n for _, n in paired])
         if ratio is not None:
             out.add(LAYER_UPDATE_RATIO, labels, ratio)
 
@@ -257,10 +245,12 @@ def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
             out.add(spec, (run.id, str(rank)), count)
 
 
-def _layer_name(run: RunLatest, layer: int | None) -> str:
-    if layer is None:
-        return ""
-    return run.layers.get(layer, f"layer{layer}")
+def _at_latest_step(values: dict[str, tuple[int, float]]) -> tuple[int | None, dict[str, float]]:
+    """The latest step any param has, and the params' values at it (params are measured together)."""
+    if not values:
+        return None, {}
+    last = max(step for step, _ in values.values())
+    return last, {p: value for p, (step, value) in values.items() if step == last}
 
 
 def l2(values: Iterable[float]) -> float:

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import IO, Any
 
+ROOT_LOGGER = "gradwatch"  # every gradwatch.* logger (ingest, store) gets the same format
 LOGGER_NAME = "gradwatch.service"
 _FIELDS = "gw_fields"
 
@@ -64,11 +65,12 @@ def _text_value(value: Any) -> str:
 
 def setup_logging(fmt: str = "text", stream: IO[str] | None = None,
                   level: int = logging.INFO) -> logging.Logger:
-    """Configure and return the service logger, writing to `stream` (stderr by default).
+    """Send every ``gradwatch.*`` logger to `stream` (stderr by default), one line per event,
+    and return the service's logger.
 
     Replaces handlers installed by an earlier call, so calling it twice does not duplicate lines.
     """
-    logger = logging.getLogger(LOGGER_NAME)
+    logger = logging.getLogger(ROOT_LOGGER)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
@@ -76,4 +78,4 @@ def setup_logging(fmt: str = "text", stream: IO[str] | None = None,
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-    return logger
+    return logging.getLogger(LOGGER_NAME)

@@ -1,0 +1,114 @@
+"""What the collector reads at scrape time, from the store: runs, latest values, counters.
+
+`StoreSource()` makes one `list_runs` and one `latest` call per scrape. What never changes
+for a run (its versions, device, which layer each param belongs to) is read once and
+cached. The step counters (clipped, skipped, non-finite steps) are kept incrementally: each
+scrape reads only the rows stored since the previous one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.service.exporter import RunLatest, Snapshot, visible
+from gradwatch.store import RunInfo, Store, UnknownEntity, UnknownMetric
+
+# counter name -> (stored run-level metric, how many of its rows count)
+COUNTERS: dict[str, tuple[str, Callable[[np.ndarray], int]]] = {
+    "clipped_steps": ("clip_coef", lambda v: int(np.count_nonzero(v < 1.0))),
+    "skipped_steps": ("skipped", lambda v: int(np.count_nonzero(v >= 0.5))),
+    "nonfinite_steps": ("nonfinite_params", lambda v: int(np.count_nonzero(v > 0))),
+}
+
+
+@dataclass(frozen=True)
+class _Static:
+    device: str | None
+    torch_version: str | None
+    gradwatch_version: str | None
+    param_layers: dict[str, str]
+
+
+class StoreSource:
+    """Callable returning the `Snapshot` of runs still within their grace period."""
+
+    def __init__(self, store: Store, grace: float = 300.0, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.grace = grace
+        self.clock = clock
+        self._static: dict[str, _Static] = {}
+        self._counts: dict[tuple[str, int, str], tuple[int, int]] = {}  # -> (last step, count)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Snapshot:
+        with self._lock:
+            now = self.clock()
+            runs = [r for r in self.store.list_runs() if visible(_bare(r), now, self.grace)]
+            ids = {r.id for r in runs}
+            self._forget(ids)
+            values = self.store.latest(run_ids=sorted(ids)) if ids else []
+            by_run: dict[str, list] = {run_id: [] for run_id in ids}
+            for v in values:
+                by_run[v.run_id].append(v)
+            out = []
+            for run in runs:
+                static = self._static_of(run.id)
+                ranks = sorted({v.rank for v in by_run[run.id]})
+                out.append(RunLatest(
+                    id=run.id, name=run.name, project=run.project, status=run.status,
+                    started_at=run.started_at, ended_at=_end_time(run), host=run.host,
+                    world_size=run.world_size, device=static.device, torch_version=static.torch_version,
+                    gradwatch_version=static.gradwatch_version, param_layers=static.param_layers,
+                    values=by_run[run.id], counts=self._counters(run.id, ranks)))
+            return out
+
+    def _static_of(self, run_id: str) -> _Static:
+        static = self._static.get(run_id)
+        if static is None:
+            summary = self.store.run_summary(run_id)
+            layer_names = {layer.index: layer.name for layer in self.store.layers(run_id)}
+            param_layers = {p.name: layer_names.get(p.layer, "") for p in self.store.params(run_id)
+                            if p.layer is not None}
+            static = _Static(summary.device, summary.torch_version, summary.gradwatch_version, param_layers)
+            self._static[run_id] = static
+        return static
+
+    def _counters(self, run_id: str, ranks: list[int]) -> dict[tuple[int, str], float]:
+        out: dict[tuple[int, str], float] = {}
+        for rank in ranks:
+            for counter, (metric, count) in COUNTERS.items():
+                key = (run_id, rank, metric)
+                last, total = self._counts.get(key, (-1, 0))
+                try:
+                    series = self.store.run_series(run_id, metric, start=last + 1, rank=rank)
+                except (UnknownMetric, UnknownEntity):
+                    continue  # not recorded by this run (yet)
+                if series.steps.size:
+                    total += count(series.values[~np.isnan(series.values)])
+                    last = int(series.steps[-1])
+                self._counts[key] = (last, total)
+                out[(rank, counter)] = float(total)
+        return out
+
+    def _forget(self, ids: set[str]) -> None:
+        for run_id in [r for r in self._static if r not in ids]:
+            del self._static[run_id]
+        for key in [k for k in self._counts if k[0] not in ids]:
+            del self._counts[key]
+
+
+def _end_time(run: RunInfo) -> float | None:
+    if run.status == "running":
+        return None
+    return run.ended_at if run.ended_at is not None and math.isfinite(run.ended_at) else run.status_at
+
+
+def _bare(run: RunInfo) -> RunLatest:
+    return RunLatest(id=run.id, name=run.name, project=run.project, status=run.status,
+                     ended_at=_end_time(run))
