@@ -148,8 +148,8 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
     add("lr", None, host.lr)
     add("param_norm", host.param_due, values[host.param_due, layout.param_norm:layout.param_norm + p])
     add("update_ratio", host.update_due, values[host.update_due, layout.update_ratio:layout.update_ratio + p])
-    if layout.act_layers and "act_mean" in metrics:
-        measured = host.act_count.sum(axis=1) > 0
+    measured = host.act_count.sum(axis=1) > 0
+    if layout.act_layers and "act_mean" in metrics and measured.any():
         rows = values[measured]
         counts = host.act_count[measured]
         grad_counts = host.act_grad_count[measured]

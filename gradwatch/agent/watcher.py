@@ -603,7 +603,8 @@ class Watcher:
             "lr": [_float_or_none(v) for v in latest["lr"][1]] if "lr" in latest else [],
             "scalars": {n: run_value(n) for n in self._scalar_names},
             "params": params, "layers": layers, "init_check": self.init_check,
-            "errors": dict(self.errors), "dropped_frames": self._writer.dropped, "log_path": str(self.path),
+            "errors": {**self.errors, **{f"writer:{k}": v for k, v in self._writer.errors.items()}},
+            "dropped_frames": self._writer.dropped, "log_path": str(self.path),
         }
 
 

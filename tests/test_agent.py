@@ -1,0 +1,223 @@
+"""The agent against reference computations, on the training setups it must support."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.agent import runlog
+from gradwatch.agent.config import ConfigError
+from tests.agent_models import MODELS, batch_for, mlp, train
+
+
+def _reference_norms(model: nn.Module) -> dict[str, float]:
+    return {name: float(p.grad.norm()) for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _records(watcher: gradwatch.Watcher) -> list[runlog.Record]:
+    return runlog.read_log(watcher.path)
+
+
+def _series(records: list[runlog.Record], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    blocks = [b for r in records if isinstance(r, runlog.Frame) for b in r.blocks if b.metric.name == metric]
+    return np.concatenate([b.steps for b in blocks]), np.concatenate([b.values for b in blocks])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_grad_norms_match_reference_at_every_step(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    reference: list[dict[str, float]] = []
+    with gradwatch.watch(model, opt, run=name, config={"measure": {"flush_every": 4}}) as watcher:
+        train(model, opt, name, steps=10, watcher=watcher, after_backward=lambda: reference.append(_reference_norms(model)))
+        snap = watcher.snapshot()
+    assert snap["errors"] == {} and snap["steps"] == 10
+    params = [p["name"] for p in _records(watcher)[0].info["params"]]
+    steps, values = _series(_records(watcher), "grad_norm")
+    np.testing.assert_array_equal(steps, np.arange(10))
+    for step, ref in enumerate(reference):
+        expected = [ref.get(p, math.nan) for p in params]
+        np.testing.assert_allclose(values[step], expected, rtol=1e-5, atol=1e-7, equal_nan=True)
+    _, totals = _series(_records(watcher), "grad_norm_total")
+    expected_totals = [math.sqrt(sum(v * v for v in ref.values())) for ref in reference]
+    np.testing.assert_allclose(totals[:, 0], expected_totals, rtol=1e-5)
+    last = reference[-1]
+    for pname, entry in snap["params"].items():
+        if pname in last:
+            assert entry["grad_norm"] == pytest.approx(last[pname], rel=1e-5)
+        else:
+            assert entry["grad_norm"] is None  # frozen or unused: no gradient
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "transformer"])
+@pytest.mark.parametrize("clip", [{"mode": "norm", "max_norm": 0.05}, {"mode": "value", "max_value": 0.01}],
+                         ids=["norm", "value"])
+def test_clipping_trains_exactly_like_torch(name, clip):
+    torch.manual_seed(1)
+    watched = MODELS[name]()
+    bare = copy.deepcopy(watched)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(bare.parameters(), lr=0.1)
+
+    def torch_clip() -> None:
+        if clip["mode"] == "norm":
+            torch.nn.utils.clip_grad_norm_(bare.parameters(), clip["max_norm"])
+        else:
+            torch.nn.utils.clip_grad_value_(bare.parameters(), clip["max_value"])
+
+    with gradwatch.watch(watched, opt_w, config={"clip": clip}) as watcher:
+        train(watched, opt_w, name, steps=6, watcher=watcher)
+        snap = watcher.snapshot()
+    train(bare, opt_b, name, steps=6, after_backward=torch_clip)
+    for (n, pw), pb in zip(watched.named_parameters(), bare.parameters()):
+        torch.testing.assert_close(pw, pb, rtol=1e-5, atol=1e-6, msg=n)
+    before, after = snap["grad_norm_total"]["before_clip"], snap["grad_norm_total"]["after_clip"]
+    assert after < before
+    if clip["mode"] == "norm":
+        assert after == pytest.approx(clip["max_norm"], rel=1e-4)
+        assert snap["clip_coef"] == pytest.approx(after / before, rel=1e-4)
+
+
+def test_gradient_accumulation_is_measured_once_per_optimizer_step():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    with gradwatch.watch(model, opt, config={"measure": {"activation_every": 1}}) as watcher:
+        for _ in range(3):
+            for _ in range(4):  # four micro-batches per step
+                x, y = batch_for("mlp", gen)
+                (nn.functional.cross_entropy(model(x), y) / 4).backward()
+            expected = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
+            opt.step()
+            opt.zero_grad()
+            watcher.log(loss=1.0)
+        snap = watcher.snapshot()
+    assert snap["steps"] == 3
+    assert snap["grad_norm_total"]["before_clip"] == pytest.approx(expected, rel=1e-5)
+    steps, _ = _series(_records(watcher), "act_mean")
+    np.testing.assert_array_equal(steps, [0, 1, 2])
+
+
+def test_several_param_groups_record_each_learning_rate():
+    model = mlp()
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 1e-3},
+                            {"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 5e-4}])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with gradwatch.watch(model, opt) as watcher:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, y = batch_for("mlp", gen)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    records = _records(watcher)
+    assert [g["index"] for g in records[0].info["groups"]] == [0, 1]
+    _, lrs = _series(records, "lr")
+    np.testing.assert_allclose(lrs, [[1e-3, 5e-4], [5e-4, 2.5e-4], [2.5e-4, 1.25e-4]], rtol=1e-6)
+
+
+def _cpu_scaler(init_scale: float):
+    if not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler needs torch >= 2.3")
+    try:
+        return torch.amp.GradScaler("cpu", init_scale=init_scale)
+    except (TypeError, RuntimeError) as exc:
+        pytest.skip(f"no CPU GradScaler in this torch: {exc}")
+
+
+def test_amp_grad_scaler_norms_are_unscaled_and_skipped_steps_recorded():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = _cpu_scaler(init_scale=2.0 ** 10)
+    gen = torch.Generator().manual_seed(0)
+    with gradwatch.watch(model, opt, scaler=scaler) as watcher:
+        for i in range(3):
+            x, y = batch_for("mlp", gen)
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss * (1e38 if i == 1 else 1.0)).backward()  # step 1 overflows: the scaler skips it
+            scaler.unscale_(opt)
+            expected = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            watcher.log(loss=loss)
+        snap = watcher.snapshot()
+    assert snap["grad_norm_total"]["before_clip"] == pytest.approx(expected, rel=1e-5)
+    steps, skipped = _series(_records(watcher), "skipped")
+    np.testing.assert_array_equal(steps, [0, 1, 2])
+    np.testing.assert_array_equal(skipped[:, 0], [0, 1, 0])
+
+
+def test_run_log_header_describes_the_run(gradwatch_home):
+    model = MODELS["lstm"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, run="tagger", config={"project": "nlp"}) as watcher:
+        train(model, opt, "lstm", steps=2, watcher=watcher)
+    assert watcher.path.parent == gradwatch_home / "logs"
+    records = _records(watcher)
+    header, close = records[0], records[-1]
+    info = header.info
+    assert info["name"] == "tagger" and info["project"] == "nlp" and info["rank"] == 0 and info["world_size"] == 1
+    assert info["torch_version"] == torch.__version__
+    assert [p["name"] for p in info["params"]] == [n for n, _ in model.named_parameters()]
+    assert {l["type"] for l in info["layers"]} >= {"Embedding", "LSTM", "Linear"}
+    rnn = next(l for l in info["layers"] if l["type"] == "LSTM")
+    assert rnn["family"] == "bounded"  # tanh-bounded hidden states: saturation applies
+    assert {c["param"] for c in info["init_check"]} >= {"rnn.weight_ih_l0", "rnn.weight_hh_l1", "head.weight"}
+    assert isinstance(close, runlog.Close) and close.step == 2 and close.stats["errors"] == {}
+    names = [m.name for m in header.metrics]
+    assert {"grad_norm", "grad_norm_total", "grad_norm_total_clipped", "act_grad_norm", "saturation_ratio"} <= set(names)
+
+
+def test_init_check_compares_std_with_glorot_he_and_lecun():
+    model = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 50), nn.Sigmoid(), nn.Linear(50, 10))
+    nn.init.kaiming_normal_(model[0].weight, nonlinearity="relu")
+    nn.init.normal_(model[2].weight, 0.0, 1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt) as watcher:
+        check = {c["param"]: c for c in watcher.snapshot()["init_check"]}
+    first, second = check["0.weight"], check["2.weight"]
+    assert first["recommended"] == "he" and first["activation"] == "ReLU" and first["verdict"] == "ok"
+    assert first["expected"]["he"] == pytest.approx(math.sqrt(2 / 100))
+    assert second["recommended"] == "glorot" and second["verdict"] == "too_large"
+    assert second["ratio"] == pytest.approx(float(model[2].weight.detach().std()) / math.sqrt(2 / 100), rel=1e-5)
+    assert check["4.weight"]["activation"] is None
+
+
+def test_second_attach_is_refused_with_a_clear_error():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt):
+        with pytest.raises(RuntimeError, match="already watching this model"):
+            gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    gradwatch.watch(model, opt).close()  # allowed again once closed
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"clip": {"mode": "norm"}}, "needs max_norm"),
+    ({"clip": {"mode": "nope"}}, "clip.mode"),
+    ({"measure": {"flush_every": 0}}, "measure.flush_every"),
+], ids=["missing-threshold", "unknown-mode", "bad-interval"])
+def test_bad_config_is_one_clear_error(config, message):
+    model = mlp()
+    with pytest.raises(ConfigError, match=message):
+        gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+
+
+def test_config_from_toml_file(tmp_path):
+    path = tmp_path / "gw.toml"
+    path.write_text('project = "vision"\n[clip]\nmode = "norm"\nmax_norm = 2.0\n[measure]\nflush_every = 7\n')
+    model = mlp()
+    with gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), config=path) as watcher:
+        assert watcher.config.clip.max_norm == 2.0 and watcher.config.measure.flush_every == 7
+        assert watcher.config.project == "vision"
