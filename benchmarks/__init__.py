@@ -1,0 +1,1 @@
+"""Benchmarks of gradwatch (run from the repository root: `python -m benchmarks.overhead`)."""

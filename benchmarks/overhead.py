@@ -1,0 +1,523 @@
+"""Overhead of gradwatch on training steps, against bare training and other monitoring methods.
+
+Run from the repository root (docs/benchmarks.md explains the method and keeps the results):
+
+    python -m benchmarks.overhead                      # every model, the default methods
+    python -m benchmarks.overhead --quick --models mlp # a smoke run
+    python -m benchmarks.overhead --write-docs         # also update docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from time import perf_counter_ns
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from benchmarks.methods import DEFAULT_METHODS, METHODS, Method
+from benchmarks.models import MODELS, Workload, build
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+IMPORT_STATEMENT = "from gradwatch.agent import watch"
+_MB = 1024 * 1024
+
+# Step-time ratio limits per method and model, the own-time limit against clip_grad_norm_,
+# and the import and memory limits (issue 6).
+RATIO_TARGETS: dict[str, dict[str, float]] = {
+    "gradwatch": {"mlp": 1.05, "cnn": 1.02, "lstm": 1.02, "gpt": 1.02},
+    "gradwatch-all": {"mlp": 1.10, "cnn": 1.05, "lstm": 1.05, "gpt": 1.05},
+}
+OWN_VS_CLIP_TARGET = 1.5
+IMPORT_TARGET_MS = 100.0
+RSS_TARGET_MB = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run and how long: parsed from the command line."""
+
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    rss_methods: tuple[str, ...]
+    rounds: int
+    warmup: int
+    device: str
+    batch_scale: int
+    seed: int
+    bootstrap: int
+    rss_steps: int
+    import_reps: int
+
+
+@dataclass
+class MethodResult:
+    """One method on one model: per-round samples and one-off costs."""
+
+    step_ns: list[int] = field(default_factory=list)
+    own_ns: list[int] = field(default_factory=list)
+    setup_ns: int = 0
+    peak_rss_bytes: int | None = None
+    peak_device_bytes: int | None = None
+
+
+@dataclass
+class ModelResult:
+    """All methods on one model."""
+
+    name: str
+    params: int
+    batch: int
+    methods: dict[str, MethodResult]
+
+
+@dataclass
+class Report:
+    """Everything one run measured, with where and when."""
+
+    settings: Settings
+    machine: dict[str, str]
+    models: list[ModelResult]
+    skipped: dict[str, str]
+    import_ms: list[float] | None
+    torch_import_ms: list[float] | None
+    wall_s: float = 0.0
+
+
+def configure_torch(device: str) -> torch.device:
+    """Pin torch to one thread (the other core is left to background writers and the OS)."""
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already started in this process
+        pass
+    torch.set_flush_denormal(True)  # a copy drifting into denormals would be slow for its own reasons
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer every method uses: AdamW, lr 1e-4."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def train_step(
+    workload: Workload, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, device: torch.device
+) -> None:
+    """One training step with `method`'s monitoring; on CUDA, waits for the device to finish.
+
+    On CUDA a sync-free method's step runs under `torch.cuda.set_sync_debug_mode("error")`, so
+    any host synchronisation inside it raises.
+    """
+    check_sync = device.type == "cuda" and method.sync_free
+    if check_sync:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.zero_grad(set_to_none=True)
+        loss = workload.loss(model)
+        loss.backward()
+        method.before_step()
+        optimizer.step()
+        method.after_step(loss)
+    finally:
+        if check_sync:
+            torch.cuda.set_sync_debug_mode(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _attach(name: str, model_name: str, workload: Workload, workdir: Path) -> tuple[Method, torch.nn.Module, Any, int]:
+    model = copy.deepcopy(workload.model)
+    optimizer = make_optimizer(model)
+    method = METHODS[name]()
+    start = perf_counter_ns()
+    method.attach(model, optimizer, workdir, run=f"bench-{model_name}-{name}")
+    return method, model, optimizer, perf_counter_ns() - start
+
+
+def time_model(model_name: str, settings: Settings, workdir: Path) -> ModelResult:
+    """Train one copy of the model per method, one step of each method per round in shuffled order."""
+    device = torch.device(settings.device)
+    workload = build(model_name, device, settings.batch_scale, settings.seed)
+    runs = {name: _attach(name, model_name, workload, workdir) for name in settings.methods}
+    results = {name: MethodResult(setup_ns=run[3]) for name, run in runs.items()}
+    order = list(runs)
+    rng = random.Random(f"{settings.seed}-{model_name}")
+    try:
+        for round_index in range(settings.warmup + settings.rounds):
+            rng.shuffle(order)
+            for name in order:
+                method, model, optimizer, _ = runs[name]
+                own_before = method.own_time_ns()
+                start = perf_counter_ns()
+                train_step(workload, model, optimizer, method, device)
+                elapsed = perf_counter_ns() - start
+                own = method.own_time_ns() - own_before
+                method.untimed()
+                if round_index >= settings.warmup:
+                    results[name].step_ns.append(elapsed)
+                    results[name].own_ns.append(own)
+    finally:
+        for method, *_ in runs.values():
+            method.close()
+    params = sum(p.numel() for p in workload.model.parameters())
+    return ModelResult(model_name, params, workload.inputs.shape[0], results)
+
+
+def rss_child(model_name: str, method_name: str, settings: Settings) -> dict[str, int | None]:
+    """In a fresh process: attach one method, train `rss_steps` steps, return the peak memory."""
+    device = configure_torch(settings.device)
+    workload = build(model_name, device, settings.batch_scale, settings.seed)
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
+        method, model, optimizer, _ = _attach(method_name, model_name, workload, Path(tmp))
+        for _ in range(settings.rss_steps):
+            train_step(workload, model, optimizer, method, device)
+        method.close()
+    peak_device = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "peak_device_bytes": peak_device}
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def measure_rss(result: ModelResult, settings: Settings) -> None:
+    """Peak RSS (and device memory) of each of `rss_methods`, one subprocess each, in `result`."""
+    for name in settings.rss_methods:
+        argv = [sys.executable, "-m", "benchmarks.overhead", "--rss-child", f"{result.name}:{name}",
+                "--device", settings.device, "--batch-scale", str(settings.batch_scale),
+                "--seed", str(settings.seed), "--rss-steps", str(settings.rss_steps)]
+        proc = subprocess.run(argv, cwd=REPO, env=_child_env(), capture_output=True, text=True, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory run {result.name}:{name} failed:\n{proc.stderr[-2000:]}")
+        peaks = json.loads(lines[-1])
+        result.methods[name].peak_rss_bytes = peaks["peak_rss_bytes"]
+        result.methods[name].peak_device_bytes = peaks["peak_device_bytes"]
+
+
+def measure_import(reps: int) -> tuple[list[float], list[float]]:
+    """Time `import torch`, then the agent import, in `reps` fresh interpreters (after one warm-up)."""
+    code = ("import time, json; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
+            f"{IMPORT_STATEMENT}; t2 = time.perf_counter(); print(json.dumps([t1 - t0, t2 - t1]))")
+    torch_ms: list[float] = []
+    agent_ms: list[float] = []
+    for rep in range(reps + 1):
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_child_env(),
+                             capture_output=True, text=True, check=True).stdout
+        t_torch, t_agent = json.loads(out.strip().splitlines()[-1])
+        if rep:
+            torch_ms.append(t_torch * 1e3)
+            agent_ms.append(t_agent * 1e3)
+    return agent_ms, torch_ms
+
+
+def ratio_interval(method_ns: Sequence[int], bare_ns: Sequence[int], resamples: int,
+                   seed: int) -> tuple[float, float, float]:
+    """Ratio of median step times to bare, with a paired bootstrap 95% interval over rounds.
+
+    Rounds are resampled together for both methods, since a round's steps share the
+    machine's state at that moment.
+    """
+    method = np.asarray(method_ns, dtype=np.float64)
+    bare = np.asarray(bare_ns, dtype=np.float64)
+    ratio = float(np.median(method) / np.median(bare))
+    idx = np.random.default_rng(seed).integers(0, len(bare), size=(resamples, len(bare)))
+    boot = np.median(method[idx], axis=1) / np.median(bare[idx], axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return ratio, float(low), float(high)
+
+
+def _git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return found.group(1).strip() if found else platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_machine(device: str) -> dict[str, str]:
+    """CPU (or GPU), OS, versions, date and load: the context the table needs."""
+    versions = [f"Python {platform.python_version()}", f"torch {torch.__version__}", f"numpy {np.__version__}"]
+    versions += [f"{pkg} {v}" for pkg in ("wandb", "tensorboard") if (v := _version(pkg))]
+    gradwatch_version = "unknown"
+    if (REPO / "gradwatch" / "__init__.py").exists():
+        found = re.search(r'__version__ = "([^"]+)"', (REPO / "gradwatch" / "__init__.py").read_text())
+        gradwatch_version = found.group(1) if found else gradwatch_version
+    versions.append(f"gradwatch {gradwatch_version} (commit {_git_commit()})")
+    machine = {
+        "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
+        "os": platform.platform(),
+        "versions": ", ".join(versions),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    if device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
+
+
+def run(settings: Settings, log: Any = sys.stderr) -> Report:
+    """Run every part of the benchmark that `settings` selects."""
+    started = time.monotonic()
+    configure_torch(settings.device)
+    machine = describe_machine(settings.device)
+    skipped = {name: why for name in settings.methods if (why := METHODS[name]().missing())}
+    settings = Settings(**{**asdict(settings),
+                           "methods": tuple(m for m in settings.methods if m not in skipped),
+                           "rss_methods": tuple(m for m in settings.rss_methods
+                                                if m in settings.methods and m not in skipped)})
+    report = Report(settings, machine, [], skipped, None, None)
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
+        for name in settings.models:
+            print(f"[overhead] {name}: {settings.warmup}+{settings.rounds} rounds of {', '.join(settings.methods)}",
+                  file=log, flush=True)
+            report.models.append(time_model(name, settings, Path(tmp)))
+    for result in report.models:
+        if settings.rss_methods:
+            print(f"[overhead] {result.name}: peak memory of {', '.join(settings.rss_methods)}", file=log, flush=True)
+            measure_rss(result, settings)
+    if settings.import_reps and "gradwatch" not in skipped:
+        print(f"[overhead] import time, {settings.import_reps} interpreters", file=log, flush=True)
+        report.import_ms, report.torch_import_ms = measure_import(settings.import_reps)
+    report.machine["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    report.wall_s = time.monotonic() - started
+    return report
+
+
+def _fmt_ms(ns: float) -> str:
+    ms = ns / 1e6
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def _verdict(value: float, limit: float, interval: tuple[float, float] | None = None) -> str:
+    if interval is None:
+        return "met" if value <= limit else "**missed**"
+    low, high = interval
+    if high <= limit:
+        return "met"
+    if value <= limit:
+        return "met (interval crosses the limit)"
+    return "**missed**" if low > limit else "**missed** (interval crosses the limit)"
+
+
+def _rss_delta_mb(result: ModelResult, name: str) -> float | None:
+    bare, this = result.methods.get("bare"), result.methods[name]
+    if bare is None or bare.peak_rss_bytes is None or this.peak_rss_bytes is None:
+        return None
+    return (this.peak_rss_bytes - bare.peak_rss_bytes) / _MB
+
+
+def render(report: Report) -> str:
+    """The markdown block docs/benchmarks.md keeps: context, results table, targets."""
+    s, m = report.settings, report.machine
+    lines = [
+        f"- Machine: {m['cpu']}" + (f", {m['gpu']}" if "gpu" in m else "") + f"; {m['os']}",
+        f"- Versions: {m['versions']}",
+        f"- Run: {m['date']}, device {s.device}, 1 torch thread, {s.rounds} rounds after {s.warmup} warm-up rounds, "
+        f"batch scale {s.batch_scale}, seed {s.seed}, {s.bootstrap} bootstrap resamples, "
+        f"peak memory after {s.rss_steps} steps, {report.wall_s / 60:.1f} min in all",
+        f"- Load average (1/5/15 min): {m['load_start']} at start, {m.get('load_end', '?')} at the end",
+    ]
+    if report.skipped:
+        lines.append("- Not run: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+    show_device = s.device == "cuda"
+    lines += ["", "| model | method | median step (ms) | ratio to bare [95% CI] | own time (ms/step) | own / clip "
+              "| setup (ms) | peak RSS over bare (MB) |" + (" peak GPU memory over bare (MB) |" if show_device else ""),
+              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if show_device else "")]
+    targets: list[tuple[str, str, str, str]] = []
+    for result in report.models:
+        bare = result.methods.get("bare")
+        clip = result.methods.get("clip")
+        clip_own = float(np.mean(clip.own_ns)) if clip else None
+        label = f"{result.name} ({result.params / 1e6:.2f} M params, batch {result.batch})"
+        for name, res in result.methods.items():
+            median = float(np.median(res.step_ns))
+            own = float(np.mean(res.own_ns))
+            if bare is None or name == "bare":
+                ratio_text, interval = "1", None
+            else:
+                ratio, low, high = ratio_interval(res.step_ns, bare.step_ns, s.bootstrap, s.seed)
+                ratio_text, interval = f"{ratio:.3f} [{low:.3f}, {high:.3f}]", (ratio, low, high)
+            own_clip = own / clip_own if clip_own and name not in ("bare", "clip") else None
+            rss = _rss_delta_mb(result, name)
+            if bare and bare.peak_rss_bytes and name == "bare":
+                rss_text = f"0 (bare: {bare.peak_rss_bytes / _MB:.0f})"
+            else:
+                rss_text = f"{rss:+.1f}" if rss is not None else "–"
+            row = [label, name, _fmt_ms(median), ratio_text, _fmt_ms(own) if name != "bare" else "–",
+                   f"{own_clip:.2f}" if own_clip is not None else "–",
+                   f"{res.setup_ns / 1e6:.1f}" if name != "bare" else "–", rss_text]
+            if show_device:
+                dev = (res.peak_device_bytes - bare.peak_device_bytes) / _MB if (
+                    bare and res.peak_device_bytes is not None and bare.peak_device_bytes is not None) else None
+                row.append(f"{dev:+.1f}" if dev is not None else "–")
+            lines.append("| " + " | ".join(row) + " |")
+            label = ""
+            targets += _targets(result, name, interval, own_clip, rss)
+    if report.import_ms:
+        agent, base = float(np.median(report.import_ms)), float(np.median(report.torch_import_ms or [0.0]))
+        lines += ["", f"Import: `{IMPORT_STATEMENT}` after `import torch` takes {agent:.1f} ms (median of "
+                      f"{len(report.import_ms)} fresh interpreters; `import torch` itself {base:.0f} ms)."]
+        targets.append((f"`{IMPORT_STATEMENT}` ≤ {IMPORT_TARGET_MS:.0f} ms over `import torch`", "–",
+                        f"{agent:.1f} ms", _verdict(agent, IMPORT_TARGET_MS)))
+    if targets:
+        lines += ["", "| target | model | measured | verdict |", "|---|---|---:|---|"]
+        lines += [f"| {t} | {mdl} | {val} | {verdict} |" for t, mdl, val, verdict in targets]
+    return "\n".join(lines) + "\n"
+
+
+def _targets(result: ModelResult, name: str, interval: tuple[float, float, float] | None,
+             own_clip: float | None, rss: float | None) -> list[tuple[str, str, str, str]]:
+    """The issue's targets that apply to method `name` on this model, with their verdicts."""
+    rows: list[tuple[str, str, str, str]] = []
+    limit = RATIO_TARGETS.get(name, {}).get(result.name)
+    if limit is not None and interval is not None:
+        ratio, low, high = interval
+        rows.append((f"{name}: step-time ratio ≤ {limit:.2f}", result.name, f"{ratio:.3f} [{low:.3f}, {high:.3f}]",
+                     _verdict(ratio, limit, (low, high))))
+    if name == "gradwatch" and own_clip is not None:
+        rows.append((f"gradwatch: own time ≤ {OWN_VS_CLIP_TARGET}× clip_grad_norm_", result.name,
+                     f"{own_clip:.2f}×", _verdict(own_clip, OWN_VS_CLIP_TARGET)))
+    if name == "gradwatch-all" and interval is not None:
+        others = {k: float(np.median(v.step_ns)) for k, v in result.methods.items() if k in ("wandb", "tensorboard")}
+        mine = float(np.median(result.methods[name].step_ns))
+        for other, median in others.items():
+            rows.append((f"gradwatch-all: faster than {other}", result.name,
+                         f"{_fmt_ms(mine)} vs {_fmt_ms(median)} ms", "met" if mine < median else "**missed**"))
+    if name.startswith("gradwatch") and rss is not None:
+        rows.append((f"{name}: peak RSS ≤ {RSS_TARGET_MB:.0f} MB over bare", result.name, f"{rss:+.1f} MB",
+                     _verdict(rss, RSS_TARGET_MB)))
+    return rows
+
+
+def write_docs(path: Path, device: str, block: str) -> None:
+    """Replace the text between this device's markers in `path` by `block`."""
+    begin, end = f"<!-- overhead:{device}:begin -->", f"<!-- overhead:{device}:end -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{block}{end}{tail}")
+
+
+def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or value!r}; choose from "
+                                         f"{', '.join(known)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """Parse the command line into Settings (defaults depend on --quick and --device)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS)}; bare is always added")
+    parser.add_argument("--rss-methods", default="bare,gradwatch,gradwatch-all",
+                        help="methods whose peak memory is measured (one subprocess each); '' for none")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds, few resamples")
+    parser.add_argument("--rounds", type=int, help="measured rounds per model (default 30, quick 4)")
+    parser.add_argument("--warmup", type=int, help="unmeasured rounds first (default 5, quick 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-scale", type=int, help="multiply every batch (default 1 on cpu, 8 on cuda)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 2000, quick 200)")
+    parser.add_argument("--rss-steps", type=int, help="steps of each memory run (default 21, quick 2)")
+    parser.add_argument("--import-reps", type=int, help="interpreters timing the import (default 7, quick 1); 0: off")
+    parser.add_argument("--write-docs", nargs="?", const=str(DOCS), metavar="PATH",
+                        help="write the table between this device's markers in PATH (default docs/benchmarks.md)")
+    parser.add_argument("--json", metavar="PATH", help="also write every sample as JSON")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+
+    def pick(value: int | None, default: int, quick_default: int) -> int:
+        return value if value is not None else quick_default if quick else default
+
+    try:
+        methods = _names(args.methods, list(METHODS), "method")
+        rss_methods = _names(args.rss_methods, list(METHODS), "method") if args.rss_methods else ()
+        models = _names(args.models, MODELS, "model")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    settings = Settings(
+        models=models,
+        methods=("bare", *[m for m in methods if m != "bare"]),
+        rss_methods=rss_methods,
+        rounds=pick(args.rounds, 30, 4),
+        warmup=pick(args.warmup, 5, 1),
+        device=args.device,
+        batch_scale=args.batch_scale or (8 if args.device == "cuda" else 1),
+        seed=args.seed,
+        bootstrap=pick(args.bootstrap, 2000, 200),
+        rss_steps=pick(args.rss_steps, 21, 2),
+        import_reps=pick(args.import_reps, 7, 1),
+    )
+    if settings.rounds < 2 or settings.warmup < 0 or settings.rss_steps < 1 or settings.import_reps < 0:
+        parser.error("need --rounds >= 2, --warmup >= 0, --rss-steps >= 1 and --import-reps >= 0")
+    return settings, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    settings, args = parse_args(argv)
+    if args.rss_child:
+        model_name, method_name = args.rss_child.split(":")
+        print(json.dumps(rss_child(model_name, method_name, settings)))
+        return
+    report = run(settings)
+    block = render(report)
+    print(block)
+    if args.write_docs:
+        write_docs(Path(args.write_docs), settings.device, block)
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(report), indent=1))
+
+
+if __name__ == "__main__":
+    main()
