@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from fixtures.prometheus import require_binary
+from tests.fixtures.prometheus import require_binary
 from gradwatch.service.exporter import METRICS, GradwatchCollector, RunLatest, layer_update_ratio, visible
 from gradwatch.store.models import LatestValue
 

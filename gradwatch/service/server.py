@@ -103,12 +103,13 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server TLS context (TLS 1.2+) from PEM files, or a one-line `ServerError`."""
+    for path in (cert, key):
+        if not Path(path).is_file():
+            raise ServerError(f"cannot load TLS certificate: {path}: no such file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
-    except FileNotFoundError as exc:
-        raise ServerError(f"cannot load TLS certificate: {exc.filename}: no such file") from None
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
         raise ServerError(f"cannot load TLS certificate {cert} / key {key}: {reason}") from None
