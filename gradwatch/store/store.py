@@ -371,24 +371,24 @@ class Store:
     # ---------------------------------------------------------------- export
 
     def export_records(self, run_id: str) -> Iterator[dict[str, Any]]:
-        """Every stored record of a run as plain dicts, streamed: one `run` record, then
+        """Every stored record of a run as plain dicts, streamed; key `record` names the kind: one `run`, then
         `param`, `layer`, `event` and `alert` records, then one `value` record per measurement
         (`rank`, `metric`, `scope`, `entity` name, `step`, `value`), series by series."""
         summary = self.run_summary(run_id)
         run = summary.run
-        yield {"type": "run", **run.__dict__, "torch_version": summary.torch_version,
+        yield {"record": "run", **run.__dict__, "torch_version": summary.torch_version,
                "gradwatch_version": summary.gradwatch_version, "config": summary.config,
                "model": summary.model, "groups": summary.groups, "init_check": summary.init_check}
         params, layers = self.params(run_id), self.layers(run_id)
         for p in params:
-            yield {"type": "param", **p.__dict__, "shape": list(p.shape)}
+            yield {"record": "param", **p.__dict__, "shape": list(p.shape)}
         for layer in layers:
-            yield {"type": "layer", **layer.__dict__, "params": list(layer.params)}
+            yield {"record": "layer", **layer.__dict__, "params": list(layer.params)}
         for ev in self.events(run_id):
-            yield {"type": "event", "rank": ev.rank, "step": ev.step, "time": ev.time, "kind": ev.kind,
+            yield {"record": "event", "rank": ev.rank, "step": ev.step, "time": ev.time, "kind": ev.kind,
                    "data": ev.data}
         for al in self.alerts(run_id):
-            yield {"type": "alert", **{k: v for k, v in al.__dict__.items() if k != "run_id"}}
+            yield {"record": "alert", **{k: v for k, v in al.__dict__.items() if k != "run_id"}}
         pnames = {p.index: p.name for p in params}
         lnames = {la.index: la.name for la in layers}
         ser = s.series
@@ -403,7 +403,7 @@ class Store:
             with self._read() as conn:
                 steps, values = read_series(conn, sid)
             for st, v in zip(steps.tolist(), values.tolist()):
-                yield {"type": "value", "rank": rank, "metric": metric, "scope": scope, "entity": name,
+                yield {"record": "value", "rank": rank, "metric": metric, "scope": scope, "entity": name,
                        "step": st, "value": v}
 
     # ------------------------------------------------------------ deletion

@@ -1,0 +1,312 @@
+"""The store's query API on real SQLite files and a real PostgreSQL server, fed by ingestion."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, func, select, text
+
+from fixtures.pg import store_url  # noqa: F401 - fixture
+from fixtures.runlogs import LAYER_METRICS, PARAM_METRICS, RUN_METRICS, SyntheticRun
+from gradwatch.agent.runlog import Event
+from gradwatch.ingest import ingest_pending
+from gradwatch.store import (
+    SCHEMA_VERSION,
+    AmbiguousRun,
+    NotAStoreError,
+    RunNotFound,
+    SchemaVersionError,
+    Store,
+    StoreError,
+    UnknownEntity,
+    UnknownMetric,
+)
+from gradwatch.store import schema
+
+STEPS = 1000
+
+
+@pytest.fixture
+def store(store_url: str):  # noqa: F811 - the fixture imported above
+    with Store.open(store_url) as st:
+        yield st
+
+
+@pytest.fixture
+def run(store: Store, tmp_path: Path) -> SyntheticRun:
+    """One finished run of STEPS steps with two events, ingested."""
+    r = SyntheticRun(started_at=1_000.0)
+    r.write(tmp_path, STEPS, events=[Event("nonfinite", 17, 1.0, {"params": ["net.0.weight"], "layers": ["net.0"]}),
+                                     Event("dropped", 40, 2.0, {"frames": 1})])
+    ingest_pending(store, tmp_path)
+    return r
+
+
+# ------------------------------------------------------------------ opening
+
+
+def test_open_creates_then_reopens_the_same_store(store_url: str) -> None:  # noqa: F811
+    with Store.open(store_url) as st:
+        st.add_alert("r", "warning", "kept")
+    with Store.open(store_url) as st:
+        assert [a.message for a in st.alerts()] == ["kept"]
+
+
+@pytest.mark.parametrize("version,match", [(SCHEMA_VERSION + 1, "newer"), (SCHEMA_VERSION - 1, "older")],
+                         ids=["newer", "older"])
+def test_other_schema_version_is_refused(store_url: str, version: int, match: str) -> None:  # noqa: F811
+    Store.open(store_url).close()
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(schema.meta.update().where(schema.meta.c.key == "schema_version").values(value=str(version)))
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match=match):
+        Store.open(store_url)
+
+
+def test_foreign_database_is_not_a_store(store_url: str) -> None:  # noqa: F811
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE customers (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    with pytest.raises(NotAStoreError, match="not a gradwatch store"):
+        Store.open(store_url)
+
+
+@pytest.mark.parametrize("content", [b"this is not a database, just some text\n" * 100, b"SQLite format 3\x00" + b"\xff" * 5000],
+                         ids=["text", "damaged-header"])
+def test_corrupt_sqlite_file_is_a_one_line_error(tmp_path: Path, content: bytes) -> None:
+    db = tmp_path / "gradwatch.db"
+    db.write_bytes(content)
+    with pytest.raises(NotAStoreError) as exc:
+        Store.open(home=tmp_path)
+    assert "\n" not in str(exc.value) and str(db) in str(exc.value)
+
+
+def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
+    Store.open(home=tmp_path).close()
+    with sqlite3.connect(tmp_path / "gradwatch.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_bad_url_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="not a database URL"):
+        Store.open("::nonsense::")
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_list_runs_filters(store: Store, tmp_path: Path) -> None:
+    for i, (name, project) in enumerate([("bert-a", "nlp"), ("bert-b", "nlp"), ("resnet", "cv")]):
+        SyntheticRun(run_id=f"id{i}", name=name, project=project, started_at=1000.0 + i).write(
+            tmp_path, 20, close=i != 1)
+    ingest_pending(store, tmp_path)
+    assert [r.id for r in store.list_runs()] == ["id2", "id1", "id0"]
+    assert [r.id for r in store.list_runs(project="nlp")] == ["id1", "id0"]
+    assert [r.id for r in store.list_runs(name="bert-*")] == ["id1", "id0"]
+    assert [r.id for r in store.list_runs(status="running")] == ["id1"]
+    assert [r.id for r in store.list_runs(status="finished", project="nlp")] == ["id0"]
+    assert [r.id for r in store.list_runs(since=1000.5, until=1001.5)] == ["id1"]
+
+
+def test_resolve_run_by_id_prefix_and_name(store: Store, tmp_path: Path) -> None:
+    SyntheticRun(run_id="abc111", name="same", started_at=1.0).write(tmp_path, 5)
+    SyntheticRun(run_id="abc222", name="same", started_at=2.0).write(tmp_path, 5)
+    SyntheticRun(run_id="xyz", name="other", started_at=3.0).write(tmp_path, 5)
+    ingest_pending(store, tmp_path)
+    assert store.resolve_run("abc111") == "abc111"
+    assert store.resolve_run("x") == "xyz"
+    assert store.resolve_run("same") == "abc222"  # newest of that name
+    with pytest.raises(AmbiguousRun, match="matches 2 runs") as exc:
+        store.resolve_run("abc")
+    assert sorted(exc.value.candidates) == ["abc111", "abc222"]
+    with pytest.raises(RunNotFound, match="'nope'"):
+        store.resolve_run("nope")
+
+
+def test_run_summary(store: Store, run: SyntheticRun) -> None:
+    summary = store.run_summary(run.run_id)
+    assert summary.run.status == "finished" and summary.run.last_step == STEPS - 1
+    assert summary.run.started_at == 1000.0 and summary.run.ended_at is not None
+    assert (summary.num_params, summary.num_layers) == (6, 6)
+    assert summary.torch_version == "2.13.0" and summary.model["num_params"] == 216
+    assert summary.init_check[0]["verdict"] == "ok"
+    assert summary.metrics == {**{m: "run" for m in RUN_METRICS}, "lr": "group",
+                               **{m: "param" for m in PARAM_METRICS}, **{m: "layer" for m in LAYER_METRICS}}
+    step = np.array([STEPS - 1])
+    assert summary.latest["loss"] == (STEPS - 1, pytest.approx(float(run.value("loss", step, 0)[0])))
+    assert summary.event_counts == {"nonfinite": 1, "dropped": 1}
+    assert [lg.state for lg in summary.logs] == ["finished"]
+
+
+def test_params_and_layers_in_model_order(store: Store, run: SyntheticRun) -> None:
+    params = store.params(run.run_id)
+    assert [p.name for p in params] == [p["name"] for p in run.params]
+    assert params[0].shape == (8, 8) and params[0].numel == 64 and params[0].layer == 0
+    layers = store.layers(run.run_id)
+    assert [(la.name, la.kind, la.family) for la in layers[:2]] == [("net.0", "param", None),
+                                                                     ("net.1", "activation", "relu")]
+    assert layers[0].params == (0, 1)
+
+
+# ------------------------------------------------------------------ series
+
+
+def test_param_history_equals_what_was_written(store: Store, run: SyntheticRun) -> None:
+    steps, values = store.param_history(run.run_id, "net.2.bias", "grad_norm")
+    np.testing.assert_array_equal(steps, np.arange(STEPS))
+    np.testing.assert_array_equal(values, run.value("grad_norm", steps, 3).astype(np.float64))
+    steps, values = store.param_history(run.run_id, 3, "param_norm", start=95, end=205)
+    np.testing.assert_array_equal(steps, np.arange(100, 201, 10))  # measured every 10 steps only
+    np.testing.assert_array_equal(values, run.value("param_norm", steps, 3))
+
+
+def test_run_series_and_group_lr(store: Store, run: SyntheticRun) -> None:
+    steps, values = store.run_series(run.run_id, "grad_norm_total", start=10, end=19)
+    np.testing.assert_array_equal(steps, np.arange(10, 20))
+    np.testing.assert_array_equal(values, run.value("grad_norm_total", steps, 0))
+    steps, values = store.run_series(run.run_id, "lr", group=0)
+    assert steps.shape == (STEPS,)
+
+
+def test_layer_history_and_layer_grad_norm(store: Store, run: SyntheticRun) -> None:
+    steps, values = store.layer_history(run.run_id, "net.3", "dead_ratio")
+    np.testing.assert_array_equal(steps, np.arange(0, STEPS, 10))
+    np.testing.assert_array_equal(values, run.value("dead_ratio", steps, 3))
+    steps, values = store.layer_history(run.run_id, "net.2", "grad_norm", end=49)
+    w, b = (run.value("grad_norm", steps, p).astype(np.float64) for p in (2, 3))
+    np.testing.assert_allclose(values, np.sqrt(w * w + b * b), rtol=1e-12)
+
+
+def test_layers_at_step(store: Store, run: SyntheticRun) -> None:
+    table = store.layers_at_step(run.run_id)
+    assert table.step == 990  # last step with layer measurements
+    assert [la.name for la in table.layers] == [f"net.{i}" for i in range(6)]
+    step = np.array([990])
+    sat = table.values["saturation_ratio"]
+    assert np.isnan(sat[:5]).all() and sat[5] == pytest.approx(float(run.value("saturation_ratio", step, 5)[0]))
+    grad = table.values["grad_norm"]
+    assert math.isnan(grad[1]) and grad[0] == pytest.approx(math.hypot(
+        float(run.value("grad_norm", step, 0)[0]), float(run.value("grad_norm", step, 1)[0])))
+    at7 = store.layers_at_step(run.run_id, step=7, metrics=["grad_norm", "act_mean"])
+    assert set(at7.values) == {"grad_norm", "act_mean"}
+    assert np.isnan(at7.values["act_mean"]).all() and not np.isnan(at7.values["grad_norm"][0])
+
+
+def test_unknown_metric_and_entity(store: Store, run: SyntheticRun) -> None:
+    with pytest.raises(UnknownMetric, match="no metric 'nope'"):
+        store.run_series(run.run_id, "nope")
+    with pytest.raises(UnknownMetric, match="param-level"):
+        store.run_series(run.run_id, "grad_norm")
+    with pytest.raises(UnknownEntity, match="no param 'missing'"):
+        store.param_history(run.run_id, "missing", "grad_norm")
+    with pytest.raises(UnknownEntity, match="no layer"):
+        store.layer_history(run.run_id, "net.99", "act_mean")
+    with pytest.raises(UnknownMetric):
+        store.layers_at_step(run.run_id, metrics=["loss"])
+    with pytest.raises(RunNotFound):
+        store.param_history("no-such-run", "net.0.weight", "grad_norm")
+
+
+def test_latest_values(store: Store, run: SyntheticRun) -> None:
+    latest = {(v.metric, v.scope, v.entity): (v.step, v.value) for v in store.latest([run.run_id])}
+    last = np.array([STEPS - 1])
+    assert latest[("grad_norm", "param", "net.0.weight")] == (
+        STEPS - 1, pytest.approx(float(run.value("grad_norm", last, 0)[0])))
+    assert latest[("act_std", "layer", "net.5")][0] == 990
+    assert latest[("lr", "group", "0")][0] == STEPS - 1
+    assert latest[("grad_norm", "layer", "net.0")][1] == pytest.approx(math.hypot(
+        float(run.value("grad_norm", last, 0)[0]), float(run.value("grad_norm", last, 1)[0])))
+    assert store.latest(["other"]) == []
+
+
+def test_events(store: Store, run: SyntheticRun) -> None:
+    events = store.events(run.run_id)
+    assert [(e.kind, e.step) for e in events] == [("nonfinite", 17), ("dropped", 40)]
+    assert events[0].data["layers"] == ["net.0"]
+    assert [e.kind for e in store.events(run.run_id, kind="dropped")] == ["dropped"]
+
+
+def test_alerts_add_resolve_query(store: Store, run: SyntheticRun) -> None:
+    a = store.add_alert("exploding", "critical", "total norm 1e6", run_id=run.run_id, step=12,
+                        labels={"layer": "net.0"}, started_at=5.0)
+    b = store.add_alert("stalled", "warning", "no progress", started_at=6.0)
+    assert [x.id for x in store.alerts(active=True)] == [a, b]
+    store.resolve_alert(a, ended_at=9.0)
+    assert [x.id for x in store.alerts(active=True)] == [b]
+    (resolved,) = store.alerts(run_id=run.run_id)
+    assert resolved.ended_at == 9.0 and not resolved.active and resolved.labels == {"layer": "net.0"}
+    assert store.run_summary(run.run_id).active_alerts == 0
+    with pytest.raises(StoreError, match="no alert 12345"):
+        store.resolve_alert(12345)
+    with pytest.raises(RunNotFound):
+        store.add_alert("x", "info", "m", run_id="nope")
+
+
+def test_export_records_stream_everything(store: Store, run: SyntheticRun) -> None:
+    records = list(store.export_records(run.run_id))
+    kinds = [r["record"] for r in records]
+    assert kinds[0] == "run" and kinds.count("param") == 6 and kinds.count("layer") == 6
+    assert kinds.count("event") == 2
+    values = [r for r in records if r["record"] == "value"]
+    expected = sum(int(np.count_nonzero(~np.isnan(run.value(m.name, np.arange(STEPS), e))))
+                   for m in run.metrics.values() for e in ((0,) if m.scope == "run" else m.indices))
+    assert len(values) == expected
+    v = next(r for r in values if r["metric"] == "grad_norm" and r["entity"] == "net.4.weight" and r["step"] == 3)
+    assert v["value"] == pytest.approx(float(run.value("grad_norm", np.array([3]), 4)[0]))
+
+
+def test_delete_run_keeps_it_deleted(store: Store, run: SyntheticRun, tmp_path: Path) -> None:
+    other = SyntheticRun(run_id="keep", started_at=5.0)
+    other.write(tmp_path, 30)
+    ingest_pending(store, tmp_path)
+    store.delete_run(run.run_id)
+    with pytest.raises(RunNotFound):
+        store.run_summary(run.run_id)
+    ingest_pending(store, tmp_path)  # the log is still there, but is not ingested again
+    assert [r.id for r in store.list_runs()] == ["keep"]
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.chunks).join(schema.series).where(
+            schema.series.c.run_id == run.run_id)).scalar() == 0
+    store.delete_run("keep", remove_logs=True)
+    assert not other.path(tmp_path).exists() and store.logs(run_id="keep") == []
+
+
+def test_gc_deletes_old_ended_runs(store: Store, tmp_path: Path) -> None:
+    SyntheticRun(run_id="old").write(tmp_path, 5)
+    SyntheticRun(run_id="live").write(tmp_path, 5, close=False)
+    ingest_pending(store, tmp_path)
+    assert store.gc(timedelta(hours=1)) == []
+    assert store.gc(timedelta(hours=1), now=time.time() + 7200) == ["old"]
+    assert [r.id for r in store.list_runs()] == ["live"]
+
+
+def test_incremental_ingest_equals_one_pass(store: Store, tmp_path: Path) -> None:
+    """Many small passes (pending chunks, merges across the 4096-row boundary) store exactly
+    the same series as one pass, and leave full chunks behind."""
+    r = SyntheticRun(run_id="inc", n_linear=1)
+    sizes = [1, 7, 20, 400, 3000, 20, 20, 900, 5000, 13] + [20] * 40
+    step = 0
+    for i, n in enumerate(sizes):
+        r.write(tmp_path, n, start=step, header=i == 0, close=False, flush_every=20)
+        step += n
+        ingest_pending(store, tmp_path)
+    steps, values = store.param_history("inc", "net.0.weight", "grad_norm")
+    np.testing.assert_array_equal(steps, np.arange(step))
+    np.testing.assert_array_equal(values, r.value("grad_norm", steps, 0))
+    steps, _ = store.run_series("inc", "loss", start=4090, end=4100)
+    np.testing.assert_array_equal(steps, np.arange(4090, 4101))
+    with store.engine.connect() as conn:
+        sid = conn.execute(select(schema.series.c.id).where(
+            schema.series.c.metric == "grad_norm", schema.series.c.entity == 0)).scalar_one()
+        sizes_ = [n for (n,) in conn.execute(select(schema.chunks.c.n).where(
+            schema.chunks.c.series_id == sid).order_by(schema.chunks.c.seq))]
+    assert sizes_[:2] == [schema.CHUNK_ROWS] * 2 and sum(sizes_) == step
+    assert len(sizes_) - 2 <= schema.MAX_PENDING_CHUNKS
