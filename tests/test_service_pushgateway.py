@@ -1,0 +1,72 @@
+"""Pushing to a real Prometheus Pushgateway; failures logged once, credentials never logged."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from gradwatch.service.exporter import GradwatchCollector, RunLatest
+from gradwatch.service.logs import setup_logging
+from gradwatch.service.pushgateway import Pusher, redact_url
+from gradwatch.store.models import LatestValue
+from tests.fixtures.prometheus import free_port
+from tests.fixtures.pushgateway import Pushgateway, pushgateway  # noqa: F401 - fixture
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
+
+
+def test_push_replaces_the_group(pushgateway: Pushgateway) -> None:  # noqa: F811
+    runs = [RunLatest(id="r1", name="n", project="p", status="running",
+                      values=[LatestValue("r1", 0, "grad_norm_total", "run", "", 3, 2.5)])]
+    registry = CollectorRegistry()
+    registry.register(GradwatchCollector(lambda: runs))
+    stream = io.StringIO()
+    pusher = Pusher(pushgateway.url, registry, interval=60, job="gwtest", instance="node7",
+                    logger=setup_logging("json", stream))
+    assert pusher.push_once()
+    got = _samples(pushgateway.metrics(), "gradwatch_global_grad_norm")
+    key = (("instance", "node7"), ("job", "gwtest"), ("rank", "0"), ("run", "r1"))
+    assert got == {key: 2.5}
+
+    runs.clear()  # the run left /metrics: the next push removes it from the gateway
+    assert pusher.push_once()
+    assert _samples(pushgateway.metrics(), "gradwatch_global_grad_norm") == {}
+    assert _samples(pushgateway.metrics(), "gradwatch_exporter_runs") == {
+        (("instance", "node7"), ("job", "gwtest")): 0.0}
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["push_ok"]  # logged on state changes only
+
+
+def test_background_pushes_and_final_push(pushgateway: Pushgateway) -> None:  # noqa: F811
+    runs: list[RunLatest] = []
+    registry = CollectorRegistry()
+    registry.register(GradwatchCollector(lambda: runs))
+    pusher = Pusher(pushgateway.url, registry, interval=3600, instance="node8")
+    pusher.start()  # pushes at once
+    runs.append(RunLatest(id="r2", name="n", project="p", status="running",
+                          values=[LatestValue("r2", 0, "loss", "run", "", 9, 0.25)]))
+    pusher.stop()  # and once more on stop
+    got = _samples(pushgateway.metrics(), "gradwatch_loss")
+    assert list(got.values()) == [0.25]
+
+
+def test_unreachable_gateway_is_logged_once_without_credentials() -> None:
+    url = f"http://user:topsecret@127.0.0.1:{free_port()}"
+    stream = io.StringIO()
+    pusher = Pusher(url, CollectorRegistry(), logger=setup_logging("text", stream))
+    assert not pusher.push_once()
+    assert not pusher.push_once()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and " push_failed " in lines[0]
+    assert "topsecret" not in stream.getvalue()
+
+
+def test_redact_url() -> None:
+    assert redact_url("https://u:p@gw.example:9091/x") == "https://gw.example:9091/x"
+    assert redact_url("http://gw:9091") == "http://gw:9091"
