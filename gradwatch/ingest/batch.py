@@ -99,7 +99,6 @@ def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[
     if closed is not None:
         state = "finished"
         values["close_stats"] = {"time": closed.time, "step": closed.step, "stats": closed.stats}
-        last_step = max(closed.step, last_step if last_step is not None else closed.step)
     elif state == "crashed" and records:
         state = "running"  # the writer came back
     if state != row.state:

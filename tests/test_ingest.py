@@ -1,0 +1,229 @@
+"""Ingestion from real run logs: torn tails, corruption, run status, ranks, locking, polling,
+and an end-to-end run of the real agent."""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fixtures.pg import store_url  # noqa: F401 - fixture
+from fixtures.runlogs import SyntheticRun
+from gradwatch.agent import runlog
+from gradwatch.ingest import Ingester, ingest_pending
+from gradwatch.store import Store
+
+DEADLINE_S = 60.0
+
+
+@pytest.fixture
+def store(store_url: str):  # noqa: F811 - the fixture imported above
+    with Store.open(store_url) as st:
+        yield st
+
+
+def _poll_until(probe, what: str, deadline_s: float = DEADLINE_S):
+    end = time.monotonic() + deadline_s
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_torn_tail_waits_until_complete(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    path = r.write(tmp_path, 20, close=False)
+    frame = r.frame(20, 20)
+    with open(path, "ab") as f:
+        f.write(frame[:-9])
+    ingest_pending(store, tmp_path)
+    assert store.run_series(r.run_id, "loss").steps[-1] == 19
+    (log,) = store.logs()
+    assert log.offset == path.stat().st_size - len(frame) + 9
+    with open(path, "ab") as f:
+        f.write(frame[-9:])
+    rep = ingest_pending(store, tmp_path)
+    assert rep.records == 1 and rep.errors == 0
+    np.testing.assert_array_equal(store.run_series(r.run_id, "loss").steps, np.arange(40))
+
+
+def test_corrupt_record_becomes_an_ingest_error(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    path = r.write(tmp_path, 20, close=False)
+    bad_at = path.stat().st_size
+    bad = bytearray(r.frame(20, 20))
+    bad[-3] ^= 0xFF
+    with open(path, "ab") as f:
+        f.write(bytes(bad) + r.frame(40, 20))
+    rep = ingest_pending(store, tmp_path)
+    assert rep.errors == 1
+    (err,) = store.ingest_errors()
+    assert (err.log, err.offset, err.reason) == (path.name, bad_at, "checksum mismatch")
+    steps = store.run_series(r.run_id, "loss").steps
+    np.testing.assert_array_equal(steps, np.r_[np.arange(20), np.arange(40, 60)])
+
+
+def test_log_without_header_is_broken_and_others_go_on(store: Store, tmp_path: Path) -> None:
+    broken = runlog.log_path("junk", 0, tmp_path)
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a run log at all\n" * 50)
+    good = SyntheticRun(run_id="good")
+    good.write(tmp_path, 10)
+    ingest_pending(store, tmp_path)
+    ingest_pending(store, tmp_path)
+    assert [r.id for r in store.list_runs()] == ["good"]
+    states = {lg.name: lg.state for lg in store.logs()}
+    assert states == {broken.name: "broken", good.path(tmp_path).name: "finished"}
+    (err,) = store.ingest_errors()
+    assert err.log == broken.name and err.offset == 0 and err.reason.startswith("no valid header")
+
+
+def test_dead_writer_on_this_host_is_crashed(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun(pid=_dead_pid())
+    r.write(tmp_path, 20, close=False)
+    before = time.time()
+    rep = ingest_pending(store, tmp_path)  # everything is ingested first, then the writer is found gone
+    run = store.run(r.run_id)
+    assert rep.crashed == [r.run_id] and run.status == "crashed" and run.status_at >= before
+    assert run.ended_at is not None and run.last_step == 19
+
+
+def test_live_writer_on_this_host_stays_running(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()  # this test process is the writer
+    r.write(tmp_path, 20, close=False)
+    assert ingest_pending(store, tmp_path).crashed == []
+    assert store.run(r.run_id).status == "running"
+
+
+def test_silent_writer_elsewhere_is_crashed_then_revives(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun(host="another-host", pid=1)
+    path = r.write(tmp_path, 20, close=False)
+    now = [time.time()]
+    ing = Ingester(store, tmp_path, stale_after=60.0, clock=lambda: now[0])
+    ing.poll_once()
+    ing.poll_once()
+    assert store.run(r.run_id).status == "running"
+    now[0] += 61.0
+    assert ing.poll_once().crashed == [r.run_id]
+    assert store.run(r.run_id).status == "crashed" and store.run(r.run_id).status_at == now[0]
+    r.write(tmp_path, 20, start=20, header=False, close=False)
+    assert ing.poll_once().crashed == []
+    assert store.run(r.run_id).status == "running"
+    with open(path, "ab") as f:
+        f.write(runlog.encode_close(runlog.Close(time.time(), 39, {})))
+    assert ing.poll_once().finished == [r.run_id]
+    assert store.run(r.run_id).status == "finished"
+
+
+def test_ranks_are_one_run_with_data_per_rank(store: Store, tmp_path: Path) -> None:
+    ranks = [SyntheticRun(rank=k, world_size=2) for k in (0, 1)]
+    ranks[1].write(tmp_path, 30)
+    ranks[0].write(tmp_path, 40, close=False)
+    ingest_pending(store, tmp_path)
+    (run,) = store.list_runs()
+    assert run.world_size == 2 and run.status == "running" and run.last_step == 39
+    for k, n in ((0, 40), (1, 30)):
+        steps, values = store.param_history(run.id, "net.0.weight", "grad_norm", rank=k)
+        np.testing.assert_array_equal(values, ranks[k].value("grad_norm", np.arange(n), 0))
+    with open(ranks[0].path(tmp_path), "ab") as f:
+        f.write(runlog.encode_close(runlog.Close(time.time(), 39, {})))
+    ingest_pending(store, tmp_path)
+    assert store.run(run.id).status == "finished"
+
+
+def test_locked_log_is_skipped_until_released(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    path = r.write(tmp_path, 20)
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rep = ingest_pending(store, tmp_path)
+        assert rep.busy == [path.name] and store.list_runs() == []
+    assert ingest_pending(store, tmp_path).values > 0
+    assert store.run(r.run_id).status == "finished"
+
+
+def test_two_ingesters_never_duplicate(store: Store, tmp_path: Path) -> None:
+    """Two ingesters racing over the same logs (threads, separate locks) store each row once."""
+    runs = [SyntheticRun(run_id=f"r{i}") for i in range(4)]
+    for r in runs:
+        r.write(tmp_path, 400)
+    ingesters = [Ingester(store, tmp_path, max_batch_bytes=20_000) for _ in range(2)]
+    threads = [threading.Thread(target=ing.poll_once) for ing in ingesters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ingest_pending(store, tmp_path)
+    for r in runs:
+        steps, _ = store.param_history(r.run_id, "net.4.bias", "grad_norm")
+        np.testing.assert_array_equal(steps, np.arange(400))
+        assert len(store.events(r.run_id)) == 0 and store.run(r.run_id).status == "finished"
+
+
+def test_poll_forever_follows_a_growing_log(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    r.write(tmp_path, 20, close=False)
+    stop = threading.Event()
+    ing = Ingester(store, tmp_path)
+    thread = threading.Thread(target=ing.poll_forever, args=(stop,), kwargs={"interval": 0.2})
+    thread.start()
+    try:
+        _poll_until(lambda: store.list_runs(), "the run to appear")
+        r.write(tmp_path, 20, start=20, header=False)
+        _poll_until(lambda: store.run(r.run_id).status == "finished", "the run to finish")
+    finally:
+        stop.set()
+        thread.join()
+    assert store.run_series(r.run_id, "loss").steps[-1] == 39
+
+
+def test_real_agent_run_is_stored_as_measured(store: Store, tmp_path: Path) -> None:
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    config = {"home": str(tmp_path), "project": "e2e",
+              "measure": {"flush_every": 5, "param_every": 3, "activation_every": 2}}
+    with gradwatch.watch(model, opt, run="tiny-e2e", config=config) as watcher:
+        for _ in range(23):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            watcher.log(loss=loss)
+            opt.step()
+        snap = watcher.snapshot()
+    ingest_pending(store, tmp_path)
+    run = store.run(store.resolve_run("tiny-e2e"))
+    assert run.status == "finished" and run.project == "e2e"
+    assert run.last_step == snap["step"]
+    latest = {(v.metric, v.scope, v.entity): v for v in store.latest([run.id])}
+    assert latest[("grad_norm_total", "run", "")].value == pytest.approx(snap["grad_norm_total"]["before_clip"],
+                                                                         rel=1e-6)
+    assert latest[("loss", "run", "")].value == pytest.approx(snap["scalars"]["loss"], rel=1e-6)
+    for name, entry in snap["params"].items():
+        assert latest[("grad_norm", "param", name)].value == pytest.approx(entry["grad_norm"], rel=1e-6)
+    for name, entry in snap["layers"].items():
+        for metric, value in entry.items():
+            if value is not None:
+                assert latest[(metric, "layer", name)].value == pytest.approx(value, rel=1e-5), (name, metric)
+    steps, _ = store.run_series(run.id, "grad_norm_total")
+    np.testing.assert_array_equal(steps, np.arange(steps[0], snap["step"] + 1))
