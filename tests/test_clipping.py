@@ -164,6 +164,9 @@ class _RefParamNorm:
         out = [g * min(self.max_norm / (np.linalg.norm(g) + 1e-6), 1.0) for g in grads]
         return out, self.max_norm
 
+    def threshold(self) -> float | None:
+        return self.max_norm
+
 
 class _RefAgc:
     def __init__(self, weights: list[np.ndarray], excluded: set[int], factor: float = 0.01, eps: float = 1e-3) -> None:
@@ -185,6 +188,9 @@ class _RefAgc:
             out.append(g2.reshape(g.shape))
         return out, None
 
+    def threshold(self) -> float | None:
+        return None
+
 
 class _RefAutoClip:
     """AutoClip's reference: record the norm, clip_grad_norm_ to the percentile of the history."""
@@ -199,6 +205,10 @@ class _RefAutoClip:
         threshold = float(np.percentile(list(self.history), self.percentile))
         coef = min(threshold / (total + 1e-6), 1.0)
         return [g * coef for g in grads], threshold
+
+    def threshold(self) -> float | None:
+        """The threshold from the history alone, for a step whose norm is not recorded."""
+        return float(np.percentile(list(self.history), self.percentile)) if self.history else math.inf
 
 
 class _RefZClip:
@@ -218,7 +228,7 @@ class _RefZClip:
                 self.mean = sum(self.buffer) / self.warmup
                 self.var = sum((x - self.mean) ** 2 for x in self.buffer) / self.warmup
             return [g.copy() for g in grads], math.inf
-        threshold = self.mean + self.z * math.sqrt(self.var)
+        threshold = self.threshold()
         clipped = total
         coef = 1.0
         if total > threshold:
@@ -227,6 +237,16 @@ class _RefZClip:
         self.mean = self.alpha * self.mean + (1 - self.alpha) * clipped
         self.var = self.alpha * self.var + (1 - self.alpha) * (clipped - self.mean) ** 2
         return [g * coef for g in grads], threshold
+
+    def threshold(self) -> float | None:
+        return math.inf if self.mean is None else self.mean + self.z * math.sqrt(self.var)
+
+
+def _check_threshold(res: ClipResult, expected: float | None, step: int) -> None:
+    if expected is None:
+        assert res.threshold is None
+    else:
+        assert float(res.threshold) == pytest.approx(expected, rel=2e-5), f"step {step}"
 
 
 ADAPTIVE = {
@@ -255,16 +275,14 @@ def _compare_sequence(case: str, bad: dict[int, float] | None = None) -> set[boo
         originals = [g.numpy().copy() for g in grads]
         norms, total = _norms(grads)
         res = clipper.clip_(weights, grads, norms, total)
-        if bad and step in bad:
+        if bad and step in bad:  # the threshold comes from the state alone, the norm is not recorded
+            _check_threshold(res, ref.threshold(), step)
             continue
         expected, threshold = ref.step(originals)
         for g, e in zip(grads, expected):
             np.testing.assert_allclose(g.numpy(), e, rtol=2e-5, atol=1e-9, err_msg=f"step {step}")
         _check_result(res, grads, total)
-        if threshold is None:
-            assert res.threshold is None
-        else:
-            assert float(res.threshold) == pytest.approx(threshold, rel=2e-5), f"step {step}"
+        _check_threshold(res, threshold, step)
         changed.update(not np.array_equal(e, o) for e, o in zip(expected[1:], originals[1:]))
     return changed
 
@@ -278,8 +296,8 @@ def test_adaptive_mode_matches_reference(case: str) -> None:
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("case", list(ADAPTIVE))
 def test_nonfinite_step_does_not_poison_state(case: str, value: float) -> None:
-    # Step 3 falls in every warm-up; step 40 after it.
-    _compare_sequence(case, bad={3: value, 40: value})
+    # Step 0 meets an empty history, step 3 falls in every warm-up, step 40 after it.
+    _compare_sequence(case, bad={0: value, 3: value, 40: value})
 
 
 def test_agc_leaves_excluded_params_alone() -> None:

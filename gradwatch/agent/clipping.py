@@ -128,7 +128,7 @@ def _total_norm(grads: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 def _ratio(after: Tensor, before: Tensor) -> Tensor:
-    """after / before, 1.0 where before is zero or non-finite, never above 1 (clipping only shrinks)."""
+    """after / before, never above 1 (clipping only shrinks); 1.0 where before is zero or NaN."""
     return torch.where(before > 0, (after / before).clamp(max=1.0), 1.0)
 
 
@@ -234,17 +234,24 @@ class _AgcClipper:
 
     @torch.no_grad()
     def clip_(self, params: list[Tensor], grads: list[Tensor], norms: Tensor, total: Tensor) -> ClipResult:
+        # Only the unit norms need one call per parameter; the arithmetic runs as `_foreach_*` calls.
+        clipped, scales, unit_norms = [], [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             if id(p) in self._exclude:
                 continue
             dims = _unit_dims(g.dim())
+            clipped.append(g)
+            scales.append(torch.linalg.vector_norm(p, 2, dims, True, dtype=_accumulate_dtype(p.dtype)))
             if dims is None and g.device == norms.device:
-                g_norm = norms[i]  # the whole tensor is the unit: its norm is already known
+                unit_norms.append(norms[i])  # the whole tensor is the unit: its norm is already known
             else:
-                g_norm = torch.linalg.vector_norm(g, 2, dims, True, dtype=_accumulate_dtype(g.dtype))
-            limit = torch.linalg.vector_norm(p, 2, dims, True, dtype=_accumulate_dtype(p.dtype))
-            limit.clamp_(min=self._eps).mul_(self._factor)
-            g.mul_(limit.div_(g_norm).clamp_(max=1.0))
+                unit_norms.append(torch.linalg.vector_norm(g, 2, dims, True, dtype=_accumulate_dtype(g.dtype)))
+        if clipped:
+            torch._foreach_clamp_min_(scales, self._eps)
+            torch._foreach_mul_(scales, self._factor)  # the limit: clip_factor * max(|W_i|, eps)
+            torch._foreach_div_(scales, unit_norms)
+            torch._foreach_clamp_max_(scales, 1.0)  # limit / |G_i|, or 1 when below the limit
+            torch._foreach_mul_(clipped, scales)
         after = _total_norm(grads, total.device)
         return ClipResult(after, _ratio(after, total), None)
 
