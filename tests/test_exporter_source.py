@@ -1,0 +1,112 @@
+"""The collector on a real SQLite store fed by the real ingester: counters, names, grace."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gradwatch.ingest import Ingester
+from gradwatch.service.exporter import GradwatchCollector
+from gradwatch.service.runner import STORE_ERRORS
+from gradwatch.service.source import StoreSource
+from gradwatch.store import Store
+from tests.fixtures.runlogs import SyntheticRun
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(home=tmp_path) as s:
+        yield s
+
+
+def _registry(source: StoreSource, **kwargs: object) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(GradwatchCollector(source, **kwargs))  # type: ignore[arg-type]
+    return registry
+
+
+def _expected_counts(run: SyntheticRun, steps: int) -> dict[str, int]:
+    s = np.arange(steps)
+    return {
+        "gradwatch_clipped_steps_total": int(np.count_nonzero(run.value("clip_coef", s, 0) < 1)),
+        "gradwatch_skipped_steps_total": int(np.count_nonzero(run.value("skipped", s, 0) >= 0.5)),
+        "gradwatch_nonfinite_steps_total": int(np.count_nonzero(run.value("nonfinite_params", s, 0) > 0)),
+    }
+
+
+def test_counters_follow_new_rows_incrementally(tmp_path: Path, store: Store) -> None:
+    run = SyntheticRun(run_id="cnt1")
+    run.write(tmp_path, steps=100, close=False)
+    ingester = Ingester(store, tmp_path)
+    ingester.poll_once()
+    reg = _registry(StoreSource(store))
+    labels = {"run": "cnt1", "rank": "0"}
+    for name, count in _expected_counts(run, 100).items():
+        assert reg.get_sample_value(name, labels) == count, name
+    assert reg.get_sample_value("gradwatch_step", labels) == 99
+
+    run.write(tmp_path, steps=150, start=100, header=False, close=False)
+    ingester.poll_once()
+    expected = _expected_counts(run, 250)
+    assert expected["gradwatch_clipped_steps_total"] > _expected_counts(run, 100)["gradwatch_clipped_steps_total"]
+    for name, count in expected.items():
+        assert reg.get_sample_value(name, labels) == count, name
+    assert reg.get_sample_value("gradwatch_step", labels) == 249
+
+
+def test_names_and_layer_values_from_the_store(tmp_path: Path, store: Store) -> None:
+    run = SyntheticRun(run_id="names1", param_every=10, act_every=10)
+    run.write(tmp_path, steps=25, close=False)
+    Ingester(store, tmp_path).poll_once()
+    reg = _registry(StoreSource(store), per_param=True)
+    layer = {"run": "names1", "rank": "0", "layer": "net.0"}
+    step = np.array([24])
+    weight, bias = (run.value("grad_norm", step, i)[0] for i in (0, 1))
+    assert reg.get_sample_value("gradwatch_layer_grad_norm", layer) == pytest.approx(np.hypot(weight, bias), rel=1e-6)
+    assert reg.get_sample_value("gradwatch_param_grad_norm", {**layer, "param": "net.0.bias"}) == \
+        pytest.approx(bias, rel=1e-6)
+    at20 = np.array([20])  # param_norm / update_ratio measured every 10 steps
+    pn = [run.value("param_norm", at20, i)[0] for i in (0, 1)]
+    ur = [run.value("update_ratio", at20, i)[0] for i in (0, 1)]
+    expected = np.hypot(ur[0] * pn[0], ur[1] * pn[1]) / np.hypot(*pn)
+    assert reg.get_sample_value("gradwatch_layer_update_ratio", layer) == pytest.approx(expected, rel=1e-6)
+    relu = {"run": "names1", "rank": "0", "layer": "net.1"}
+    assert reg.get_sample_value("gradwatch_layer_dead_ratio", relu) == \
+        pytest.approx(run.value("dead_ratio", at20, 1)[0], rel=1e-6)
+    info = {"run": "names1", "name": "tiny", "project": "proj", "host": run.header().info["host"],
+            "world_size": "1", "device": "cpu", "torch_version": "2.13.0", "gradwatch_version": "0.1.0"}
+    assert reg.get_sample_value("gradwatch_run_info", info) == 1
+
+
+def test_finished_run_leaves_after_grace(tmp_path: Path, store: Store) -> None:
+    SyntheticRun(run_id="done1").write(tmp_path, steps=10, close=True)
+    SyntheticRun(run_id="live1").write(tmp_path, steps=10, close=False)
+    Ingester(store, tmp_path).poll_once()
+    ended = store.run("done1").ended_at
+    assert store.run("done1").status == "finished" and ended is not None
+    now = [ended + 5.0]
+    source = StoreSource(store, grace=60.0, clock=lambda: now[0])
+    reg = _registry(source, grace=60.0, clock=lambda: now[0])
+    assert reg.get_sample_value("gradwatch_run_status", {"run": "done1", "status": "finished"}) == 1
+    assert reg.get_sample_value("gradwatch_step", {"run": "done1", "rank": "0"}) == 9
+    now[0] = ended + 61.0
+    assert reg.get_sample_value("gradwatch_step", {"run": "done1", "rank": "0"}) is None
+    assert reg.get_sample_value("gradwatch_step", {"run": "live1", "rank": "0"}) == 9
+    assert reg.get_sample_value("gradwatch_exporter_runs") == 1
+
+
+def test_unreadable_store_reports_down(tmp_path: Path) -> None:
+    store = Store.open(home=tmp_path)
+    source = StoreSource(store)
+    reg = _registry(source, errors=STORE_ERRORS)
+    assert reg.get_sample_value("gradwatch_exporter_store_up") == 1
+    (tmp_path / "gradwatch.db").unlink()  # pull the database away under the open store
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"gradwatch.db{suffix}").unlink(missing_ok=True)
+    store.close()
+    (tmp_path / "gradwatch.db").mkdir()  # now a directory: nothing can be read
+    assert reg.get_sample_value("gradwatch_exporter_store_up") == 0
