@@ -284,7 +284,8 @@ class _PercentileClipper:
     def clip_(self, params: list[Tensor], grads: list[Tensor], norms: Tensor, total: Tensor) -> ClipResult:
         ring, slot, count = self._state_on(total.device)
         finite = torch.isfinite(total)
-        # A non-finite norm rewrites the slot with its old value and advances nothing.
+        # A non-finite norm rewrites the slot with its old value and advances nothing, so this
+        # step's threshold comes from the finite history alone.
         ring.index_copy_(0, slot, torch.where(finite, total, ring.index_select(0, slot)))
         slot.add_(finite).remainder_(self._size)
         count.add_(finite).clamp_(max=self._size)
@@ -312,7 +313,8 @@ class _ZScoreClipper:
     def _state_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Finite warm-up norms seen (float32, stops at `warmup`), mean and variance."""
         if self._state is None:
-            self._state = tuple(torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))  # type: ignore[assignment]
+            zeros = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(3)]
+            self._state = (zeros[0], zeros[1], zeros[2])
         elif self._state[0].device != device:
             self._state = tuple(t.to(device) for t in self._state)  # type: ignore[assignment]
         return self._state
