@@ -2,8 +2,9 @@
 
 `StoreSource()` makes one `list_runs` and one `latest` call per scrape. What never changes
 for a run (its versions, device, which layer each param belongs to) is read once and
-cached. The step counters (clipped, skipped, non-finite steps) are kept incrementally: each
-scrape reads only the rows stored since the previous one.
+cached. The step counters (clipped, skipped, non-finite steps) are kept incrementally: a
+scrape reads only the rows stored since the previous one, and nothing for a run whose
+latest step did not move (finished runs in their grace period cost no extra query).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.service.exporter import RunLatest, Snapshot, visible
-from gradwatch.store import RunInfo, Store, UnknownEntity, UnknownMetric
+from gradwatch.store import LatestValue, RunInfo, Store, UnknownEntity, UnknownMetric
 
 # counter name -> (stored run-level metric, how many of its rows count)
 COUNTERS: dict[str, tuple[str, Callable[[np.ndarray], int]]] = {
@@ -25,6 +26,8 @@ COUNTERS: dict[str, tuple[str, Callable[[np.ndarray], int]]] = {
     "skipped_steps": ("skipped", lambda v: int(np.count_nonzero(v >= 0.5))),
     "nonfinite_steps": ("nonfinite_params", lambda v: int(np.count_nonzero(v > 0))),
 }
+
+_BY_METRIC = {metric: (counter, count) for counter, (metric, count) in COUNTERS.items()}
 
 
 @dataclass(frozen=True)
@@ -53,19 +56,18 @@ class StoreSource:
             ids = {r.id for r in runs}
             self._forget(ids)
             values = self.store.latest(run_ids=sorted(ids)) if ids else []
-            by_run: dict[str, list] = {run_id: [] for run_id in ids}
+            by_run: dict[str, list[LatestValue]] = {run_id: [] for run_id in ids}
             for v in values:
                 by_run[v.run_id].append(v)
             out = []
             for run in runs:
                 static = self._static_of(run.id)
-                ranks = sorted({v.rank for v in by_run[run.id]})
                 out.append(RunLatest(
                     id=run.id, name=run.name, project=run.project, status=run.status,
                     started_at=run.started_at, ended_at=_end_time(run), host=run.host,
                     world_size=run.world_size, device=static.device, torch_version=static.torch_version,
                     gradwatch_version=static.gradwatch_version, param_layers=static.param_layers,
-                    values=by_run[run.id], counts=self._counters(run.id, ranks)))
+                    values=by_run[run.id], counts=self._counters(run.id, by_run[run.id])))
             return out
 
     def _static_of(self, run_id: str) -> _Static:
@@ -79,21 +81,26 @@ class StoreSource:
             self._static[run_id] = static
         return static
 
-    def _counters(self, run_id: str, ranks: list[int]) -> dict[tuple[int, str], float]:
+    def _counters(self, run_id: str, values: list[LatestValue]) -> dict[tuple[int, str], float]:
+        """Cumulative step counts per rank; a series is read only when its latest step moved."""
+        latest_step = {(v.rank, v.metric): v.step for v in values if v.scope == "run"}
         out: dict[tuple[int, str], float] = {}
-        for rank in ranks:
-            for counter, (metric, count) in COUNTERS.items():
-                key = (run_id, rank, metric)
-                last, total = self._counts.get(key, (-1, 0))
+        for (rank, metric), step in sorted(latest_step.items()):
+            if metric not in _BY_METRIC:
+                continue
+            counter, count = _BY_METRIC[metric]
+            key = (run_id, rank, metric)
+            last, total = self._counts.get(key, (-1, 0))
+            if step > last:
                 try:
                     series = self.store.run_series(run_id, metric, start=last + 1, rank=rank)
                 except (UnknownMetric, UnknownEntity):
-                    continue  # not recorded by this run (yet)
+                    continue  # removed between the two reads
                 if series.steps.size:
                     total += count(series.values[~np.isnan(series.values)])
                     last = int(series.steps[-1])
                 self._counts[key] = (last, total)
-                out[(rank, counter)] = float(total)
+            out[(rank, counter)] = float(total)
         return out
 
     def _forget(self, ids: set[str]) -> None:
