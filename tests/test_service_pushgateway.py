@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,8 +13,10 @@ from gradwatch.service.exporter import GradwatchCollector, RunLatest
 from gradwatch.service.logs import setup_logging
 from gradwatch.service.pushgateway import Pusher, redact_url
 from gradwatch.store.models import LatestValue
-from tests.fixtures.prometheus import free_port
+from tests.fixtures.prometheus import free_port, wait_until
 from tests.fixtures.pushgateway import Pushgateway, pushgateway  # noqa: F401 - fixture
+from tests.fixtures.runlogs import SyntheticRun
+from tests.fixtures.service import serve_factory  # noqa: F401 - fixture
 
 
 def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -70,3 +73,21 @@ def test_unreachable_gateway_is_logged_once_without_credentials() -> None:
 def test_redact_url() -> None:
     assert redact_url("https://u:p@gw.example:9091/x") == "https://gw.example:9091/x"
     assert redact_url("http://gw:9091") == "http://gw:9091"
+
+
+def test_serve_pushes_ingested_runs(tmp_path: Path, pushgateway: Pushgateway,  # noqa: F811
+                                    serve_factory) -> None:  # noqa: F811
+    SyntheticRun(run_id="pushed1").write(tmp_path, steps=30, close=False)
+    serve = serve_factory(["--home", str(tmp_path), "--port", "0", "--pushgateway", pushgateway.url,
+                           "--push-interval", "0.5", "--push-job", "gwserve"])
+    serve.started()
+
+    def pushed() -> dict[tuple[tuple[str, str], ...], float] | None:
+        got = _samples(pushgateway.metrics(), "gradwatch_step")
+        return got or None
+
+    got = wait_until(pushed, "serve to push the run's step")
+    ((labels, value),) = got.items()
+    assert dict(labels)["run"] == "pushed1" and dict(labels)["job"] == "gwserve" and value == 29
+    assert serve.stop() == 0
+    assert [e["event"] for e in serve.events()].count("push_ok") == 1
