@@ -107,7 +107,7 @@ def test_per_param_series_when_enabled() -> None:
 ])
 def test_grace_period(status: str, ended_at: float | None, now: float, shown: bool) -> None:
     run = _run(status=status, ended_at=ended_at)
-    assert visible(run, now, grace=300.0) is shown
+    assert visible(run.status, run.ended_at, now, grace=300.0) is shown
     reg = _registry([run], grace=300.0, clock=lambda: now)
     value = reg.get_sample_value("gradwatch_global_grad_norm", {"run": "r1", "rank": "0"})
     assert (value is not None) is shown

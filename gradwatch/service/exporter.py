@@ -147,11 +147,11 @@ class RunLatest:
 Snapshot = list[RunLatest]
 
 
-def visible(run: RunLatest, now: float, grace: float) -> bool:
+def visible(status: str, ended_at: float | None, now: float, grace: float) -> bool:
     """Whether a run's series are still exported: running, or ended less than `grace` ago."""
-    if run.status == "running" or run.ended_at is None:
+    if status == "running" or ended_at is None:
         return True
-    return now - run.ended_at < grace
+    return now - ended_at < grace
 
 
 class _Families:
@@ -305,7 +305,7 @@ class GradwatchCollector(Collector):
             log_event(self.logger, "store_read_recovered")
         self._failing = False
         now = self.clock()
-        live = [run for run in runs if visible(run, now, self.grace)]
+        live = [run for run in runs if visible(run.status, run.ended_at, now, self.grace)]
         yield from families_for(live, self.per_param)
         yield _single(RUNS_EXPORTED, float(len(live)))
         yield _single(STORE_UP, 1.0)

@@ -52,7 +52,7 @@ class StoreSource:
     def __call__(self) -> Snapshot:
         with self._lock:
             now = self.clock()
-            runs = [r for r in self.store.list_runs() if visible(_bare(r), now, self.grace)]
+            runs = [r for r in self.store.list_runs() if visible(r.status, _end_time(r), now, self.grace)]
             ids = {r.id for r in runs}
             self._forget(ids)
             values = self.store.latest(run_ids=sorted(ids)) if ids else []
@@ -114,8 +114,3 @@ def _end_time(run: RunInfo) -> float | None:
     if run.status == "running":
         return None
     return run.ended_at if run.ended_at is not None and math.isfinite(run.ended_at) else run.status_at
-
-
-def _bare(run: RunInfo) -> RunLatest:
-    return RunLatest(id=run.id, name=run.name, project=run.project, status=run.status,
-                     ended_at=_end_time(run))
