@@ -36,8 +36,13 @@ def _init_label(data: RunData, entry: dict[str, Any]) -> str:
 
 
 def _bad_init(data: RunData, direction: str | None = None) -> list[dict[str, Any]]:
-    """Init check entries whose verdict is not ok, optionally only those too large / too small."""
-    bad = [c for c in data.init_check if c.get("verdict") not in (None, "ok")]
+    """Init check entries whose verdict is not ok, optionally only those too large / too small.
+
+    A too-small output layer (no activation after it) is left out: a small or zero init of
+    the last layer is common practice and harmless.
+    """
+    bad = [c for c in data.init_check if c.get("verdict") not in (None, "ok")
+           and not (c.get("activation") is None and c.get("verdict") == "too_small")]
     if direction == "large":
         return [c for c in bad if (c.get("ratio") or 0) > 1]
     if direction == "small":
@@ -104,26 +109,32 @@ def dying_units(data: RunData) -> list[Finding]:
     return [Finding("dying_units", severity, "Dying ReLU units", evidence, causes, remedies)]
 
 
+def _init_line(data: RunData, c: dict[str, Any]) -> str:
+    rec = str(c.get("recommended"))
+    expected = (c.get("expected") or {}).get(rec)
+    want = f"{expected:.3g}" if isinstance(expected, (int, float)) else "?"
+    return (f"{_init_label(data, c)} ({c.get('param')}): std {c.get('std', float('nan')):.3g} before "
+            f"{c.get('activation') or 'no activation'}; {rec} expects {want} (x{c.get('ratio', float('nan')):.3g}, "
+            f"{c.get('verdict')})")
+
+
 def initialisation(data: RunData) -> list[Finding]:
     """Weights whose initial std does not suit the activation that follows (the agent's init check)."""
     bad = _bad_init(data)
     if not bad:
         return []
-    lines = []
-    for c in bad[:6]:
-        rec = str(c.get("recommended", ""))
-        expected = (c.get("expected") or {}).get(rec)
-        lines.append(f"{_init_label(data, c)}: std {c.get('std', float('nan')):.3g} before "
-                     f"{c.get('activation') or 'no activation'}, {rec} expects "
-                     f"{expected if expected is None else format(expected, '.3g')} (x{c.get('ratio', float('nan')):.3g}, "
-                     f"{c.get('verdict')})")
+    lines = [_init_line(data, c) for c in bad[:4]]
+    if len(bad) > 4:
+        lines.append(f"and {len(bad) - 4} more weights")
     schemes = sorted({str(c.get("recommended")) for c in bad if c.get("recommended") in _INIT_CALLS})
     remedies = tuple(f"{s}: {_INIT_CALLS[s]}" for s in schemes) or (
         "initialise each layer for the activation that follows it (Glorot, He or LeCun)",)
     causes = ("the std of a layer's weights sets how much it scales activations forward and gradients backward: "
               "too large saturates bounded activations and explodes, too small vanishes, compounding with depth",)
-    ratios = [float(c["ratio"]) for c in bad if isinstance(c.get("ratio"), (int, float))]
-    evidence = Evidence(tuple(lines), {"layers": float(len(bad)), **({"worst_ratio": max(ratios, key=lambda r: abs(np.log(r)) if r > 0 else np.inf)} if ratios else {})},
-                        layers=tuple(_init_label(data, c) for c in bad))
+    ratios = [float(c["ratio"]) for c in bad if isinstance(c.get("ratio"), (int, float)) and c["ratio"] > 0]
+    values = {"weights": float(len(bad))}
+    if ratios:
+        values["worst_ratio"] = max(ratios, key=lambda r: abs(np.log(r)))
+    evidence = Evidence(tuple(lines), values, layers=tuple(dict.fromkeys(_init_label(data, c) for c in bad)))
     return [Finding("initialisation", "warning", "Initialisation does not match the activations", evidence,
                     causes, remedies)]

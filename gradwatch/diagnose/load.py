@@ -1,0 +1,55 @@
+"""Read one run from the store into a `RunData`: the bridge between the query API and the rules."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gradwatch.diagnose.rundata import LayerInfo, RunData, Series
+
+if TYPE_CHECKING:
+    from gradwatch.store import Store
+
+#: Run-level metrics the rules and plots read, when the run has them.
+RUN_METRICS = ("grad_norm_total", "grad_norm_total_clipped", "clip_coef", "clip_threshold", "loss",
+               "nonfinite_params", "skipped")
+#: Layer-level metrics the rules and plots read, when the run has them.
+LAYER_METRICS = ("act_grad_norm", "saturation_ratio", "dead_ratio")
+
+
+def layer_matrix(histories: dict[int, tuple[np.ndarray, np.ndarray]], n_layers: int) -> Series:
+    """Stack per-layer (steps, values) histories on the union of their steps; NaN where absent."""
+    steps = np.unique(np.concatenate([h[0] for h in histories.values()])) if histories else np.array([], np.int64)
+    values = np.full((n_layers, len(steps)), np.nan)
+    for row, (s, v) in histories.items():
+        values[row, np.searchsorted(steps, s)] = v
+    return Series(steps.astype(np.int64), values)
+
+
+def load_run_data(store: Store, run_id: str) -> RunData:
+    """Everything the rules and plots need about one run (rank 0), read through the query API."""
+    from gradwatch.store import UnknownEntity, UnknownMetric
+
+    summary = store.run_summary(run_id)
+    layers = tuple(LayerInfo(ly.index, ly.name, ly.type, ly.kind, ly.family) for ly in store.layers(run_id))
+    row_of = {ly.index: row for row, ly in enumerate(layers)}
+    run = {m: Series(*store.run_series(run_id, m)) for m in RUN_METRICS if summary.metrics.get(m) == "run"}
+    per_layer: dict[str, Series] = {}
+    wanted = [m for m in LAYER_METRICS if summary.metrics.get(m) == "layer"]
+    if "act_grad_norm" not in wanted and summary.metrics.get("grad_norm") == "param":
+        wanted.append("grad_norm")
+    for metric in wanted:
+        histories = {}
+        for ly in layers:
+            try:
+                steps, values = store.layer_history(run_id, ly.index, metric)
+            except (UnknownMetric, UnknownEntity):
+                continue
+            if len(steps):
+                histories[row_of[ly.index]] = (steps, values)
+        if histories:
+            per_layer[metric] = layer_matrix(histories, len(layers))
+    events = tuple({"kind": e.kind, "step": e.step, "data": e.data} for e in store.events(run_id))
+    return RunData(run_id, summary.run.name, layers, run=run, layer=per_layer, events=events,
+                   init_check=tuple(summary.init_check), config=dict(summary.config))
