@@ -73,6 +73,8 @@ class Ingester:
             still = []
             for st in pending:
                 with _locked(st.path) as ok:
+                    if ok is None:
+                        continue  # removed since the listing
                     if not ok:
                         report.busy.append(st.name)
                     elif self._ingest_batch(st, report):
@@ -169,12 +171,13 @@ def _mtime(path: Path, default: float) -> float:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[bool]:
-    """Hold an exclusive flock on the log file; yields False when another ingester holds it."""
+def _locked(path: Path) -> Iterator[bool | None]:
+    """Hold an exclusive flock on the log file; yields False when another ingester holds it,
+    None when the file is gone."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        yield False
+        yield None
         return
     try:
         try:

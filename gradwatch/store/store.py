@@ -251,19 +251,15 @@ class Store:
 
     def _layer_column(self, conn: Connection, run_id: str, rank: int, metric: str, step: int,
                       layer_list: list[LayerInfo]) -> list[float]:
-        if metric == "grad_norm":
-            ids = _series_ids(conn, run_id, rank, "grad_norm", "param", None)
-            got = read_many(conn, ids.values(), step, step)
-            at = {p: value_at(got[sid], step) for p, sid in ids.items()}
-            out = []
-            for layer in layer_list:
-                vals = [at[p] for p in layer.params if p in at and not math.isnan(at[p])]
-                out.append(math.sqrt(sum(v * v for v in vals)) if vals else float("nan"))
-            return out
-        ids = _series_ids(conn, run_id, rank, metric, "layer", None)
-        got = read_many(conn, ids.values(), step, step)
-        return [value_at(got[ids[layer.index]], step) if layer.index in ids else float("nan")
-                for layer in layer_list]
+        scope = "param" if metric == "grad_norm" else "layer"
+        at = _values_at(conn, run_id, rank, metric, scope, step)
+        if metric != "grad_norm":
+            return [at.get(layer.index, float("nan")) for layer in layer_list]
+        out = []
+        for layer in layer_list:
+            vals = [at[p] for p in layer.params if p in at and not math.isnan(at[p])]
+            out.append(math.sqrt(sum(v * v for v in vals)) if vals else float("nan"))
+        return out
 
     def _series_id(self, conn: Connection, run_id: str, rank: int, metric: str,
                    scopes: tuple[str, ...], entity: int) -> int:
@@ -513,6 +509,21 @@ def _layer_info(conn: Connection, run_id: str, layer: str | int) -> LayerInfo:
             raise RunNotFound(f"no run {run_id!r}")
         raise UnknownEntity(f"run {run_id} has no layer {layer!r}")
     return LayerInfo(r.idx, r.name, r.type or "", r.kind or "", r.family, tuple(r.params or ()))
+
+
+def _values_at(conn: Connection, run_id: str, rank: int, metric: str, scope: str, step: int) -> dict[int, float]:
+    """entity -> value at exactly `step`; the latest value comes from the series row, older
+    ones from the chunk that covers the step."""
+    ser = s.series.c
+    rows = conn.execute(select(ser.entity, ser.id, ser.last_step, ser.last_value).where(
+        ser.run_id == run_id, ser.rank == rank, ser.metric == metric, ser.scope == scope)).all()
+    out = {int(r.entity): float(r.last_value) for r in rows if r.last_step == step}
+    older = {int(r.id): int(r.entity) for r in rows if r.last_step > step}
+    for sid, got in read_many(conn, older, step, step).items():
+        value = value_at(got, step)
+        if not math.isnan(value):
+            out[older[sid]] = value
+    return out
 
 
 def _series_ids(conn: Connection, run_id: str, rank: int, metric: str, scope: str,
