@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.fixtures.prometheus import require_binary
-from gradwatch.service.exporter import METRICS, GradwatchCollector, RunLatest, layer_update_ratio, visible
+from gradwatch.service.catalog import METRICS
+from gradwatch.service.exporter import GradwatchCollector, RunLatest, layer_update_ratio, visible
 from gradwatch.store.models import LatestValue
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"

@@ -3,8 +3,7 @@
 `GradwatchCollector.collect()` asks its source for one `Snapshot` (one store read per
 scrape) and turns it into metric families. Runs that ended more than `grace` seconds ago
 are left out, so a finished run's series disappear and cardinality stays bounded. The
-metric names, types and labels are listed in docs/metrics.md; `METRICS` below is the
-single table both the collector and the documentation test read.
+metrics themselves are declared in `catalog` and documented in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -19,105 +18,29 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gradwatch.service.catalog import (
+    LAYER_GAUGES,
+    LAYER_GRAD_NORM,
+    LAYER_PARAM_NORM,
+    LAYER_UPDATE_RATIO,
+    LEARNING_RATE,
+    METRICS,
+    PARAM_GAUGES,
+    RUN_COUNTERS,
+    RUN_END,
+    RUN_GAUGES,
+    RUN_INFO,
+    RUN_START,
+    RUN_STATUS,
+    RUNS_EXPORTED,
+    SCALAR,
+    STATUSES,
+    STEP,
+    STORE_UP,
+    MetricSpec,
+)
 from gradwatch.service.logs import log_event
 from gradwatch.store.models import LatestValue
-
-RUN_LABELS = ("run", "rank")
-LAYER_LABELS = ("run", "rank", "layer")
-PARAM_LABELS = ("run", "rank", "layer", "param")
-STATUSES = ("running", "finished", "crashed")
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """One exported metric: name, Prometheus type, labels, help text."""
-
-    name: str
-    type: str  # "gauge" | "counter" | "info"
-    labels: tuple[str, ...]
-    help: str
-
-
-def _g(name: str, labels: tuple[str, ...], help: str) -> MetricSpec:
-    return MetricSpec(name, "gauge", labels, help)
-
-
-def _c(name: str, labels: tuple[str, ...], help: str) -> MetricSpec:
-    return MetricSpec(name, "counter", labels, help)
-
-
-# Run-level run-log metric -> exported gauge.
-RUN_GAUGES: dict[str, MetricSpec] = {
-    "grad_norm_total": _g("gradwatch_global_grad_norm", RUN_LABELS,
-                          "L2 norm over all gradients at the last step, before clipping, unscaled"),
-    "grad_norm_total_clipped": _g("gradwatch_global_grad_norm_clipped", RUN_LABELS,
-                                  "L2 norm over all gradients at the last step, after clipping"),
-    "clip_coef": _g("gradwatch_clip_coefficient_ratio", RUN_LABELS,
-                    "Factor applied to the gradients by clipping at the last step (1 = not clipped)"),
-    "clip_threshold": _g("gradwatch_clip_threshold", RUN_LABELS,
-                         "Norm threshold clipping used at the last step (fixed or adaptive)"),
-    "nonfinite_params": _g("gradwatch_nonfinite_params", RUN_LABELS,
-                           "Number of params whose gradient held NaN/Inf at the last step"),
-    "loss": _g("gradwatch_loss", RUN_LABELS, "Last loss given to watcher.log()"),
-}
-# Run-level counters: metric name of the count in the snapshot -> exported counter.
-RUN_COUNTERS: dict[str, MetricSpec] = {
-    "clipped_steps": _c("gradwatch_clipped_steps_total", RUN_LABELS,
-                        "Optimizer steps whose gradients were clipped (clip coefficient < 1)"),
-    "skipped_steps": _c("gradwatch_skipped_steps_total", RUN_LABELS,
-                        "Optimizer steps not applied (guard skip or AMP scaler skip)"),
-    "nonfinite_steps": _c("gradwatch_nonfinite_steps_total", RUN_LABELS,
-                          "Optimizer steps with at least one NaN/Inf gradient"),
-}
-STEP = _g("gradwatch_step", RUN_LABELS, "Last optimizer step recorded for the run and rank")
-SCALAR = _g("gradwatch_scalar", RUN_LABELS + ("scalar",),
-            "Last value of a user scalar given to watcher.log() (other than loss)")
-LEARNING_RATE = _g("gradwatch_learning_rate", RUN_LABELS + ("group",),
-                   "Learning rate of an optimizer param group at the last step")
-# Layer-scope run-log metric -> exported gauge.
-LAYER_GAUGES: dict[str, MetricSpec] = {
-    "act_grad_norm": _g("gradwatch_layer_act_grad_norm", LAYER_LABELS,
-                        "L2 norm of the gradient w.r.t. the layer's output (gradient flow through depth)"),
-    "act_mean": _g("gradwatch_layer_activation_mean", LAYER_LABELS, "Mean of the layer's output"),
-    "act_std": _g("gradwatch_layer_activation_std", LAYER_LABELS,
-                  "Standard deviation of the layer's output"),
-    "saturation_ratio": _g("gradwatch_layer_saturation_ratio", LAYER_LABELS,
-                           "Fraction of a bounded activation's outputs within eps of its asymptotes"),
-    "dead_ratio": _g("gradwatch_layer_dead_ratio", LAYER_LABELS,
-                     "Fraction of a ReLU-family layer's units that output zero for the whole batch"),
-    "zero_ratio": _g("gradwatch_layer_zero_ratio", LAYER_LABELS,
-                     "Fraction of a ReLU-family layer's outputs equal to zero"),
-}
-# Per-layer aggregates of per-param metrics.
-LAYER_GRAD_NORM = _g("gradwatch_layer_grad_norm", LAYER_LABELS,
-                     "L2 norm of the layer's parameter gradients at the last step, before clipping")
-LAYER_PARAM_NORM = _g("gradwatch_layer_param_norm", LAYER_LABELS, "L2 norm of the layer's parameters")
-LAYER_UPDATE_RATIO = _g("gradwatch_layer_update_ratio", LAYER_LABELS,
-                        "||delta theta|| / ||theta|| of the layer's parameters at the last update")
-# Per-param metrics (exported when per-param export is on).
-PARAM_GAUGES: dict[str, MetricSpec] = {
-    "grad_norm": _g("gradwatch_param_grad_norm", PARAM_LABELS,
-                    "L2 norm of a parameter's gradient at the last step, before clipping"),
-    "param_norm": _g("gradwatch_param_norm", PARAM_LABELS, "L2 norm of a parameter"),
-    "update_ratio": _g("gradwatch_param_update_ratio", PARAM_LABELS,
-                       "||delta theta|| / ||theta|| of a parameter at the last update"),
-}
-RUN_INFO = MetricSpec("gradwatch_run_info", "info",
-                      ("run", "name", "project", "host", "world_size", "device", "torch_version",
-                       "gradwatch_version"), "Run metadata; the value is always 1")
-RUN_STATUS = _g("gradwatch_run_status", ("run", "status"),
-                "1 for the run's current status (running, finished, crashed), 0 for the others")
-RUN_START = _g("gradwatch_run_start_time_seconds", ("run",), "Unix time the run started")
-RUN_END = _g("gradwatch_run_end_time_seconds", ("run",), "Unix time the run finished or crashed")
-RUNS_EXPORTED = _g("gradwatch_exporter_runs", (), "Runs whose series this scrape exports")
-STORE_UP = _g("gradwatch_exporter_store_up", (), "1 when this scrape could read the store, else 0")
-
-METRICS: tuple[MetricSpec, ...] = (
-    *RUN_GAUGES.values(), *RUN_COUNTERS.values(), STEP, SCALAR, LEARNING_RATE,
-    LAYER_GRAD_NORM, LAYER_PARAM_NORM, LAYER_UPDATE_RATIO, *LAYER_GAUGES.values(),
-    *PARAM_GAUGES.values(), RUN_INFO, RUN_STATUS, RUN_START, RUN_END, RUNS_EXPORTED, STORE_UP,
-)
-
 
 @dataclass
 class RunLatest:
@@ -225,8 +148,20 @@ def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
             if layer:
                 by_layer[(v.rank, layer)][v.metric][v.entity] = (v.step, v.value)
 
+    _add_layer_aggregates(out, run.id, by_layer)
+    for rank, step in sorted(steps.items()):
+        out.add(STEP, (run.id, str(rank)), float(step))
+    for (rank, counter), count in sorted(run.counts.items()):
+        spec = RUN_COUNTERS.get(counter)
+        if spec is not None:
+            out.add(spec, (run.id, str(rank)), count)
+
+
+def _add_layer_aggregates(out: _Families, run_id: str,
+                          by_layer: dict[tuple[int, str], dict[str, dict[str, tuple[int, float]]]]) -> None:
+    """A layer's param norm and update ratio from its params' values at their latest common step."""
     for (rank, layer), metrics in sorted(by_layer.items()):
-        labels = (run.id, str(rank), layer)
+        labels = (run_id, str(rank), layer)
         _, norms = _at_latest_step(metrics.get("param_norm", {}))
         if norms:
             out.add(LAYER_PARAM_NORM, labels, l2(norms.values()))
@@ -236,13 +171,6 @@ def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
         ratio = layer_update_ratio([r for r, _ in paired], [n for _, n in paired])
         if ratio is not None:
             out.add(LAYER_UPDATE_RATIO, labels, ratio)
-
-    for rank, step in sorted(steps.items()):
-        out.add(STEP, (run.id, str(rank)), float(step))
-    for (rank, counter), count in sorted(run.counts.items()):
-        spec = RUN_COUNTERS.get(counter)
-        if spec is not None:
-            out.add(spec, (run.id, str(rank)), count)
 
 
 def _at_latest_step(values: dict[str, tuple[int, float]]) -> tuple[int | None, dict[str, float]]:
