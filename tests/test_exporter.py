@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from tests.fixtures.prometheus import require_binary
 from gradwatch.service.catalog import METRICS
@@ -159,6 +161,16 @@ def test_exposition_passes_promtool() -> None:
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
     assert proc.stdout.strip() == b"" and proc.stderr.strip() == b""
+
+
+def test_exposition_is_valid_openmetrics() -> None:
+    runs = [_run("r1"), _run("r2", status="finished", ended_at=1000.0)]
+    text = openmetrics_latest(_registry(runs, per_param=True, clock=lambda: 1001.0)).decode()
+    families = {f.name: f for f in parse_openmetrics(text)}  # the strict parser raises on bad output
+    assert families["gradwatch_run"].type == "info"
+    assert families["gradwatch_clipped_steps"].type == "counter"
+    info = [s for s in families["gradwatch_run"].samples if s.labels["run"] == "r2"]
+    assert len(info) == 1 and info[0].name == "gradwatch_run_info" and info[0].labels["host"] == "node1"
 
 
 def test_every_metric_is_documented() -> None:

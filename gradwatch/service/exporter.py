@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gradwatch.service.catalog import (
@@ -84,11 +84,19 @@ class _Families:
         self._by_name: dict[str, Metric] = {}
 
     def add(self, spec: MetricSpec, labels: Iterable[str], value: float) -> None:
+        self._family(spec).add_metric(list(labels), value)
+
+    def add_info(self, spec: MetricSpec, labels: Iterable[str]) -> None:
+        family = self._family(spec)
+        assert isinstance(family, InfoMetricFamily)
+        family.add_metric([], dict(zip(spec.labels, labels)))
+
+    def _family(self, spec: MetricSpec) -> Metric:
         family = self._by_name.get(spec.name)
         if family is None:
             family = _new_family(spec)
             self._by_name[spec.name] = family
-        family.add_metric(list(labels), value)
+        return family
 
     def ordered(self) -> Iterator[Metric]:
         for spec in METRICS:
@@ -98,6 +106,8 @@ class _Families:
 
 
 def _new_family(spec: MetricSpec) -> Metric:
+    if spec.type == "info":  # OpenMetrics info type; a gauge named ..._info in the text format
+        return InfoMetricFamily(spec.name.removesuffix("_info"), spec.help, labels=[])
     if spec.type == "counter":
         return CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
     return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
@@ -114,7 +124,7 @@ def families_for(runs: Snapshot, per_param: bool = False) -> Iterator[Metric]:
 def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
     info = (run.id, run.name, run.project, run.host or "", str(run.world_size), run.device or "",
             run.torch_version or "", run.gradwatch_version or "")
-    out.add(RUN_INFO, info, 1.0)
+    out.add_info(RUN_INFO, info)
     for status in STATUSES:
         out.add(RUN_STATUS, (run.id, status), 1.0 if run.status == status else 0.0)
     if run.started_at is not None:
