@@ -1,0 +1,45 @@
+"""CLI errors: one line on stderr and a non-zero exit, never a traceback.
+
+Errors from the store and SQLAlchemy are translated here without importing either module
+(they are looked up in `sys.modules`), so that light commands stay light.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+class CliError(click.ClickException):
+    """A request that cannot be answered (exit 1): an unreadable store, a file that cannot be written."""
+
+    exit_code = 1
+
+
+class BadInput(click.ClickException):
+    """What the user asked for does not exist or makes no sense (exit 2): unknown or ambiguous run,
+    metric or layer, a bad step range."""
+
+    exit_code = 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def translate(exc: BaseException) -> click.ClickException | None:
+    """The one-line CLI error for an exception from the store, the database or the OS; None if unknown."""
+    store_errors = sys.modules.get("gradwatch.store.errors")
+    if store_errors is not None and isinstance(exc, store_errors.StoreError):
+        bad_input = (store_errors.RunNotFound, store_errors.AmbiguousRun, store_errors.UnknownMetric,
+                     store_errors.UnknownEntity)
+        return (BadInput if isinstance(exc, bad_input) else CliError)(_one_line(str(exc)))
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+        orig = getattr(exc, "orig", None)
+        return CliError(f"the store cannot be read: {_one_line(str(orig or exc).splitlines()[0])}")
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return CliError(f"{exc.strerror or _one_line(str(exc))}{where}")
+    return None

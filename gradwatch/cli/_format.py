@@ -1,0 +1,120 @@
+"""Output formatting for the CLI: aligned tables, JSON with stable keys, numbers, sparklines."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import click
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def num(x: Any, digits: int = 3) -> str:
+    """A number for a table cell: `digits` significant digits, '-' when missing or NaN."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "-"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def pct(x: float | None) -> str:
+    """A ratio as a percentage cell ('-' when missing)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def duration(seconds: float | None) -> str:
+    """A duration as 1h02m, 3m05s or 12.3s."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def when(ts: float | None) -> str:
+    """A unix time as local 'YYYY-mm-dd HH:MM:SS'."""
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()) -> str:
+    """Rows as an aligned text table; cells are str()-ed, columns in `right` right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    right = set(right)
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(list(headers))] + [line(r) for r in cells])
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values: NaN becomes null, +-inf the strings "inf"/"-inf", numpy scalars and
+    arrays become numbers and lists, tuples lists."""
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return jsonable(obj.tolist())
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text for `obj` (see `jsonable`)."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+def emit(obj: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """Print `obj` as JSON when `as_json`, else as `render(obj)`."""
+    click.echo(dumps(obj) if as_json else render(obj))
+
+
+def sparkline(values: Sequence[float], width: int = 60, log: bool | None = None) -> str:
+    """A one-line chart of `values`, resampled to `width` buckets (each bucket shows its max).
+
+    `log` (default: when every finite value is positive and they span over 100x) scales
+    logarithmically. Non-finite values show as '!'.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        return ""
+    n = len(vals)
+    width = max(1, min(width, n))
+    buckets = [vals[i * n // width:(i + 1) * n // width] for i in range(width)]
+    finite = [v for v in vals if math.isfinite(v)]
+    if log is None:
+        log = bool(finite) and min(finite) > 0 and max(finite) > 100 * min(finite)
+    scale = (lambda v: math.log10(v)) if log else (lambda v: v)
+    scaled = [scale(v) for v in finite if not log or v > 0]
+    lo, hi = (min(scaled), max(scaled)) if scaled else (0.0, 0.0)
+    out = []
+    for bucket in buckets:
+        if any(not math.isfinite(v) for v in bucket):
+            out.append("!")
+            continue
+        v = scale(max(bucket)) if not log or max(bucket) > 0 else lo
+        k = 0 if hi == lo else int(round((v - lo) / (hi - lo) * (len(BARS) - 1)))
+        out.append(BARS[k])
+    return "".join(out)
