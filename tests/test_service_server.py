@@ -126,3 +126,23 @@ def test_tls_with_a_bad_certificate(tmp_path: Path) -> None:
     bad.write_text("not a certificate")
     with pytest.raises(ServerError, match=r"^cannot load TLS certificate .*bad.pem"):
         tls_context(bad, bad)
+
+
+def test_collector_failure_is_a_500_and_one_log_line() -> None:
+    class Broken:
+        def collect(self) -> list:
+            raise RuntimeError("collector bug\nsecond line")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())  # type: ignore[arg-type]
+    stream = io.StringIO()
+    server = MetricsServer(registry, "127.0.0.1", 0, logger=setup_logging("json", stream))
+    server.start()
+    try:
+        status, body = _get(server.url)
+    finally:
+        server.stop()
+    assert status == 500 and b"see the gradwatch serve log" in body
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["event"] == "scrape_failed"
+    assert json.loads(line)["error"] == "RuntimeError: collector bug\nsecond line"

@@ -111,9 +111,9 @@ class Service:
         """One ingest pass, logged as events; failures are logged once per outage."""
         try:
             report = ingester.poll_once()
-        except (*STORE_ERRORS, OSError) as exc:
+        except Exception as exc:  # database down, disk error, or a bug: log, keep serving, retry
             if not self._ingest_failing:
-                log_event(self.logger, "ingest_failed", logging.ERROR, error=str(exc).splitlines()[0])
+                log_event(self.logger, "ingest_failed", logging.ERROR, error=_one_line(exc))
             self._ingest_failing = True
             return None
         if self._ingest_failing:
@@ -150,3 +150,8 @@ class Service:
             self.store.close()
             self.store = None
         self.lock.release()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -65,7 +65,13 @@ def metrics_app(registry: CollectorRegistry, auth: BasicAuth | None = None,
             return [b"401 unauthorized\n"]
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return prometheus(environ, start_response)
+            try:
+                return prometheus(environ, start_response)
+            except Exception as exc:  # a collector bug: one log line and a 500, never a traceback
+                if logger is not None:
+                    log_event(logger, "scrape_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+                return [b"500 internal server error: see the gradwatch serve log\n"]
         if path == "/":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [_INDEX]
