@@ -310,3 +310,18 @@ def test_incremental_ingest_equals_one_pass(store: Store, tmp_path: Path) -> Non
             schema.chunks.c.series_id == sid).order_by(schema.chunks.c.seq))]
     assert sizes_[:2] == [schema.CHUNK_ROWS] * 2 and sum(sizes_) == step
     assert len(sizes_) - 2 <= schema.MAX_PENDING_CHUNKS
+
+
+def test_database_failure_after_open_is_a_one_line_store_error(tmp_path: Path) -> None:
+    SyntheticRun().write(tmp_path, 5)
+    with Store.open(home=tmp_path) as st:
+        with sqlite3.connect(tmp_path / "gradwatch.db") as conn:
+            conn.execute("DROP TABLE gw_logs")
+            conn.execute("DROP TABLE gw_alerts")
+        with pytest.raises(StoreError, match="no such table: gw_logs") as exc:
+            ingest_pending(st, tmp_path)
+        assert "\n" not in str(exc.value)
+        with pytest.raises(StoreError, match="cannot read .*no such table: gw_alerts"):
+            st.alerts()
+        with pytest.raises(StoreError, match="cannot write"):
+            st.add_alert("r", "info", "m")

@@ -24,7 +24,7 @@ from gradwatch.agent.runlog import LOG_SUFFIX, LogReader, logs_dir
 from gradwatch.ingest.batch import LogState, OffsetConflict, apply_batch, refresh_run_status
 from gradwatch.ingest.liveness import DEFAULT_STALE_AFTER_S, writer_gone
 from gradwatch.ingest.report import IngestReport
-from gradwatch.store import Store
+from gradwatch.store import Store, StoreError
 from gradwatch.store import schema as s
 from gradwatch.store.engine import writing
 
@@ -191,5 +191,11 @@ def _locked(path: Path) -> Iterator[bool | None]:
 
 
 def ingest_pending(store: Store, home: Path | None = None, stale_after: float = DEFAULT_STALE_AFTER_S) -> IngestReport:
-    """One ingest pass over every log of `home` (what the CLI runs before it answers)."""
-    return Ingester(store, home, stale_after=stale_after).poll_once()
+    """One ingest pass over every log of `home` (what the CLI runs before it answers).
+
+    A database failure is raised as a one-line StoreError."""
+    try:
+        return Ingester(store, home, stale_after=stale_after).poll_once()
+    except SQLAlchemyError as exc:
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreError(f"cannot ingest into {store.url}: {reason}") from None

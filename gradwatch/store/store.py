@@ -7,6 +7,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,23 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _read(self) -> Connection:
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read connection; database failures become a one-line StoreError."""
         try:
-            return self.engine.connect()
+            with self.engine.connect() as conn:
+                yield conn
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot read {self.url}: {str(exc).splitlines()[0]}") from None
+            raise StoreError(f"cannot read {self.url}: {_first_line(exc)}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction; database failures become a one-line StoreError."""
+        try:
+            with writing(self.engine) as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot write {self.url}: {_first_line(exc)}") from None
 
     # ------------------------------------------------------------------ runs
 
@@ -347,7 +360,7 @@ class Store:
                   step: int | None = None, labels: dict[str, str] | None = None,
                   started_at: TimeLike | None = None) -> int:
         """Record a firing alert; returns its id."""
-        with writing(self.engine) as conn:
+        with self._write() as conn:
             if run_id is not None:
                 self._run_row(conn, run_id)
             return int(conn.execute(s.alerts.insert().returning(s.alerts.c.id), {
@@ -358,7 +371,7 @@ class Store:
     def resolve_alert(self, alert_id: int, ended_at: TimeLike | None = None) -> None:
         """Mark an alert resolved (idempotent for an already resolved one)."""
         a = s.alerts
-        with writing(self.engine) as conn:
+        with self._write() as conn:
             if conn.execute(select(a.c.id).where(a.c.id == alert_id)).first() is None:
                 raise StoreError(f"no alert {alert_id}")
             conn.execute(update(a).where(a.c.id == alert_id, a.c.ended_at.is_(None)).values(
@@ -410,7 +423,7 @@ class Store:
         Its run logs are kept as `deleted` so they are not ingested again, unless
         `remove_logs` is true: then the log files (on this host) and their rows go too.
         """
-        with writing(self.engine) as conn:
+        with self._write() as conn:
             self._run_row(conn, run_id)
             paths = [r[0] for r in conn.execute(select(s.logs.c.path).where(s.logs.c.run_id == run_id))]
             _delete_run_rows(conn, run_id)
@@ -435,6 +448,10 @@ class Store:
         for run_id in ids:
             self.delete_run(run_id, remove_logs=remove_logs)
         return ids
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _delete_run_rows(conn: Connection, run_id: str) -> None:
