@@ -1,0 +1,121 @@
+"""`gradwatch layers RUN`: every layer's measurements at one step, or aggregated over a step range."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from gradwatch.cli import _format as fmt
+from gradwatch.cli._errors import BadInput
+from gradwatch.cli._options import CONTEXT, json_option, parse_steps, resolve_run, with_store
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from gradwatch.store import LayerInfo, Store
+
+AGGREGATES = ("median", "mean", "min", "max", "last")
+#: Column order: gradient flow first, then activation health.
+PREFERRED = ("grad_norm", "act_grad_norm", "saturation_ratio", "dead_ratio", "zero_ratio", "act_mean", "act_std")
+
+
+def layer_metrics(store: Store, run_id: str) -> list[str]:
+    """The per-layer metrics of a run (grad_norm derived from params included), in display order."""
+    names = store.metric_names(run_id)
+    have = [m for m, scope in names.items() if scope == "layer"] + (["grad_norm"] if names.get("grad_norm") == "param" else [])
+    return sorted(have, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
+
+
+def _aggregate(values: np.ndarray, how: str) -> float:
+    import numpy as np
+
+    from gradwatch.diagnose.rundata import nanmedian
+
+    if not len(values):
+        return float("nan")
+    funcs = {"median": nanmedian, "mean": np.nanmean, "min": np.nanmin, "max": np.nanmax}
+    if how == "last":
+        return float(values[-1])
+    with np.errstate(all="ignore"):
+        return float(funcs[how](values))
+
+
+def over_range(store: Store, run_id: str, layers: list[LayerInfo], metrics: list[str], start: int | None,
+               end: int | None, how: str) -> dict[str, list[float]]:
+    """Each metric aggregated per layer over steps start..end (NaN where a layer has no such series)."""
+    from gradwatch.store import UnknownEntity, UnknownMetric
+
+    out: dict[str, list[float]] = {}
+    for m in metrics:
+        col = []
+        for ly in layers:
+            try:
+                col.append(_aggregate(store.layer_history(run_id, ly.index, m, start, end).values, how))
+            except (UnknownMetric, UnknownEntity):
+                col.append(float("nan"))
+        out[m] = col
+    return out
+
+
+def _render(d: dict[str, Any]) -> str:
+    metrics = d["metrics"]
+    where = f"step {d['step']}" if d["step"] is not None else f"steps {d['start']}..{d['end']} ({d['aggregate']})"
+    rows = [(r["index"], r["layer"], r["type"], r["family"] or "-",
+             *(fmt.pct(r[m]) if m.endswith("_ratio") else fmt.num(r[m]) for m in metrics)) for r in d["layers"]]
+    return f"{d['run']['name']} ({d['run']['id']}), {where}\n" + fmt.table(
+        ("#", "LAYER", "TYPE", "FAMILY", *(m.upper() for m in metrics)), rows,
+        right=[0, *range(4, 4 + len(metrics))])
+
+
+@click.command(context_settings=CONTEXT, epilog="""\b
+Example:
+    gradwatch layers demo-sigmoid-default-init
+    gradwatch layers demo-sigmoid-normal-init --step 100 --sort saturation_ratio
+    gradwatch layers demo-healthy --steps 50:250 --aggregate max --json""")
+@click.argument("run")
+@click.option("--step", type=click.IntRange(min=0), help="The step to show.  [default: the last measured]")
+@click.option("--steps", "step_range", metavar="START:END", help="Aggregate over this step range instead.")
+@click.option("--aggregate", type=click.Choice(AGGREGATES), default="median", show_default=True,
+              help="How --steps combines a layer's values.")
+@click.option("--sort", "sort_by", metavar="METRIC", help="Sort by this metric, largest first.  [default: depth]")
+@click.option("--asc", is_flag=True, help="With --sort: smallest first.")
+@json_option
+@with_store
+def layers(store: Store, run: str, step: int | None, step_range: str | None, aggregate: str, sort_by: str | None,
+           asc: bool, as_json: bool) -> None:
+    """Every layer's measurements at a step (default: the last), or aggregated over a step range."""
+    import math
+
+    if step is not None and step_range is not None:
+        raise BadInput("give either --step or --steps, not both")
+    run_id = resolve_run(store, run)
+    metrics = layer_metrics(store, run_id)
+    if sort_by is not None and sort_by not in metrics:
+        raise BadInput(f"cannot sort by {sort_by!r}: this run's layer metrics are {', '.join(metrics) or 'none'}")
+    info = store.run(run_id)
+    if step_range is not None:
+        start, end = parse_steps(step_range)
+        layer_list = store.layers(run_id)
+        values = over_range(store, run_id, layer_list, metrics, start, end, aggregate)
+        shown_step = None
+    else:
+        if step is not None and info.last_step is not None and step > info.last_step:
+            raise BadInput(f"step {step} is after the run's last step {info.last_step}")
+        table = store.layers_at_step(run_id, step, metrics or None)
+        layer_list, shown_step = table.layers, table.step
+        values = {m: table.values[m].tolist() for m in metrics}
+        start = end = None
+    if metrics and all(math.isnan(v) for m in metrics for v in values[m]):
+        what = f"at step {shown_step}" if step_range is None else f"in steps {step_range}"
+        raise BadInput(f"no layer measurements {what}; activations are measured every few steps "
+                       f"(see gradwatch show {run})")
+    rows = [{"index": ly.index, "layer": ly.name, "type": ly.type, "family": ly.family,
+             **{m: values[m][i] for m in metrics}} for i, ly in enumerate(layer_list)]
+    if sort_by is not None:
+        present = [r for r in rows if not math.isnan(r[sort_by])]
+        present.sort(key=lambda r: r[sort_by], reverse=not asc)
+        rows = present + [r for r in rows if math.isnan(r[sort_by])]
+    data = {"run": {"id": run_id, "name": info.name}, "step": shown_step, "start": start, "end": end,
+            "aggregate": aggregate if step_range is not None else None, "metrics": metrics, "layers": rows}
+    fmt.emit(data, as_json, _render)
