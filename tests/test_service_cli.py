@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from gradwatch.service.cli import serve
 from gradwatch.service.lock import ServiceLock, lock_path_for
 from gradwatch.store import Store, default_url
 from tests.fixtures.runlogs import SyntheticRun
-from tests.fixtures.service import serve_factory  # noqa: F401 - fixture
+from tests.fixtures.service import serve_command, serve_factory  # noqa: F401 - fixture
 
 
 def _invoke(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -104,3 +105,16 @@ def test_signal_stops_cleanly_with_everything_ingested(tmp_path: Path, serve_fac
         np.testing.assert_allclose(series.values, expected, rtol=1e-6)
     with ServiceLock(lock_path_for(default_url(tmp_path), tmp_path)):
         pass
+
+
+def test_port_taken_through_the_real_command(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*serve_command(), "--home", str(tmp_path), "--port", str(port)],
+                              capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: address already in use "
+                                        "(another process holds the port; choose another with --port)"]
