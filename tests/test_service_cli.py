@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -118,3 +119,24 @@ def test_port_taken_through_the_real_command(tmp_path: Path) -> None:
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: address already in use "
                                         "(another process holds the port; choose another with --port)"]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    pytest.param(["--basic-auth-user", "prom", "--basic-auth-password-file", "{tmp}/missing"],
+                 r"^Error: cannot read basic auth password file .*/missing: No such file or directory$", id="pw-file"),
+    pytest.param(["--db", "not a url"], r"^Error: not a database URL: 'not a url'$", id="db-url"),
+    pytest.param(["--config", "{tmp}/missing.toml"], r"^Error: cannot read config file .*missing.toml", id="config"),
+    pytest.param(["--pushgateway", "gw:9091"], r"^Error: invalid configuration: pushgateway: .*http://", id="push"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, extra: list[str], expected: str) -> None:
+    code, out = _invoke(["--home", str(tmp_path), "--port", "0", *[a.format(tmp=tmp_path) for a in extra]])
+    assert code == 1
+    assert re.match(expected, _error_line(out)), out
+
+
+def test_home_that_is_a_file(tmp_path: Path) -> None:
+    home = tmp_path / "file"
+    home.write_text("")
+    code, out = _invoke(["--port", "0"], env={"GRADWATCH_HOME": str(home)})
+    assert code == 1
+    assert _error_line(out).startswith("Error: cannot create lock file ")
