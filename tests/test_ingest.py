@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures.pg import store_url  # noqa: F401 - fixture
-from fixtures.runlogs import SyntheticRun
+from tests.fixtures.pg import store_url  # noqa: F401 - fixture
+from tests.fixtures.runlogs import SyntheticRun
 from gradwatch.agent import runlog
 from gradwatch.ingest import Ingester, ingest_pending
 from gradwatch.store import Store

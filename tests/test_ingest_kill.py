@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from fixtures.pg import pg_database_url
-from fixtures.runlogs import SyntheticRun
+from tests.fixtures.pg import pg_database_url
+from tests.fixtures.runlogs import SyntheticRun
 from gradwatch.agent.runlog import Event
 from gradwatch.store import Store
 from gradwatch.store import schema

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from fixtures.pg import store_url  # noqa: F401 - fixture
-from fixtures.runlogs import LAYER_METRICS, PARAM_METRICS, RUN_METRICS, SyntheticRun
+from tests.fixtures.pg import store_url  # noqa: F401 - fixture
+from tests.fixtures.runlogs import LAYER_METRICS, PARAM_METRICS, RUN_METRICS, SyntheticRun
 from gradwatch.agent.runlog import Event
 from gradwatch.ingest import ingest_pending
 from gradwatch.store import (
