@@ -30,7 +30,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.host, s.port, s.db, s.log_format, s.per_param) == ("127.0.0.1", 9464, None, "text", False)
     assert s.home == tmp_path / ".gradwatch"
     assert s.poll_interval <= 1.0
-    assert not s.tls.enabled and not s.basic_auth.enabled and s.pushgateway.url is None
+    assert s.tls.cert is None and s.basic_auth.user is None and s.pushgateway.url is None
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

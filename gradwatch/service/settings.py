@@ -53,10 +53,6 @@ class TLSConfig(_Section):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         return self
 
-    @property
-    def enabled(self) -> bool:
-        return self.cert is not None
-
 
 class BasicAuthConfig(_Section):
     """HTTP basic auth on /metrics: a user and a password (value or file, never a flag)."""
@@ -75,10 +71,6 @@ class BasicAuthConfig(_Section):
             raise ValueError(f"basic auth user {self.user!r} needs a password: set {PASSWORD_ENV} "
                              "or --basic-auth-password-file")
         return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.user is not None
 
     def resolve_password(self) -> str:
         """The password: the file's first line when a file is given, else the value."""
