@@ -62,11 +62,14 @@ class Ingester:
         for path in sorted(self.dir.glob(f"*{LOG_SUFFIX}")) if self.dir.is_dir() else []:
             row = rows.get(path.name)
             if row is not None and row.state in _DONE_STATES:
+                self._logs.pop(path.name, None)
+                continue
+            if row is not None and _size(path) <= row.offset and row.state != "running":
+                self._logs.pop(path.name, None)  # finished or crashed and caught up: free its cache
                 continue
             st = self._logs.setdefault(path.name, LogState(path.name, path))
             if row is not None and _size(path) <= row.offset:
-                if row.state == "running":
-                    idle.append(st)
+                idle.append(st)
             else:
                 pending.append(st)
         while pending:
