@@ -132,17 +132,22 @@ def job_steps(job: DemoJob, quick: bool) -> int:
 
 def train(job: DemoJob, home: Path, steps: int, on_step: Callable[[], None] | None = None) -> str:
     """Train one demo job under the agent, recording into `home`; returns the run id."""
-    torch.manual_seed(SEED)
-    model, optimizer, batches, loss_fn = job.setup()
-    config = {"project": PROJECT, "home": str(home), "measure": MEASURE, **job.config}
-    with gradwatch.watch(model, optimizer, run=job.name, config=config) as watcher:
-        for step in range(steps):
-            x, y = batches(step)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            watcher.log(loss=loss.detach())
-            if on_step is not None:
-                on_step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small run fastest on one thread, and do not fight other processes
+    try:
+        torch.manual_seed(SEED)
+        model, optimizer, batches, loss_fn = job.setup()
+        config = {"project": PROJECT, "home": str(home), "measure": MEASURE, **job.config}
+        with gradwatch.watch(model, optimizer, run=job.name, config=config) as watcher:
+            for step in range(steps):
+                x, y = batches(step)
+                loss = loss_fn(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                watcher.log(loss=loss.detach())
+                if on_step is not None:
+                    on_step()
+    finally:
+        torch.set_num_threads(threads)
     return watcher.run_id

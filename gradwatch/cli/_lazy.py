@@ -8,6 +8,8 @@ messages here (see `_errors.translate`).
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 import click
@@ -54,6 +56,9 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except click.ClickException:
             raise
+        except BrokenPipeError:  # the reader went away (| head): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(1) from None
         except Exception as exc:
             translated = translate(exc)
             if translated is None:

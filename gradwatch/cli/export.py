@@ -1,0 +1,76 @@
+"""`gradwatch export RUN`: every stored record of a run, streamed as CSV, a JSON array or JSON lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import click
+
+from gradwatch.cli._format import jsonable
+from gradwatch.cli._options import CONTEXT, resolve_run, with_store
+
+if TYPE_CHECKING:
+    from gradwatch.store import Store
+
+#: CSV columns: value records fill the first seven; other records put their fields in `data` (JSON).
+CSV_COLUMNS = ("record", "rank", "metric", "scope", "entity", "step", "value", "data")
+
+
+def csv_rows(records: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
+    """One CSV row per record: value records in columns, the others as JSON in the `data` column."""
+    for r in records:
+        if r["record"] == "value":
+            v = jsonable(r["value"])
+            yield ["value", r["rank"], r["metric"], r["scope"], r["entity"], r["step"], "" if v is None else v, ""]
+        else:
+            rest = {k: v for k, v in r.items() if k not in ("record", "rank", "step")}
+            yield [r["record"], r.get("rank", ""), "", "", "", r.get("step", ""), "",
+                   json.dumps(jsonable(rest), allow_nan=False)]
+
+
+def write_records(records: Iterable[dict[str, Any]], out: IO[str], fmt: str) -> int:
+    """Stream records to `out` as csv, json (one array) or jsonl; returns how many were written."""
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for n, row in enumerate(csv_rows(records), 1):
+            writer.writerow(row)
+        return n
+    if fmt == "json":
+        out.write("[")
+    for n, r in enumerate(records, 1):
+        text = json.dumps(jsonable(r), allow_nan=False)
+        out.write(("\n" if n == 1 else ",\n") + text if fmt == "json" else text + "\n")
+    if fmt == "json":
+        out.write("\n]\n")
+    return n
+
+
+@click.command(context_settings=CONTEXT, epilog="""\b
+Example:
+    gradwatch export demo-healthy --format csv --out healthy.csv
+    gradwatch export demo-rnn-high-lr --format jsonl | grep '"event"'""")
+@click.argument("run")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl"]), default="csv", show_default=True,
+              help="csv (one row per record), json (one array) or jsonl (one object per line).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="Write to this file instead of stdout.")
+@with_store
+def export(store: Store, run: str, fmt: str, out: Path | None) -> None:
+    """Export every record of a run (run, params, layers, events, alerts, then every value), streamed.
+
+    NaN is written as an empty cell / null, infinities as "inf" / "-inf".
+    """
+    run_id = resolve_run(store, run)
+    records = store.export_records(run_id)
+    if out is None:
+        write_records(records, click.get_text_stream("stdout"), fmt)
+        return
+    with out.open("w", newline="" if fmt == "csv" else None) as f:
+        n = write_records(records, f, fmt)
+    click.echo(f"wrote {n} records of run {run_id} to {out}", err=True)

@@ -1,0 +1,44 @@
+"""`gradwatch plot RUN --out FILE.png`: the gradient pictures of a run, drawn headless."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from gradwatch.cli import _format as fmt
+from gradwatch.cli._errors import BadInput
+from gradwatch.cli._options import CONTEXT, json_option, resolve_run, with_store
+
+if TYPE_CHECKING:
+    from gradwatch.store import Store
+
+FORMATS = (".png", ".svg", ".pdf")
+
+
+@click.command(context_settings=CONTEXT, epilog="""\b
+Example:
+    gradwatch plot demo-sigmoid-default-init --out vanishing.png
+    gradwatch plot demo-rnn-high-lr-clipped -o clipped.svg""")
+@click.argument("run")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Image file to write: .png, .svg or .pdf.")
+@json_option
+@with_store
+def plot(store: Store, run: str, out: Path, as_json: bool) -> None:
+    """Draw a run's gradient pictures: a gradient-flow heatmap (layers x steps, log scale), the total
+    norm before and after clipping with the threshold and clipped steps marked, and each layer's
+    saturation and dead ratios."""
+    if out.suffix.lower() not in FORMATS:
+        raise BadInput(f"cannot write {out.name!r}: the file name must end in {', '.join(FORMATS)}")
+    if not out.parent.is_dir():
+        raise BadInput(f"cannot write {out}: folder {out.parent} does not exist")
+    run_id = resolve_run(store, run)
+    from gradwatch.diagnose.load import load_run_data
+    from gradwatch.plots import save_run_plot
+
+    data = load_run_data(store, run_id)
+    save_run_plot(data, out)
+    fmt.emit({"run": run_id, "name": data.name, "out": str(out)}, as_json,
+             lambda d: f"wrote {out} (run {data.name}, {run_id})")
