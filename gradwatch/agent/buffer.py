@@ -32,6 +32,7 @@ class Layout:
     act_layers: list[int]  # layers whose outputs are measured (act_grad_norm, mean, std)
     bounded: list[int]  # of those, layers with saturation_ratio
     relu: list[int]  # of those, layers with dead_ratio and zero_ratio
+    clip_mode: str = "none"  # without a clipper (or a threshold) the host fills those columns
     width: int = 0
     grad_norm: int = 0  # P columns, then the four RUN_VALUES
     run: int = 0
@@ -138,6 +139,12 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
         latest[name] = (int(steps[-1]), cols[-1])
 
     p, r = layout.n_params, layout.run
+    applied = host.skipped == 0
+    if layout.clip_mode == "none":
+        values[applied, r + 1] = values[applied, r]
+        values[applied, r + 2] = np.where(np.isfinite(values[applied, r]), 1.0, np.nan)
+    if layout.clip_mode in ("none", "value", "agc"):
+        values[:, r + 3] = np.nan
     grad = values[:, layout.grad_norm:layout.grad_norm + p]
     nonfinite = ~np.isfinite(grad)
     add("grad_norm", None, np.where(grad == NO_GRAD, np.nan, grad))

@@ -97,7 +97,7 @@ class Watcher:
         act_layers = [l.index for l in self.layers] if measure.activation_every else []
         self.layout = Layout(len(self.params), len(optimizer.param_groups), act_layers,
                              [i for i in act_layers if self.layers[i].family == "bounded"],
-                             [i for i in act_layers if self.layers[i].family == "relu"])
+                             [i for i in act_layers if self.layers[i].family == "relu"], self.config.clip.mode)
         self._act_slot = {layer: j for j, layer in enumerate(act_layers)}
         metric_defs = standard_metrics(self.layout, bool(measure.param_every), bool(measure.update_ratio_every),
                                        bool(measure.activation_every))
@@ -115,7 +115,7 @@ class Watcher:
         self._staging = [(t, t.numpy()) for t in staging]  # numpy views taken once, here
         self._free_staging = list(range(_PINNED_BUFFERS))
         self._present_index: dict[tuple[int, ...], torch.Tensor] = {}
-        self._no_clip = torch.tensor([1.0, float("nan")], device=self.device)  # clip_coef, clip_threshold
+        self._rows = [_RowViews(self._buf[r], self.layout) for r in range(self._flush_every)]
         self._reported_errors: dict[str, int] = {}
 
         self.step = 0  # index of the optimizer step in progress (0-based)
@@ -236,10 +236,10 @@ class Watcher:
         self._stepped_since_log = True
         self.step += 1
 
-    @torch.no_grad()
     def _measure_step(self) -> None:
+        """Grad norms, guards and clipping at the optimizer step: a handful of device ops."""
         step, row = self.step, self.step % self._flush_every
-        buf = self._buf[row]
+        views = self._rows[row]
         host = self._host
         host.steps[row] = step
         host.skipped[row] = 0.0
@@ -250,50 +250,46 @@ class Watcher:
             host.act_count[row] = 0
             host.act_grad_count[row] = 0
         for g, group in enumerate(self._optimizer.param_groups):
-            lr = group.get("lr", float("nan"))
-            host.lr[row, g] = float(lr)
+            host.lr[row, g] = float(group.get("lr", float("nan")))
 
-        present = [i for i, t in enumerate(self._param_tensors) if t.grad is not None]
-        p = self.layout.n_params
-        grad_cols = buf[self.layout.grad_norm:self.layout.grad_norm + p]
-        total = buf[self.layout.run]
-        if not present:
-            grad_cols.fill_(NO_GRAD)
-            buf[self.layout.run:self.layout.run + 4].fill_(float("nan"))
+        grads = [t.grad for t in self._param_tensors]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if len(present) < len(grads):
+            params = [self._param_tensors[i] for i in present]
+            grads = [grads[i] for i in present]
+        else:
+            params = self._param_tensors
+        if not grads:
+            views.grad.fill_(NO_GRAD)
+            views.run.fill_(float("nan"))
             return
-        params = [self._param_tensors[i] for i in present]
-        grads = [t.grad for t in params]
         norms_list = torch._foreach_norm(grads)
-        if len(present) == p and self._uniform:
-            torch.stack(norms_list, out=grad_cols)
-            norms = grad_cols
+        if len(present) == self.layout.n_params and self._uniform:
+            norms = torch.stack(norms_list, out=views.grad)
         else:
             norms = torch.stack([n.to(self.device, torch.float32, non_blocking=True) for n in norms_list])
-            grad_cols.fill_(NO_GRAD)
-            grad_cols.index_copy_(0, self._index_tensor(tuple(present)), norms)
-        torch.linalg.vector_norm(norms, out=total)
+            views.grad.fill_(NO_GRAD)
+            views.grad.index_copy_(0, self._index_tensor(tuple(present)), norms)
+        total = torch.linalg.vector_norm(norms, out=views.total)
 
         if self.config.guards.synchronous and self._guard_blocks_step(norms, total, present):
             host.skipped[row] = 1.0
             for t in self._param_tensors:
                 t.grad = None
-            buf[self.layout.run + 1:self.layout.run + 4].fill_(float("nan"))
+            views.clip.fill_(float("nan"))
             return
         if self._clipper is not None:
             result = self._clipper.clip_(params, grads, norms, total)
-            after = buf[self.layout.run + 1:self.layout.run + 3]
-            torch.stack((result.total_after, result.coef), out=after)
             if result.threshold is not None:
-                buf[self.layout.run + 3].copy_(result.threshold)
+                torch.stack((result.total_after, result.coef, result.threshold), out=views.clip)
             else:
-                buf[self.layout.run + 3].fill_(float("nan"))
-        else:
-            buf[self.layout.run + 1].copy_(total)
-            buf[self.layout.run + 2:self.layout.run + 4].copy_(self._no_clip)
+                torch.stack((result.total_after, result.coef), out=views.clip[:2])
+        # Without a clipper (or threshold), the host fills those columns: see window_blocks.
 
-        measure = self.config.measure
-        if measure.update_ratio_every and step % measure.update_ratio_every == 0:
-            self._update_prev = torch._foreach_mul(self._param_tensors, 1.0)
+        every = self.config.measure.update_ratio_every
+        if every and step % every == 0:
+            with torch.no_grad():
+                self._update_prev = torch._foreach_mul(self._param_tensors, 1.0)
 
     @torch.no_grad()
     def _measure_after_step(self) -> None:
@@ -606,6 +602,16 @@ class Watcher:
             "errors": {**self.errors, **{f"writer:{k}": v for k, v in self._writer.errors.items()}},
             "dropped_frames": self._writer.dropped, "log_path": str(self.path),
         }
+
+
+class _RowViews:
+    """Views of one buffer row, made once so the step path slices nothing."""
+
+    def __init__(self, row: torch.Tensor, layout: Layout) -> None:
+        self.grad = row[layout.grad_norm:layout.grad_norm + layout.n_params]
+        self.total = row[layout.run]
+        self.run = row[layout.run:layout.run + 4]  # total, total after clipping, coef, threshold
+        self.clip = row[layout.run + 1:layout.run + 4]
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
