@@ -52,7 +52,7 @@ def summarise(store: Store, run_id: str) -> dict[str, Any]:
         "run": run_row(store, s.run),
         "versions": {"torch": s.torch_version, "gradwatch": s.gradwatch_version, "python": s.python_version},
         "device": s.device, "model": s.model, "num_params": s.num_params, "num_layers": s.num_layers,
-        "groups": s.groups, "config": s.config,
+        "groups": s.groups, "config": s.config, "metrics": s.metrics,
         "latest": {m: {"step": st, "value": v} for m, (st, v) in sorted(s.latest.items())},
         "init_check": s.init_check,
         "event_counts": s.event_counts,
