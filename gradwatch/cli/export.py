@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -69,7 +70,7 @@ def export(store: Store, run: str, fmt: str, out: Path | None) -> None:
     run_id = resolve_run(store, run)
     records = store.export_records(run_id)
     if out is None:
-        write_records(records, click.get_text_stream("stdout"), fmt)
+        write_records(records, sys.stdout, fmt)
         return
     with out.open("w", newline="" if fmt == "csv" else None) as f:
         n = write_records(records, f, fmt)
