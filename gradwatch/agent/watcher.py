@@ -111,7 +111,7 @@ class Watcher:
         self._buf = torch.full((self._flush_every, self.layout.width), float("nan"), device=self.device)
         self._host = HostRows.empty(self._flush_every, self.layout.n_groups, len(act_layers))
         pin = self.device.type == "cuda"
-        staging = [torch.empty_like(self._buf, device="cpu", pin_memory=pin) for _ in range(_PINNED_BUFFERS)]
+        staging = [torch.empty(self._buf.shape, pin_memory=pin) for _ in range(_PINNED_BUFFERS)]
         self._staging = [(t, t.numpy()) for t in staging]  # numpy views taken once, here
         self._free_staging = list(range(_PINNED_BUFFERS))
         self._present_index: dict[tuple[int, ...], torch.Tensor] = {}
@@ -210,9 +210,10 @@ class Watcher:
 
     def snapshot(self) -> dict[str, Any]:
         """The latest measurements as plain Python values (forces one transfer and waits for it)."""
-        done = threading.Event()
-        self._flush(on_done=done.set)
-        done.wait(timeout=30)
+        if not self._closed:
+            done = threading.Event()
+            self._flush(on_done=done.set)
+            done.wait(timeout=30)
         with self._lock:
             latest = dict(self._latest)
         return self._snapshot_dict(latest)
@@ -382,7 +383,9 @@ class Watcher:
         if index is None:
             if len(self._present_index) > 64:
                 self._present_index.clear()
-            index = self._present_index[present] = torch.tensor(present, device=self.device)
+            # Built on the host and copied without a stream sync (a blocking copy would sync).
+            index = torch.tensor(present).to(self.device, non_blocking=True)
+            self._present_index[present] = index
         return index
 
     def _scalar_slot(self, name: str) -> int | None:
@@ -429,7 +432,7 @@ class Watcher:
             names = [p.name for p in bad[:5]] or ["(total norm)"]
             layers = list(dict.fromkeys(self.layers[p.layer].name for p in bad))[:5]
             self._writer.submit(_event_job(kind, self.step, {"params": names, "layers": layers, "action": action,
-                                                             "limit": guards.max_total_norm}))
+                                                             "limit": guards.max_total_norm, "total": float(total)}))
             if action == "raise":
                 what = "non-finite gradients" if kind == "nonfinite" else f"total gradient norm above {limit}"
                 raise GradientGuardError(f"gradwatch: {what} at step {self.step} in params {', '.join(names)}"
@@ -446,8 +449,9 @@ class Watcher:
         """Copy the finished rows to pinned host memory and hand them to the writer thread."""
         first, last = self._unsent, self.step  # steps [first, last) are complete
         if last <= first:
-            if on_done is not None:
-                self._writer.submit(lambda: (on_done(), [])[1]) or on_done()
+            # Nothing new: still wait behind the queued frames, so `latest` is complete.
+            if on_done is not None and not self._writer.submit(lambda: _after(on_done)):
+                on_done()
             return
         self._unsent = last
         try:
@@ -622,6 +626,12 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)) and output:
         return _first_tensor(output[0])
     return None
+
+
+def _after(callback: Callable[[], None]) -> list[bytes]:
+    """A writer job that writes nothing and calls back once the jobs before it are done."""
+    callback()
+    return []
 
 
 def _event_job(kind: str, step: int, data: dict[str, Any]) -> Callable[[], list[bytes]]:
