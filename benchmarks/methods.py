@@ -9,6 +9,7 @@ methods (gradwatch, `wandb.watch`) the time inside every hook they registered, m
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,6 +97,8 @@ class Method:
 
     name = "bare"
     description = "no monitoring"
+    requires: tuple[str, ...] = ()
+    """Modules the method imports: checked by `missing()`, imported by `preload()` before timing."""
     sync_free = False
     """On CUDA, run this method's steps under `torch.cuda.set_sync_debug_mode("error")`."""
 
@@ -103,10 +106,23 @@ class Method:
         self.own_ns = 0
         self.steps = 0
 
-    @staticmethod
-    def missing() -> str | None:
-        """Why the method cannot run here (a package not installed), or None when it can."""
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why the method cannot run here (a module it needs is not there), or None when it can."""
+        for module in cls.requires:
+            try:
+                found = importlib.util.find_spec(module)
+            except ModuleNotFoundError:
+                found = None
+            if found is None:
+                return f"no module {module}"
         return None
+
+    @classmethod
+    def preload(cls) -> None:
+        """Import what the method needs, so that its setup time leaves the import out."""
+        for module in cls.requires:
+            importlib.import_module(module)
 
     def attach(self, model: nn.Module, optimizer: Optimizer, workdir: Path, run: str) -> None:
         """Start monitoring `model` trained by `optimizer`; write any files under `workdir`."""
@@ -165,6 +181,7 @@ class _Hooked(Method):
 class Gradwatch(_Hooked):
     """`gradwatch.watch()` with a given configuration, `watcher.log(loss=loss)` every step."""
 
+    requires = ("gradwatch.agent.watcher",)
     sync_free = True
 
     def __init__(self, name: str, description: str, config: dict[str, Any]) -> None:
@@ -172,12 +189,6 @@ class Gradwatch(_Hooked):
         self.name = name
         self.description = description
         self.config = config
-
-    @staticmethod
-    def missing() -> str | None:
-        if importlib.util.find_spec("gradwatch.agent.watcher") is None:
-            return "gradwatch.agent.watcher does not exist yet"
-        return None
 
     def attach(self, model: nn.Module, optimizer: Optimizer, workdir: Path, run: str) -> None:
         from gradwatch.agent import watch
@@ -201,9 +212,7 @@ class WandbWatch(_Hooked):
     name = "wandb"
     description = '`wandb.watch(log="gradients", log_freq=1)`, offline, system stats off'
 
-    @staticmethod
-    def missing() -> str | None:
-        return None if importlib.util.find_spec("wandb") else "wandb is not installed"
+    requires = ("wandb",)
 
     def attach(self, model: nn.Module, optimizer: Optimizer, workdir: Path, run: str) -> None:
         import wandb
@@ -229,9 +238,7 @@ class TensorBoardHistograms(Method):
     name = "tensorboard"
     description = "TensorBoard `add_histogram` of every gradient every step"
 
-    @staticmethod
-    def missing() -> str | None:
-        return None if importlib.util.find_spec("tensorboard") else "tensorboard is not installed"
+    requires = ("tensorboard", "torch.utils.tensorboard")
 
     def attach(self, model: nn.Module, optimizer: Optimizer, workdir: Path, run: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
