@@ -20,6 +20,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.agent import runlog
+from gradwatch.agent.config import GuardConfig
 from gradwatch.agent.watcher import GradientGuardError
 from tests.agent_models import batch_for, mlp
 
@@ -161,15 +162,29 @@ def test_skip_leaves_the_bad_step_unapplied_and_applies_the_good_ones():
     assert event.data["params"] == ["gate.scale"] and event.data["layers"] == ["gate"]
 
 
-def test_raise_stops_at_the_bad_step_naming_the_param_and_layer():
+def _inf_weight(model: GatedNet) -> None:
+    with torch.no_grad():
+        model.body.weight[2, 1] = float("inf")  # the loss becomes NaN: every gradient is non-finite
+
+
+POISONS = {
+    "nan-grad-in-gate": (None, r"params gate\.scale \(layers gate\)"),
+    "inf-weight": (_inf_weight, r"params body\.weight, body\.bias, gate\.scale, head\.weight, head\.bias "
+                                r"\(layers body, gate, head\)"),
+}
+
+
+@pytest.mark.parametrize("poison, names", POISONS.values(), ids=POISONS.keys())
+def test_raise_stops_at_the_bad_step_naming_the_params_and_layers(poison, names):
     model = GatedNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = gated_batches()
+    batches = gated_batches(bad_step=None if poison else BAD_STEP)
     before: dict[str, torch.Tensor] = {}
     with gradwatch.watch(model, opt, config={"guards": {"nonfinite": "raise"}}) as watcher:
-        with pytest.raises(GradientGuardError,
-                           match=rf"non-finite gradients at step {BAD_STEP} in params gate\.scale \(layers gate\)"):
+        with pytest.raises(GradientGuardError, match=rf"non-finite gradients at step {BAD_STEP} in {names}"):
             for step, (x, y) in enumerate(batches):
+                if step == BAD_STEP and poison is not None:
+                    poison(model)
                 nn.functional.cross_entropy(model(x), y).backward()
                 if step == BAD_STEP:
                     before = params_of(model)
@@ -180,7 +195,7 @@ def test_raise_stops_at_the_bad_step_naming_the_param_and_layer():
         assert torch.equal(p, before[name]), name  # the raising step changed nothing
     [event] = events(watcher)
     assert (event.kind, event.step, event.data["action"]) == ("nonfinite", BAD_STEP, "raise")
-    assert event.data["params"] == ["gate.scale"]
+    assert event.data["params"][0] == ("gate.scale" if poison is None else "body.weight")
 
 
 def test_callback_is_called_once_with_the_event_and_training_goes_on():
@@ -296,6 +311,21 @@ def test_norm_limit_callback_gets_total_and_limit():
     [call] = calls
     assert (call["kind"], call["step"], call["limit"]) == ("norm_limit", SPIKE_STEP, LIMIT)
     assert call["total"] == pytest.approx(totals[SPIKE_STEP])
+
+
+@pytest.mark.parametrize("guards, synchronous", [
+    ({}, False),
+    ({"nonfinite": "skip"}, True),
+    ({"nonfinite": "raise"}, True),
+    ({"nonfinite": print}, False),
+    ({"max_total_norm": 1.0}, False),
+    ({"max_total_norm": 1.0, "max_total_norm_action": "skip"}, True),
+    ({"max_total_norm_action": "raise"}, False),  # no limit set: the action never applies
+], ids=["default-warn", "nonfinite-skip", "nonfinite-raise", "nonfinite-callback", "limit-warn", "limit-skip",
+        "raise-without-limit"])
+def test_only_skip_and_raise_decide_on_the_step_itself(guards, synchronous):
+    """skip / raise cost one host sync per step, so they are opt-in; warn and callbacks need none."""
+    assert GuardConfig(**guards).synchronous is synchronous
 
 
 TINY = {"warn": "warn", "skip": "skip"}
