@@ -53,9 +53,9 @@ def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.n
         ax.scatter(np.asarray(steps)[mark], before[mark], s=8, color="tab:red", zorder=3, label="clipped step")
     bad = ~np.isfinite(before)
     if np.any(bad):
-        for step in np.asarray(steps)[bad][:200]:
-            ax.axvline(step, color="black", alpha=0.15, lw=1)
-        ax.plot([], [], color="black", alpha=0.3, label="non-finite")
+        for lo, hi in _runs(np.asarray(steps)[bad]):
+            ax.axvspan(lo - 0.5, hi + 0.5, color="black", alpha=0.15, lw=0)
+        ax.fill_between([], [], color="black", alpha=0.15, label="non-finite")
     if np.any(np.isfinite(before) & (before > 0)):
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -64,12 +64,26 @@ def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.n
     ax.legend(loc="best", fontsize=7)
 
 
+def _runs(steps: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive steps grouped into (first, last) ranges."""
+    if not len(steps):
+        return []
+    breaks = np.flatnonzero(np.diff(steps) > 1)
+    firsts = np.concatenate([[steps[0]], steps[breaks + 1]])
+    lasts = np.concatenate([steps[breaks], [steps[-1]]])
+    return [(int(a), int(b)) for a, b in zip(firsts, lasts)]
+
+
 def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.ndarray,
                            dead: np.ndarray, limit: float = 0.5) -> None:
     """Per layer, the saturation ratio (bounded activations) and dead ratio (ReLU family), 0..1."""
     y = np.arange(len(layer_names))
     ax.barh(y - 0.2, np.nan_to_num(saturation), height=0.4, color="tab:orange", label="saturation ratio")
     ax.barh(y + 0.2, np.nan_to_num(dead), height=0.4, color="tab:purple", label="dead ratio")
+    for offset, values in ((-0.2, saturation), (0.2, dead)):
+        for yi, v in zip(y + offset, values):
+            if np.isfinite(v):
+                ax.text(min(float(v), 0.9) + 0.01, yi, f"{v:.0%}", va="center", fontsize=6)
     ax.axvline(limit, color="tab:red", ls="--", lw=1, label=f"diagnosis limit {limit:g}")
     ax.set_yticks(y, labels=list(layer_names), fontsize=7)
     ax.invert_yaxis()
@@ -93,19 +107,23 @@ def run_figure(data: RunData) -> Figure:
     flow = data.layer.get("act_grad_norm") or data.layer.get("grad_norm")
     if flow is not None and flow.values.size:
         measured = np.flatnonzero(np.any(np.isfinite(flow.values), axis=1))
-        gradient_flow_heatmap(heat_ax, flow.steps, flow.values[measured], data.layer_names(measured))
+        labels = [f"{data.layers[i].name} ({data.layers[i].type})" for i in measured]
+        gradient_flow_heatmap(heat_ax, flow.steps, flow.values[measured], labels)
     else:
         gradient_flow_heatmap(heat_ax, np.array([0]), np.full((1, 1), np.nan), ["-"])
     total = data.run.get("grad_norm_total")
     if total is not None and total.values.size:
-        after = data.run.get("grad_norm_total_clipped")
-        coef = data.run.get("clip_coef")
-        thr = data.run.get("clip_threshold")
         clipping = data.clip_config["mode"] != "none"
-        total_norm_plot(norm_ax, total.steps, total.values,
-                        after.values if after is not None and clipping else None,
-                        thr.values if thr is not None and clipping else None,
-                        (np.nan_to_num(coef.values, nan=1.0) < 1.0 - 1e-6) if coef is not None and clipping else None)
+        after, thr, coef = (data.run.get(m) if clipping else None
+                            for m in ("grad_norm_total_clipped", "clip_threshold", "clip_coef"))
+        steps = total.steps
+        bad = data.run.get("nonfinite_params")
+        if bad is not None:  # NaN norms are not stored: take those steps from the non-finite count
+            steps = np.union1d(steps, bad.steps[np.nan_to_num(bad.values) > 0])
+        total_norm_plot(norm_ax, steps, total.at(steps),
+                        after.at(steps) if after is not None else None,
+                        thr.at(steps) if thr is not None else None,
+                        np.nan_to_num(coef.at(steps), nan=1.0) < 1.0 - 1e-6 if coef is not None else None)
     sat, dead = data.layer.get("saturation_ratio"), data.layer.get("dead_ratio")
     s_rows, d_rows = _rows(sat, len(data.layers)), _rows(dead, len(data.layers))
     shown = np.flatnonzero(np.isfinite(s_rows) | np.isfinite(d_rows))

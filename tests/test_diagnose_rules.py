@@ -154,3 +154,18 @@ def test_findings_serialise_with_stable_keys():
     out = finding.to_json()
     assert set(out) == {"id", "severity", "title", "evidence", "causes", "remedies"}
     assert set(out["evidence"]) == {"summary", "values", "layers", "steps"}
+
+
+def test_series_at_lines_up_steps_with_gaps():
+    s = Series(np.array([0, 1, 3, 4]), np.array([10.0, 11.0, 13.0, 14.0]))
+    np.testing.assert_array_equal(s.at(np.array([1, 2, 4, 9])), [11.0, np.nan, 14.0, np.nan])
+
+
+def test_clipped_spikes_judged_on_matching_steps_when_a_step_is_missing():
+    norms = _noisy_norms(200)
+    norms[[80, 150]] *= 30
+    data = _norm_run(norms, {"mode": "norm", "max_norm": 3.0}, np.minimum(norms, 3.0))
+    post = data.run["grad_norm_total_clipped"]
+    keep = post.steps != 40  # a step the clipped series lacks (NaN is not stored)
+    data.run["grad_norm_total_clipped"] = Series(post.steps[keep], post.values[keep])
+    assert [(f.id, f.severity) for f in diagnose(data)] == [("exploding_gradients", "info")]

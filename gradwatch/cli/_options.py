@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -130,8 +129,3 @@ def parse_steps(text: str) -> tuple[int | None, int | None]:
     if start is not None and end is not None and start > end:
         raise BadInput(f"bad step range {text!r}: start {start} is after end {end}")
     return start, end
-
-
-def stdout_is_tty() -> bool:
-    """Whether output goes to a terminal (progress bars only then)."""
-    return sys.stdout.isatty()

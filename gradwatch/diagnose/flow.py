@@ -113,12 +113,13 @@ def _growth(norms: np.ndarray) -> float:
     return float(np.median(finite[-q:]) / np.median(finite[:q]))
 
 
-def _clipped_all(data: RunData, spike_idx: np.ndarray) -> bool:
+def _clipped_all(data: RunData, spike_steps: np.ndarray) -> bool:
+    """Whether norm clipping was on and brought every spike down to its threshold."""
     post = data.run.get("grad_norm_total_clipped")
     thr = data.clip_config.get("max_norm")
-    if post is None or thr is None or data.clip_config["mode"] == "none" or not len(spike_idx):
+    if post is None or thr is None or data.clip_config["mode"] == "none" or not len(spike_steps):
         return False
-    return bool(np.all(post.values[spike_idx] <= thr * 1.01))
+    return bool(np.all(post.at(spike_steps) <= thr * 1.01))
 
 
 def exploding(data: RunData) -> list[Finding]:
@@ -133,7 +134,7 @@ def exploding(data: RunData) -> list[Finding]:
     if growth <= th.GROWTH_FACTOR and not len(spikes):
         return []
     worst = float(factors.max()) if len(factors) else 1.0
-    contained = _clipped_all(data, spikes)
+    contained = _clipped_all(data, series.steps[spikes])
     if growth > th.GROWTH_FACTOR or worst >= th.SEVERE_SPIKE_FACTOR or nonfinite:
         severity = "error"
     else:

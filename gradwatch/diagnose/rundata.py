@@ -46,6 +46,15 @@ class Series:
         k = max(1, int(np.ceil(n * fraction)))
         return Series(self.steps[n - k :], self.values[..., n - k :])
 
+    def at(self, steps: np.ndarray) -> np.ndarray:
+        """A run-level series' values at `steps` (NaN where it has none), to line up two series."""
+        out = np.full(len(steps), np.nan)
+        idx = np.searchsorted(self.steps, steps)
+        ok = idx < len(self.steps)
+        ok[ok] = self.steps[idx[ok]] == np.asarray(steps)[ok]
+        out[ok] = self.values[idx[ok]]
+        return out
+
 
 @dataclass
 class RunData:
