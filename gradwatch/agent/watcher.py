@@ -428,13 +428,15 @@ class Watcher:
                                     (over and not nonfinite, guards.max_total_norm_action, "norm_limit")):
             if not fired or action not in ("skip", "raise"):
                 continue
-            bad = [self.params[present[i]] for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok]
-            names = [p.name for p in bad[:5]] or ["(total norm)"]
-            layers = list(dict.fromkeys(self.layers[p.layer].name for p in bad))[:5]
+            grad = np.full(self.layout.n_params, NO_GRAD)
+            grad[present] = norms.tolist()
+            names, layers = self._offenders(kind, grad)
+            total_value = float(total)
             self._writer.submit(_event_job(kind, self.step, {"params": names, "layers": layers, "action": action,
-                                                             "limit": guards.max_total_norm, "total": float(total)}))
+                                                             "limit": guards.max_total_norm, "total": total_value}))
             if action == "raise":
-                what = "non-finite gradients" if kind == "nonfinite" else f"total gradient norm above {limit}"
+                what = ("non-finite gradients" if kind == "nonfinite"
+                        else f"total gradient norm {total_value:.4g} above {limit}")
                 raise GradientGuardError(f"gradwatch: {what} at step {self.step} in params {', '.join(names)}"
                                          + (f" (layers {', '.join(layers)})" if layers else ""))
             return True
@@ -526,9 +528,8 @@ class Watcher:
             if action in ("skip", "raise", "ignore") or rows.size == 0:
                 continue
             r = int(rows[0])
-            bad = [self.params[i] for i in np.flatnonzero(~np.isfinite(grad[r]))]
-            data = {"params": [p.name for p in bad[:5]],
-                    "layers": list(dict.fromkeys(self.layers[p.layer].name for p in bad))[:5],
+            names, layers = self._offenders(kind, grad[r])
+            data = {"params": names, "layers": layers,
                     "action": action if isinstance(action, str) else "callback",
                     "steps": int(rows.size), "total": float(total[r]), "limit": guards.max_total_norm}
             event = runlog.Event(kind, int(host.steps[r]), time.time(), data)
@@ -544,6 +545,15 @@ class Watcher:
                 except Exception as exc:
                     self._count_error("guard_callback", exc)
         return chunks
+
+    def _offenders(self, kind: str, grad_norms: np.ndarray) -> tuple[list[str], list[str]]:
+        """The first params (and their layers) to blame: non-finite ones, or the largest norms."""
+        if kind == "nonfinite":
+            order = np.flatnonzero(~np.isfinite(grad_norms))
+        else:
+            order = np.argsort(-np.nan_to_num(grad_norms, nan=-1.0))[:3]
+        bad = [self.params[i] for i in order[:5]]
+        return [p.name for p in bad], list(dict.fromkeys(self.layers[p.layer].name or "<model>" for p in bad))
 
     def _count_error(self, where: str, exc: BaseException) -> None:
         key = f"{where}:{type(exc).__name__}"
