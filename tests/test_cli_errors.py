@@ -58,6 +58,7 @@ def test_full_id_and_name_resolve(two_runs):
     (("history", "first", "--metric", "loss", "--layer", "0"), "not a layer metric"),
     (("history", "first", "--metric", "loss", "--steps", "9:2"), "start 9 is after end 2"),
     (("history", "first", "--metric", "loss", "--steps", "a:b"), "bad step range"),
+    (("history", "first", "--metric", "lr", "--group", "5"), "no param group 5; its groups are 0"),
     (("layers", "first", "--step", "999"), "after the run's last step"),
     (("layers", "first", "--steps", "900:999"), "no layer measurements in steps 900:999"),
     (("layers", "first", "--steps", "1:2", "--step", "1"), "either --step or --steps"),

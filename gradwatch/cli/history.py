@@ -83,6 +83,9 @@ def history(store: Store, run: str, metric: str, layer: str | None, param: str |
     try:
         scope, entity, series = read_series(store, run_id, metric, layer, param, group, start, end)
     except UnknownEntity:
+        if layer is None and param is None:
+            groups = [str(g.get("index")) for g in store.run_summary(run_id).groups]
+            raise BadInput(f"run has no param group {group}; its groups are {', '.join(groups)}") from None
         names = [x.name for x in (store.layers(run_id) if layer is not None else store.params(run_id))]
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
         kind = "layer" if layer is not None else "param"

@@ -60,7 +60,9 @@ def over_range(store: Store, run_id: str, layers: list[LayerInfo], metrics: list
 
 def _render(d: dict[str, Any]) -> str:
     metrics = d["metrics"]
-    where = f"step {d['step']}" if d["step"] is not None else f"steps {d['start']}..{d['end']} ({d['aggregate']})"
+    first = d["start"] if d["start"] is not None else "start"
+    last = d["end"] if d["end"] is not None else "end"
+    where = f"step {d['step']}" if d["step"] is not None else f"steps {first}..{last} ({d['aggregate']})"
     rows = [(r["index"], r["layer"], r["type"], r["family"] or "-",
              *(fmt.pct(r[m]) if m.endswith("_ratio") else fmt.num(r[m]) for m in metrics)) for r in d["layers"]]
     return f"{d['run']['name']} ({d['run']['id']}), {where}\n" + fmt.table(
