@@ -45,7 +45,7 @@ def vanishing(data: RunData) -> list[Finding]:
     if small:
         causes.append(f"weights initialised too small for their activation in {', '.join(small[:3])}")
     if not any(ly.is_norm for ly in data.layers):
-        causes.append(f"{len(rows)} measured layers without normalisation or skip connections")
+        causes.append(f"{len(rows)} layers deep with no normalisation layer to rescale the signal")
     if recurrent:
         causes.append("backpropagation through time over long sequences multiplies the same Jacobian at every step")
     remedies = [_RELU_INIT, _GLOROT, _NORM, _RESIDUAL] + ([_GATED] if recurrent else [])
