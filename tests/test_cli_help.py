@@ -94,3 +94,12 @@ def test_registry_points_at_real_commands():
         module, attr = path.split(":")
         assert Path(REPO, *module.split(".")).with_suffix(".py").exists(), path
         assert summary.endswith(".") and len(summary) < 80
+
+
+def test_console_script_when_installed(tmp_path):
+    script = Path(sys.executable).with_name("gradwatch")
+    if not script.exists():
+        pytest.skip("gradwatch is not installed in this environment (pip install -e . provides the script)")
+    proc = subprocess.run([str(script), "runs", "--json", "--home", str(tmp_path / "gw")], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
