@@ -44,10 +44,17 @@ AGENT_FORBIDDEN_STDLIB = frozenset({"http", "urllib.request", "ssl", "smtplib", 
 #: `import gradwatch` alone loads none of these: the agent, torch and the service load lazily.
 PARENT_FORBIDDEN = AGENT_FORBIDDEN | {"torch", "numpy", "pydantic", "pydantic_settings"}
 
-_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
-    ".mypy_cache", ".ruff_cache", "out", "tests", "benchmarks", "docs", "deploy", "dashboards",
-)
+#: What the wheel is built from: the checkout less its tests, tools and caches.
+_TOP_LEVEL_SKIP = frozenset({".git", ".venv", "venv", "build", "dist", "out", "tests", "benchmarks", "docs",
+                             "deploy", "dashboards", ".ci", ".pytest_cache", ".mypy_cache", ".ruff_cache"})
+_ANYWHERE_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+
+
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    skipped = set(_ANYWHERE_SKIP(directory, names))
+    if Path(directory) == REPO:
+        skipped |= _TOP_LEVEL_SKIP.intersection(names)
+    return skipped
 
 
 def _clean_env() -> dict[str, str]:
@@ -187,7 +194,7 @@ def _require_build_tools() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _require_build_tools()
     src = tmp_path_factory.mktemp("src") / "gradwatch-src"
-    shutil.copytree(REPO, src, ignore=_IGNORE)
+    shutil.copytree(REPO, src, ignore=_ignore)
     out = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)], cwd=src)
     wheels = sorted(out.glob("gradwatch-*.whl"))
@@ -219,6 +226,11 @@ def test_wheel_contents(wheel: Path) -> None:
     for required in ("gradwatch/__init__.py", "gradwatch/py.typed", "gradwatch/agent/__init__.py",
                      "gradwatch/agent/runlog.py", "gradwatch/cli/__init__.py"):
         assert required in names
+    # every module, the typing marker and the packaged dashboards of the source tree
+    wanted = [*PACKAGE.rglob("*.py"), PACKAGE / "py.typed", *PACKAGE.glob("dashboards/*.json")]
+    missing = sorted(str(p.relative_to(REPO)) for p in wanted
+                     if "__pycache__" not in p.parts and str(p.relative_to(REPO)) not in names)
+    assert missing == []
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "agent/"))]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "gradwatch = gradwatch.cli:main" in entry_points
