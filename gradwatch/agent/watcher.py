@@ -39,7 +39,8 @@ from gradwatch.agent.writer import LogWriter
 
 log = logging.getLogger("gradwatch.agent")
 
-_attached: weakref.WeakSet[Any] = weakref.WeakSet()
+_attached: weakref.WeakSet[Any] = weakref.WeakSet()  # models and optimizers being watched
+_open: weakref.WeakSet[Watcher] = weakref.WeakSet()  # closed at interpreter exit if the user did not
 _PINNED_BUFFERS = 3
 
 
@@ -136,7 +137,10 @@ class Watcher:
         self._attach(model, optimizer)
         _attached.add(model)
         _attached.add(optimizer)
-        atexit.register(_close_at_exit, weakref.ref(self))
+        if not _open:
+            atexit.unregister(_close_open_watchers)
+            atexit.register(_close_open_watchers)
+        _open.add(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +164,7 @@ class Watcher:
         if model is not None:
             _attached.discard(model)
         _attached.discard(self._optimizer)
+        _open.discard(self)
         self._update_prev = None
         self._flush()
         stats = {"steps": self.step, "dropped_frames": self._writer.dropped, "errors": dict(self.errors)}
@@ -683,9 +688,8 @@ def _version() -> str:
     return __version__
 
 
-def _close_at_exit(ref: weakref.ref[Watcher]) -> None:
-    watcher = ref()
-    if watcher is not None:
+def _close_open_watchers() -> None:
+    for watcher in list(_open):
         watcher.close()
 
 
