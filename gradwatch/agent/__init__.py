@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AgentConfig", "Watcher", "watch"]
+__all__ = ["AgentConfig", "GradientGuardError", "Watcher", "watch"]
 
 if TYPE_CHECKING:
     from gradwatch.agent.config import AgentConfig
+    from gradwatch.agent.guards import GradientGuardError
     from gradwatch.agent.watcher import Watcher, watch
 
 
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from gradwatch.agent.config import AgentConfig
 
         return AgentConfig
+    if name == "GradientGuardError":
+        from gradwatch.agent.guards import GradientGuardError
+
+        return GradientGuardError
     if name in ("Watcher", "watch"):
         from gradwatch.agent import watcher
 

@@ -32,6 +32,7 @@ from gradwatch.agent import runlog
 from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
 from gradwatch.agent.clipping import make_clipper
 from gradwatch.agent.config import AgentConfig, ConfigError, load_config
+from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import Layer, build_tables, last_linear_params, saturation_bounds
 from gradwatch.agent.stats import dead_zero_ratios, mean_std, saturation_ratio
@@ -42,10 +43,6 @@ log = logging.getLogger("gradwatch.agent")
 _attached: weakref.WeakSet[Any] = weakref.WeakSet()  # models and optimizers being watched
 _open: weakref.WeakSet[Watcher] = weakref.WeakSet()  # closed at interpreter exit if the user did not
 _PINNED_BUFFERS = 3
-
-
-class GradientGuardError(RuntimeError):
-    """Raised by a guard whose action is `raise`; names the first params and layers affected."""
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, run: str | None = None,
@@ -125,7 +122,6 @@ class Watcher:
         self._update_prev: list[torch.Tensor] | None = None
         self._stepped_since_log = True
         self._latest: dict[str, tuple[int, np.ndarray]] = {}
-        self._events_seen: set[str] = set()
 
         self.run_id, rank, world = _run_identity()
         home = self.config.home or runlog.default_home()
@@ -134,6 +130,8 @@ class Watcher:
         header = runlog.Header(self._header_info(model, rank, world), metric_defs)
         self.path = runlog.log_path(self.run_id, rank, home)
         self._writer = LogWriter(self.path, runlog.encode_header(header), self.config.queue_size)
+        self._guards = Guards(self.config.guards, self.layout, self.params, self.layers, self.name,
+                              self._writer.submit, self._count_error)
         self._attach(model, optimizer)
         _attached.add(model)
         _attached.add(optimizer)
@@ -278,7 +276,7 @@ class Watcher:
             views.grad.index_copy_(0, self._index_tensor(tuple(present)), norms)
         total = torch.linalg.vector_norm(norms, out=views.total)
 
-        if self.config.guards.synchronous and self._guard_blocks_step(norms, total, present):
+        if self._guards.synchronous and self._guards.blocks_step(step, norms, total, present):
             host.skipped[row] = 1.0
             for t in self._param_tensors:
                 t.grad = None
@@ -424,29 +422,6 @@ class Watcher:
         self.step += 1
         self._stepped_since_log = True
 
-    def _guard_blocks_step(self, norms: torch.Tensor, total: torch.Tensor, present: list[int]) -> bool:
-        """Synchronous guards (`skip`, `raise`): one host sync per step, by the user's choice."""
-        guards = self.config.guards
-        limit = guards.max_total_norm if guards.max_total_norm is not None else float("inf")
-        nonfinite, over = torch.stack((~torch.isfinite(total), total > limit)).tolist()
-        for fired, action, kind in ((nonfinite, guards.nonfinite, "nonfinite"),
-                                    (over and not nonfinite, guards.max_total_norm_action, "norm_limit")):
-            if not fired or action not in ("skip", "raise"):
-                continue
-            grad = np.full(self.layout.n_params, NO_GRAD)
-            grad[present] = norms.tolist()
-            names, layers = self._offenders(kind, grad)
-            total_value = float(total)
-            self._writer.submit(_event_job(kind, self.step, {"params": names, "layers": layers, "action": action,
-                                                             "limit": guards.max_total_norm, "total": total_value}))
-            if action == "raise":
-                what = ("non-finite gradients" if kind == "nonfinite"
-                        else f"total gradient norm {total_value:.4g} above {limit}")
-                raise GradientGuardError(f"gradwatch: {what} at step {self.step} in params {', '.join(names)}"
-                                         + (f" (layers {', '.join(layers)})" if layers else ""))
-            return True
-        return False
-
     def _maybe_flush(self) -> None:
         """Flush a full window before its first row is reused (after `log()` had its chance)."""
         if self.step - self._unsent >= self._flush_every:
@@ -489,7 +464,7 @@ class Watcher:
                 result = window_blocks(self.layout, self._all_metrics(), values, host, scalar_ids)
                 chunks = [runlog.encode_metric(d) for d in defs]
                 chunks.append(runlog.encode_frame(result.blocks))
-                chunks += self._guard_events(result, values, host)
+                chunks += self._guards.window_events(values, host.steps)
                 if errors and errors != self._reported_errors:
                     self._reported_errors = errors
                     chunks.append(runlog.encode_event(runlog.Event("agent_error", int(host.steps[-1]), time.time(),
@@ -517,48 +492,6 @@ class Watcher:
         for name, metric_id in zip(self._scalar_names, self._scalar_ids):
             metrics[name] = runlog.MetricDef(metric_id, name, "run")
         return metrics
-
-    def _guard_events(self, result: Any, values: np.ndarray, host: HostRows) -> list[bytes]:
-        """Asynchronous guards (`warn`, callback): the first offending step of the window."""
-        guards = self.config.guards
-        chunks = []
-        grad = values[:, self.layout.grad_norm:self.layout.grad_norm + self.layout.n_params]
-        total = values[:, self.layout.run]
-        bad_rows = np.flatnonzero((~np.isfinite(grad)).any(axis=1))
-        checks = [("nonfinite", guards.nonfinite, bad_rows)]
-        if guards.max_total_norm is not None:
-            checks.append(("norm_limit", guards.max_total_norm_action,
-                           np.flatnonzero(np.isfinite(total) & (total > guards.max_total_norm))))
-        for kind, action, rows in checks:
-            if action in ("skip", "raise", "ignore") or rows.size == 0:
-                continue
-            r = int(rows[0])
-            names, layers = self._offenders(kind, grad[r])
-            data = {"params": names, "layers": layers,
-                    "action": action if isinstance(action, str) else "callback",
-                    "steps": int(rows.size), "total": float(total[r]), "limit": guards.max_total_norm}
-            event = runlog.Event(kind, int(host.steps[r]), time.time(), data)
-            chunks.append(runlog.encode_event(event))
-            if action == "warn":
-                if kind not in self._events_seen:
-                    log.warning("gradwatch: %s at step %d (run %s): params %s", kind, event.step, self.name,
-                                ", ".join(data["params"]) or "-")
-                self._events_seen.add(kind)
-            else:
-                try:
-                    action({"kind": kind, "step": event.step, **data})
-                except Exception as exc:
-                    self._count_error("guard_callback", exc)
-        return chunks
-
-    def _offenders(self, kind: str, grad_norms: np.ndarray) -> tuple[list[str], list[str]]:
-        """The first params (and their layers) to blame: non-finite ones, or the largest norms."""
-        if kind == "nonfinite":
-            order = np.flatnonzero(~np.isfinite(grad_norms))
-        else:
-            order = np.argsort(-np.nan_to_num(grad_norms, nan=-1.0))[:3]
-        bad = [self.params[i] for i in order[:5]]
-        return [p.name for p in bad], list(dict.fromkeys(self.layers[p.layer].name or "<model>" for p in bad))
 
     def _count_error(self, where: str, exc: BaseException) -> None:
         key = f"{where}:{type(exc).__name__}"
@@ -647,11 +580,6 @@ def _after(callback: Callable[[], None]) -> list[bytes]:
     """A writer job that writes nothing and calls back once the jobs before it are done."""
     callback()
     return []
-
-
-def _event_job(kind: str, step: int, data: dict[str, Any]) -> Callable[[], list[bytes]]:
-    event = runlog.Event(kind, step, time.time(), data)
-    return lambda: [runlog.encode_event(event)]
 
 
 def _run_identity() -> tuple[str, int, int]:

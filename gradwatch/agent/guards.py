@@ -1,0 +1,111 @@
+"""Guards: what the agent does about non-finite gradients and a total norm above a hard limit.
+
+`skip` and `raise` decide on the step itself, which costs one host synchronisation per step
+(opt-in). `warn` and callbacks decide when a window of statistics reaches the host, with no
+sync: the writer thread calls `window_events`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradwatch.agent import runlog
+from gradwatch.agent.buffer import NO_GRAD, Layout
+from gradwatch.agent.config import GuardConfig
+from gradwatch.agent.layers import Layer, Param
+
+log = logging.getLogger("gradwatch.agent")
+
+Submit = Callable[[Callable[[], list[bytes]]], bool]
+CountError = Callable[[str, BaseException], None]
+
+
+class GradientGuardError(RuntimeError):
+    """Raised by a guard whose action is `raise`; names the first params and layers affected."""
+
+
+class Guards:
+    """Applies one run's guard configuration, on the step (sync) or per window (async)."""
+
+    def __init__(self, config: GuardConfig, layout: Layout, params: list[Param], layers: list[Layer],
+                 run_name: str, submit: Submit, count_error: CountError) -> None:
+        self.config = config
+        self.synchronous = config.synchronous
+        self._layout = layout
+        self._params = params
+        self._layers = layers
+        self._run_name = run_name
+        self._submit = submit
+        self._count_error = count_error
+        self._warned: set[str] = set()
+
+    def blocks_step(self, step: int, norms: torch.Tensor, total: torch.Tensor, present: list[int]) -> bool:
+        """True when a `skip` guard fires; raises `GradientGuardError` for `raise`. One host sync."""
+        cfg = self.config
+        limit = cfg.max_total_norm if cfg.max_total_norm is not None else float("inf")
+        nonfinite, over = torch.stack((~torch.isfinite(total), total > limit)).tolist()
+        for fired, action, kind in ((nonfinite, cfg.nonfinite, "nonfinite"),
+                                    (over and not nonfinite, cfg.max_total_norm_action, "norm_limit")):
+            if not fired or action not in ("skip", "raise"):
+                continue
+            grad = np.full(self._layout.n_params, NO_GRAD)
+            grad[present] = norms.tolist()
+            names, layers = self._offenders(kind, grad)
+            total_value = float(total)
+            event = runlog.Event(kind, step, time.time(), {"params": names, "layers": layers, "action": action,
+                                                           "limit": cfg.max_total_norm, "total": total_value})
+            self._submit(lambda: [runlog.encode_event(event)])
+            if action == "raise":
+                what = ("non-finite gradients" if kind == "nonfinite"
+                        else f"total gradient norm {total_value:.4g} above {limit}")
+                raise GradientGuardError(f"gradwatch: {what} at step {step} in params {', '.join(names)}"
+                                         + (f" (layers {', '.join(layers)})" if layers else ""))
+            return True
+        return False
+
+    def window_events(self, values: np.ndarray, steps: np.ndarray) -> list[bytes]:
+        """`warn` and callback guards over a window of rows: the first offending step of each kind."""
+        cfg = self.config
+        layout = self._layout
+        grad = values[:, layout.grad_norm:layout.grad_norm + layout.n_params]
+        total = values[:, layout.run]
+        checks = [("nonfinite", cfg.nonfinite, np.flatnonzero((~np.isfinite(grad)).any(axis=1)))]
+        if cfg.max_total_norm is not None:
+            checks.append(("norm_limit", cfg.max_total_norm_action,
+                           np.flatnonzero(np.isfinite(total) & (total > cfg.max_total_norm))))
+        chunks = []
+        for kind, action, rows in checks:
+            if action in ("skip", "raise", "ignore") or rows.size == 0:
+                continue
+            r = int(rows[0])
+            names, layers = self._offenders(kind, grad[r])
+            data = {"params": names, "layers": layers, "action": action if isinstance(action, str) else "callback",
+                    "steps": int(rows.size), "total": float(total[r]), "limit": cfg.max_total_norm}
+            event = runlog.Event(kind, int(steps[r]), time.time(), data)
+            chunks.append(runlog.encode_event(event))
+            if action == "warn":
+                if kind not in self._warned:
+                    log.warning("gradwatch: %s at step %d (run %s): params %s", kind, event.step, self._run_name,
+                                ", ".join(names) or "-")
+                self._warned.add(kind)
+            else:
+                try:
+                    action({"kind": kind, "step": event.step, **data})
+                except Exception as exc:  # a user's callback must not stop the writer
+                    self._count_error("guard_callback", exc)
+        return chunks
+
+    def _offenders(self, kind: str, grad_norms: np.ndarray) -> tuple[list[str], list[str]]:
+        """The first params (and their layers) to blame: non-finite ones, or the largest norms."""
+        if kind == "nonfinite":
+            order = np.flatnonzero(~np.isfinite(grad_norms))[:5]
+        else:
+            order = np.argsort(-np.nan_to_num(grad_norms, nan=-1.0))[:3]
+        bad = [self._params[i] for i in order]
+        return [p.name for p in bad], list(dict.fromkeys(self._layers[p.layer].name or "<model>" for p in bad))
