@@ -41,7 +41,7 @@ def test_quick_run_writes_a_well_formed_table(tmp_path: Path) -> None:
 
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " | " in line]
     header = rows[0]
-    assert header.startswith("| model | method | median step (ms) | ratio to bare [95% CI] |")
+    assert header.startswith("| model | method | median step (ms) | ratio to bare [95% CI] | CPU-time ratio, mean [95% CI] |")
     table = [r for r in rows if re.match(r"\| (mlp \(.*\)|) \| (bare|clip|gradwatch) \|", r)]
     assert [r.split(" | ")[1] for r in table] == methods
     assert "mlp (2.37 M params, batch 128, 3 rounds)" in table[0]
