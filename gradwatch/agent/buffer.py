@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradwatch.agent.layers import Layer
 from gradwatch.agent.runlog import MetricDef
 
 # A param that had no gradient at a step: norms are >= 0, so -1 cannot be a measurement.
@@ -161,15 +160,16 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
         counts = host.act_count[measured]
         grad_counts = host.act_grad_count[measured]
         n = rows.shape[0]
-        stat = {name: [] for name in ("act_grad_norm", "act_mean", "act_std", "saturation_ratio",
+        stat: dict[str, list[np.ndarray]] = {name: [] for name in ("act_grad_norm", "act_mean", "act_std", "saturation_ratio",
                                       "dead_ratio", "zero_ratio")}
         for j, layer in enumerate(layout.act_layers):
             a = layout.act[layer]
             seen = counts[:, j] > 0
-            c = np.where(seen, counts[:, j], 1)
+            passes = np.where(seen, counts[:, j], 1)
 
-            def per_pass(col: int) -> np.ndarray:
-                return np.where(seen, rows[:, col] / c, np.nan)
+            def per_pass(col: int, seen: np.ndarray = seen, passes: np.ndarray = passes) -> np.ndarray:
+                """A column summed over the step's forward passes, as their mean (NaN if none)."""
+                return np.where(seen, rows[:, col] / passes, np.nan)
 
             sumsq = rows[:, layout.act_grad[layer]]
             stat["act_grad_norm"].append(np.where(grad_counts[:, j] > 0, np.sqrt(sumsq), np.nan))

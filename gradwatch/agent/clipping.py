@@ -277,7 +277,8 @@ class _PercentileClipper:
                 torch.zeros((), dtype=torch.long, device=device),
             )
         elif self._state[0].device != device:
-            self._state = tuple(t.to(device) for t in self._state)  # type: ignore[assignment]
+            ring, slot, count = self._state
+            self._state = (ring.to(device), slot.to(device), count.to(device))
         return self._state
 
     @torch.no_grad()
@@ -316,7 +317,8 @@ class _ZScoreClipper:
             zeros = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(3)]
             self._state = (zeros[0], zeros[1], zeros[2])
         elif self._state[0].device != device:
-            self._state = tuple(t.to(device) for t in self._state)  # type: ignore[assignment]
+            ring, slot, count = self._state
+            self._state = (ring.to(device), slot.to(device), count.to(device))
         return self._state
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -68,9 +68,9 @@ class GuardConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    nonfinite: Union[GuardAction, GuardCallback] = "warn"
+    nonfinite: GuardAction | GuardCallback = "warn"
     max_total_norm: float | None = Field(default=None, gt=0)
-    max_total_norm_action: Union[GuardAction, GuardCallback] = "warn"
+    max_total_norm_action: GuardAction | GuardCallback = "warn"
 
     @property
     def synchronous(self) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +59,8 @@ class Guards:
             total_value = float(total)
             event = runlog.Event(kind, step, time.time(), {"params": names, "layers": layers, "action": action,
                                                            "limit": cfg.max_total_norm, "total": total_value})
-            self._submit(lambda: [runlog.encode_event(event)])
+            encoded = [runlog.encode_event(event)]
+            self._submit(lambda: encoded)
             if action == "raise":
                 what = ("non-finite gradients" if kind == "nonfinite"
                         else f"total gradient norm {total_value:.4g} above {limit}")
@@ -94,7 +94,7 @@ class Guards:
                     log.warning("gradwatch: %s at step %d (run %s): params %s", kind, event.step, self._run_name,
                                 ", ".join(names) or "-")
                 self._warned.add(kind)
-            else:
+            elif callable(action):
                 try:
                     action({"kind": kind, "step": event.step, **data})
                 except Exception as exc:  # a user's callback must not stop the writer

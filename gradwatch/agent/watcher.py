@@ -84,7 +84,7 @@ class Watcher:
         self._lock = threading.Lock()
 
         self.layers, self.params = build_tables(model, optimizer)
-        self._param_tensors = [p.tensor for p in self.params]
+        self._param_tensors: list[torch.Tensor] = [p.tensor for p in self.params]
         self._index_of = {id(t): i for i, t in enumerate(self._param_tensors)}
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -92,7 +92,7 @@ class Watcher:
 
         measure = self.config.measure
         self._flush_every = measure.flush_every
-        act_layers = [l.index for l in self.layers] if measure.activation_every else []
+        act_layers = [layer.index for layer in self.layers] if measure.activation_every else []
         self.layout = Layout(len(self.params), len(optimizer.param_groups), act_layers,
                              [i for i in act_layers if self.layers[i].family == "bounded"],
                              [i for i in act_layers if self.layers[i].family == "relu"], self.config.clip.mode)
@@ -165,10 +165,11 @@ class Watcher:
         _open.discard(self)
         self._update_prev = None
         self._flush()
-        stats = {"steps": self.step, "dropped_frames": self._writer.dropped, "errors": dict(self.errors)}
+        errors = dict(self.errors)
+        stats: dict[str, Any] = {"steps": self.step, "dropped_frames": self._writer.dropped, "errors": errors}
 
         def final() -> list[bytes]:
-            stats["errors"].update({f"writer:{k}": v for k, v in self._writer.errors.items()})
+            errors.update({f"writer:{k}": v for k, v in self._writer.errors.items()})
             stats["bytes_written"] = self._writer.bytes_written
             return [runlog.encode_close(runlog.Close(time.time(), self.step, stats))]
 
@@ -256,13 +257,10 @@ class Watcher:
         for g, group in enumerate(self._optimizer.param_groups):
             host.lr[row, g] = float(group.get("lr", float("nan")))
 
-        grads = [t.grad for t in self._param_tensors]
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if len(present) < len(grads):
-            params = [self._param_tensors[i] for i in present]
-            grads = [grads[i] for i in present]
-        else:
-            params = self._param_tensors
+        maybe_grads = [t.grad for t in self._param_tensors]
+        present = [i for i, g in enumerate(maybe_grads) if g is not None]
+        grads = [g for g in maybe_grads if g is not None]
+        params = self._param_tensors if len(grads) == len(maybe_grads) else [self._param_tensors[i] for i in present]
         if not grads:
             views.grad.fill_(NO_GRAD)
             views.run.fill_(float("nan"))
@@ -293,7 +291,7 @@ class Watcher:
         every = self.config.measure.update_ratio_every
         if every and step % every == 0:
             with torch.no_grad():
-                self._update_prev = torch._foreach_mul(self._param_tensors, 1.0)
+                self._update_prev = list(torch._foreach_mul(self._param_tensors, 1.0))
 
     @torch.no_grad()
     def _measure_after_step(self) -> None:
@@ -534,7 +532,7 @@ class Watcher:
         for entry in params.values():
             norm = entry.get("grad_norm")
             entry["nonfinite"] = norm is None and "grad_norm" in entry  # NaN/Inf stored as None
-        layers = per("layer", [l.name or "<model>" for l in self.layers])
+        layers = per("layer", [layer.name or "<model>" for layer in self.layers])
         for layer in self.layers:
             norms = [params[self.params[i].name].get("grad_norm") for i in layer.params]
             finite = [n for n in norms if n is not None]
