@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ def cnn() -> nn.Module:
     """Four Conv3x3 + BatchNorm + ReLU blocks (32, 64, 128, 128 channels, 2x2 max-pool after each)."""
     layers: list[nn.Module] = []
     channels = [3, 32, 64, 128, 128]
-    for c_in, c_out in zip(channels, channels[1:]):
+    for c_in, c_out in itertools.pairwise(channels):
         layers += [
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
             nn.BatchNorm2d(c_out),

@@ -287,7 +287,9 @@ def ratio_interval(method_ns: Sequence[int], bare_ns: Sequence[int], resamples: 
     """
     method = np.asarray(method_ns, dtype=np.float64)
     bare = np.asarray(bare_ns, dtype=np.float64)
-    reduce = {"median": np.median, "mean": np.mean}[statistic]
+    if statistic not in ("median", "mean"):
+        raise ValueError(f"statistic must be 'median' or 'mean'. Got {statistic!r}")
+    reduce = np.median if statistic == "median" else np.mean
     ratio = float(reduce(method) / reduce(bare))
     idx = np.random.default_rng(seed).integers(0, len(bare), size=(resamples, len(bare)))
     boot = reduce(method[idx], axis=1) / reduce(bare[idx], axis=1)
@@ -467,8 +469,8 @@ def render(report: Report) -> str:
             targets += _targets(result, name, row)
     if report.import_ms:
         agent, base = float(np.median(report.import_ms)), float(np.median(report.torch_import_ms or [0.0]))
-        lines += ["", f"Import: `{IMPORT_STATEMENT}` after `import torch` takes {agent:.1f} ms (median of "
-                      f"{len(report.import_ms)} fresh interpreters; `import torch` itself {base:.0f} ms)."]
+        lines += ["", (f"Import: `{IMPORT_STATEMENT}` after `import torch` takes {agent:.1f} ms (median of "
+                       f"{len(report.import_ms)} fresh interpreters; `import torch` itself {base:.0f} ms).")]
         targets.append((f"`{IMPORT_STATEMENT}` ≤ {IMPORT_TARGET_MS:.0f} ms over `import torch`", "–",
                         f"{agent:.1f} ms", _verdict(agent, IMPORT_TARGET_MS)))
     if targets:

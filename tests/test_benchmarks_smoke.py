@@ -94,6 +94,6 @@ def test_ratio_interval_is_paired_over_rounds() -> None:
     drift = rng.uniform(1.0, 3.0, size=200)  # the machine's state, shared by each round
     bare = (100 * drift).astype(int)
     method = (110 * drift).astype(int)
-    ratio, low, high = ratio_interval(method, bare, resamples=500, seed=1)
+    ratio, low, high = ratio_interval(method.tolist(), bare.tolist(), resamples=500, seed=1)
     assert ratio == pytest.approx(1.1, abs=0.01)
     assert low <= ratio <= high and high - low < 0.02
