@@ -28,7 +28,8 @@ class Layout:
 
     n_params: int
     n_groups: int
-    act_layers: list[int]  # layers whose outputs are measured (act_grad_norm, mean, std)
+    act_layers: list[int]  # layers whose output gradient is measured (act_grad_norm): all of them
+    stat_layers: list[int]  # activation layers, whose outputs are measured (mean, std, ...)
     bounded: list[int]  # of those, layers with saturation_ratio
     relu: list[int]  # of those, layers with dead_ratio and zero_ratio
     clip_mode: str = "none"  # without a clipper (or a threshold) the host fills those columns
@@ -38,8 +39,9 @@ class Layout:
     param_norm: int = 0
     update_ratio: int = 0
     scalars: int = 0
+    act_start: int = 0  # first activation column: zeroed when a step's activations are measured
     act_grad: dict[int, int] = field(default_factory=dict)  # layer -> sum of squares column
-    act: dict[int, int] = field(default_factory=dict)  # layer -> [mean, std, extra...] start
+    act: dict[int, int] = field(default_factory=dict)  # stat layer -> [mean, std, extra...] start
 
     def __post_init__(self) -> None:
         col = 0
@@ -53,12 +55,13 @@ class Layout:
         col += self.n_params
         self.scalars = col
         col += MAX_SCALARS
-        bounded, relu = set(self.bounded), set(self.relu)
+        self.act_start = col
         for layer in self.act_layers:
             self.act_grad[layer] = col
             col += 1
+        for layer in self.stat_layers:
             self.act[layer] = col
-            col += 2 + (1 if layer in bounded else 0) + (2 if layer in relu else 0)
+            col += self.act_width(layer)
         self.width = col
 
     def act_width(self, layer: int) -> int:
@@ -76,8 +79,10 @@ def standard_metrics(layout: Layout, measure_params: bool, measure_updates: bool
     if measure_updates:
         defs.append(("update_ratio", "param", tuple(range(layout.n_params))))
     if measure_acts:
-        acts = tuple(layout.act_layers)
-        defs += [("act_grad_norm", "layer", acts), ("act_mean", "layer", acts), ("act_std", "layer", acts)]
+        stats = tuple(layout.stat_layers)
+        defs.append(("act_grad_norm", "layer", tuple(layout.act_layers)))
+        if stats:
+            defs += [("act_mean", "layer", stats), ("act_std", "layer", stats)]
         if layout.bounded:
             defs.append(("saturation_ratio", "layer", tuple(layout.bounded)))
         if layout.relu:
@@ -155,24 +160,26 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
     add("param_norm", host.param_due, values[host.param_due, layout.param_norm:layout.param_norm + p])
     add("update_ratio", host.update_due, values[host.update_due, layout.update_ratio:layout.update_ratio + p])
     measured = host.act_count.sum(axis=1) > 0
-    if layout.act_layers and "act_mean" in metrics and measured.any():
+    if layout.act_layers and "act_grad_norm" in metrics and measured.any():
         rows = values[measured]
         counts = host.act_count[measured]
         grad_counts = host.act_grad_count[measured]
         n = rows.shape[0]
-        stat: dict[str, list[np.ndarray]] = {name: [] for name in ("act_grad_norm", "act_mean", "act_std", "saturation_ratio",
-                                      "dead_ratio", "zero_ratio")}
+        names = ("act_grad_norm", "act_mean", "act_std", "saturation_ratio", "dead_ratio", "zero_ratio")
+        stat: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for j, layer in enumerate(layout.act_layers):
-            a = layout.act[layer]
             seen = counts[:, j] > 0
+            stat["act_grad_norm"].append(np.where(grad_counts[:, j] > 0, np.sqrt(rows[:, layout.act_grad[layer]]),
+                                                  np.nan))
+            if layer not in layout.act:
+                continue
+            a = layout.act[layer]
             passes = np.where(seen, counts[:, j], 1)
 
             def per_pass(col: int, seen: np.ndarray = seen, passes: np.ndarray = passes) -> np.ndarray:
                 """A column summed over the step's forward passes, as their mean (NaN if none)."""
                 return np.where(seen, rows[:, col] / passes, np.nan)
 
-            sumsq = rows[:, layout.act_grad[layer]]
-            stat["act_grad_norm"].append(np.where(grad_counts[:, j] > 0, np.sqrt(sumsq), np.nan))
             stat["act_mean"].append(per_pass(a))
             stat["act_std"].append(per_pass(a + 1))
             extra = a + 2

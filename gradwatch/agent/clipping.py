@@ -14,12 +14,13 @@ import functools
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
-from gradwatch.agent.config import ClipConfig
+if TYPE_CHECKING:
+    from gradwatch.agent.config import ClipConfig
 
 __all__ = ["ClipResult", "Clipper", "make_clipper"]
 

@@ -11,13 +11,17 @@ import logging
 import time
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from gradwatch.agent import runlog
 from gradwatch.agent.buffer import NO_GRAD, Layout
-from gradwatch.agent.config import GuardConfig
 from gradwatch.agent.layers import Layer, Param
+
+if TYPE_CHECKING:
+    from gradwatch.agent.config import GuardConfig
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -59,8 +63,7 @@ class Guards:
             total_value = float(total)
             event = runlog.Event(kind, step, time.time(), {"params": names, "layers": layers, "action": action,
                                                            "limit": cfg.max_total_norm, "total": total_value})
-            encoded = [runlog.encode_event(event)]
-            self._submit(lambda: encoded)
+            self._record(event)
             if action == "raise":
                 what = ("non-finite gradients" if kind == "nonfinite"
                         else f"total gradient norm {total_value:.4g} above {limit}")
@@ -68,6 +71,10 @@ class Guards:
                                          + (f" (layers {', '.join(layers)})" if layers else ""))
             return True
         return False
+
+    def _record(self, event: runlog.Event) -> None:
+        encoded = [runlog.encode_event(event)]
+        self._submit(lambda: encoded)
 
     def window_events(self, values: np.ndarray, steps: np.ndarray) -> list[bytes]:
         """`warn` and callback guards over a window of rows: the first offending step of each kind."""

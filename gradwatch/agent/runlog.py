@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Union
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -150,7 +150,7 @@ class Corrupt:
     reason: str
 
 
-Record = Union[Header, MetricDef, Frame, Event, Close, Corrupt]
+Record = Header | MetricDef | Frame | Event | Close | Corrupt
 
 
 # ---------------------------------------------------------------- encoding

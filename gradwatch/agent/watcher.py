@@ -21,7 +21,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,12 +31,14 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch.agent import runlog
 from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
 from gradwatch.agent.clipping import make_clipper
-from gradwatch.agent.config import AgentConfig, ConfigError, load_config
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import Layer, build_tables, last_linear_params, saturation_bounds
 from gradwatch.agent.stats import dead_zero_ratios, mean_std, saturation_ratio
 from gradwatch.agent.writer import LogWriter
+
+if TYPE_CHECKING:  # pydantic loads when a watcher is made, not when the agent is imported
+    from gradwatch.agent.config import AgentConfig
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -74,6 +76,8 @@ class Watcher:
             if obj in _attached:
                 raise RuntimeError(f"gradwatch is already watching this {what}; close() the first watcher before "
                                    "attaching another")
+        from gradwatch.agent.config import load_config
+
         self.config = load_config(config)
         self.errors: Counter[str] = Counter()
         self._model_ref = weakref.ref(model)
@@ -94,6 +98,7 @@ class Watcher:
         self._flush_every = measure.flush_every
         act_layers = [layer.index for layer in self.layers] if measure.activation_every else []
         self.layout = Layout(len(self.params), len(optimizer.param_groups), act_layers,
+                             [i for i in act_layers if self.layers[i].family is not None],
                              [i for i in act_layers if self.layers[i].family == "bounded"],
                              [i for i in act_layers if self.layers[i].family == "relu"], self.config.clip.mode)
         self._act_slot = {layer: j for j, layer in enumerate(act_layers)}
@@ -320,22 +325,25 @@ class Watcher:
             self._host.update_due[row] = True
 
     def _forward_hook(self, layer: Layer) -> Callable[..., None]:
-        slot = self._act_slot[layer.index]
-        start = self.layout.act[layer.index]
-        width = self.layout.act_width(layer.index)
-        grad_col = self.layout.act_grad[layer.index]
-        bounded = layer.index in self.layout.bounded
-        relu = layer.index in self.layout.relu
+        """A forward hook for one layer: statistics of an activation's output, and a tensor
+        hook for the gradient w.r.t. any layer's output, on the steps that measure them."""
+        index = layer.index
+        slot = self._act_slot[index]
+        has_stats = index in self.layout.act
+        bounded = index in self.layout.bounded
+        relu = index in self.layout.relu
         low, high = saturation_bounds(layer.module) if bounded else (0.0, 0.0)
         eps = self.config.measure.saturation_eps
         every = self.config.measure.activation_every
 
         def grad_hook(grad: torch.Tensor) -> None:
             try:
-                row = self._buf[self.step % self._flush_every]
-                norm = torch.linalg.vector_norm(grad, dtype=torch.float32).to(self.device, non_blocking=True)
-                row[grad_col].add_(norm * norm)
-                self._host.act_grad_count[self.step % self._flush_every, slot] += 1
+                row = self.step % self._flush_every
+                norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+                if norm.device != self.device:
+                    norm = norm.to(self.device, non_blocking=True)
+                self._rows[row].act_grad[index].addcmul_(norm, norm)
+                self._host.act_grad_count[row, slot] += 1
             except Exception as exc:
                 self._count_error("activation_grad", exc)
 
@@ -347,17 +355,20 @@ class Watcher:
                 if y is None or not y.is_floating_point():
                     return
                 self._init_act_row()
-                with torch.no_grad():
-                    d = y.detach()
-                    parts = [mean_std(d)]
-                    if bounded:
-                        parts.append(saturation_ratio(d, low, high, eps).reshape(1))
-                    if relu:
-                        parts.append(dead_zero_ratios(d))
-                    values = torch.cat(parts).to(self.device, non_blocking=True)
-                    row = self._buf[self.step % self._flush_every]
-                    row[start:start + width].add_(values)
-                self._host.act_count[self.step % self._flush_every, slot] += 1
+                row = self.step % self._flush_every
+                if has_stats:
+                    with torch.no_grad():
+                        d = y.detach()
+                        parts = [mean_std(d)]
+                        if bounded:
+                            parts.append(saturation_ratio(d, low, high, eps).reshape(1))
+                        if relu:
+                            parts.append(dead_zero_ratios(d))
+                        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+                        if values.device != self.device:
+                            values = values.to(self.device, non_blocking=True)
+                        self._rows[row].act[index].add_(values)
+                self._host.act_count[row, slot] += 1
                 if y.requires_grad:
                     y.register_hook(grad_hook)
             except Exception as exc:
@@ -374,8 +385,7 @@ class Watcher:
         self._maybe_flush()
         self._act_row = self.step
         row = self.step % self._flush_every
-        first = self.layout.act_grad[self.layout.act_layers[0]]
-        self._buf[row, first:].zero_()
+        self._buf[row, self.layout.act_start:].zero_()
         self._host.act_count[row] = 0
         self._host.act_grad_count[row] = 0
 
@@ -562,6 +572,8 @@ class _RowViews:
         self.total = row[layout.run]
         self.run = row[layout.run:layout.run + 4]  # total, total after clipping, coef, threshold
         self.clip = row[layout.run + 1:layout.run + 4]
+        self.act_grad = {layer: row[col] for layer, col in layout.act_grad.items()}
+        self.act = {layer: row[col:col + layout.act_width(layer)] for layer, col in layout.act.items()}
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -619,4 +631,4 @@ def _close_open_watchers() -> None:
         watcher.close()
 
 
-__all__ = ["ConfigError", "GradientGuardError", "Watcher", "watch"]
+__all__ = ["GradientGuardError", "Watcher", "watch"]
