@@ -102,11 +102,14 @@ class HostRows:
     update_due: np.ndarray
     act_count: np.ndarray  # forward passes measured per act layer (rows, n_act)
     act_grad_count: np.ndarray  # output gradients measured per act layer
+    act_elems: np.ndarray  # output elements summed over those passes
+    act_units: np.ndarray  # output units (features / channels) summed over those passes
 
     @classmethod
     def empty(cls, rows: int, n_groups: int, n_act: int) -> HostRows:
         return cls(np.zeros(rows, np.int64), np.zeros(rows, np.float32), np.full((rows, n_groups), np.nan, np.float32),
                    np.zeros((rows, MAX_SCALARS), bool), np.zeros(rows, bool), np.zeros(rows, bool),
+                   np.zeros((rows, n_act), np.int64), np.zeros((rows, n_act), np.int64),
                    np.zeros((rows, n_act), np.int64), np.zeros((rows, n_act), np.int64))
 
     def take(self, rows: np.ndarray) -> HostRows:
@@ -167,28 +170,24 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
         n = rows.shape[0]
         names = ("act_grad_norm", "act_mean", "act_std", "saturation_ratio", "dead_ratio", "zero_ratio")
         stat: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for j, layer in enumerate(layout.act_layers):
-            seen = counts[:, j] > 0
-            stat["act_grad_norm"].append(np.where(grad_counts[:, j] > 0, np.sqrt(rows[:, layout.act_grad[layer]]),
-                                                  np.nan))
-            if layer not in layout.act:
-                continue
-            a = layout.act[layer]
-            passes = np.where(seen, counts[:, j], 1)
-
-            def per_pass(col: int, seen: np.ndarray = seen, passes: np.ndarray = passes) -> np.ndarray:
-                """A column summed over the step's forward passes, as their mean (NaN if none)."""
-                return np.where(seen, rows[:, col] / passes, np.nan)
-
-            stat["act_mean"].append(per_pass(a))
-            stat["act_std"].append(per_pass(a + 1))
-            extra = a + 2
-            if layer in layout.bounded:
-                stat["saturation_ratio"].append(per_pass(extra))
-                extra += 1
-            if layer in layout.relu:
-                stat["dead_ratio"].append(per_pass(extra))
-                stat["zero_ratio"].append(per_pass(extra + 1))
+        elems, units = host.act_elems[measured], host.act_units[measured]
+        with np.errstate(divide="ignore", invalid="ignore"):  # a layer not measured at a step: NaN
+            for j, layer in enumerate(layout.act_layers):
+                stat["act_grad_norm"].append(np.where(grad_counts[:, j] > 0,
+                                                      np.sqrt(rows[:, layout.act_grad[layer]]), np.nan))
+                if layer not in layout.act:
+                    continue
+                a, total = layout.act[layer], np.where(counts[:, j] > 0, elems[:, j], np.nan)
+                mean = rows[:, a] / total
+                stat["act_mean"].append(mean)
+                stat["act_std"].append(np.sqrt(np.maximum(rows[:, a + 1] / total - mean * mean, 0.0)))
+                extra = a + 2
+                if layer in layout.bounded:
+                    stat["saturation_ratio"].append(rows[:, extra] / total)
+                    extra += 1
+                if layer in layout.relu:
+                    stat["dead_ratio"].append(rows[:, extra] / np.where(counts[:, j] > 0, units[:, j], np.nan))
+                    stat["zero_ratio"].append(rows[:, extra + 1] / total)
         for name, cols in stat.items():
             if cols:
                 add(name, measured, np.stack(cols, axis=1).reshape(n, -1))

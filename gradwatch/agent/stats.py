@@ -1,26 +1,27 @@
-"""Activation statistics as pure tensor functions: no host sync, results stay on the device.
+"""Activation statistics as pure tensor functions: raw sums and counts that stay on the device.
 
-Each makes one or two passes over the output with no bool masks: on one CPU thread
-`torch.std_mean` and mask-and-sum were several times slower on conv-sized outputs.
+The device only sums (one reduction per statistic, no bool masks: on one CPU thread
+`torch.std_mean` and mask-and-sum were several times slower on conv-sized outputs); the
+host divides by the element and unit counts it knows, when a window is flushed. Sums over
+the micro-batches of a step then give the exact statistics of the whole step.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def mean_std(y: torch.Tensor) -> torch.Tensor:
-    """[mean, std] of all elements (population std), float32, in two passes."""
-    n = max(y.numel(), 1)
-    mean = y.sum(dtype=torch.float32) / n
-    std = (y.float() - mean).square_().sum().div_(n).sqrt_()
-    return torch.stack((mean, std))
+def moments(y: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares] of all elements, float32: the host makes mean and std of them."""
+    return torch.stack((y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=torch.float32).square()))
 
 
-def saturation_ratio(y: torch.Tensor, low: float, high: float, eps: float) -> torch.Tensor:
-    """Fraction of outputs within `eps` of the asymptotes: y < low + eps or y > high - eps."""
+def saturated_count(y: torch.Tensor, low: float, high: float, eps: float) -> torch.Tensor:
+    """Outputs within `eps` of the asymptotes: y < low + eps or y > high - eps."""
     center, reach = (low + high) / 2, (high - low) / 2 - eps
-    return torch.sub(y, center).abs_().gt_(reach).sum(dtype=torch.float32) / max(y.numel(), 1)
+    return torch.sub(y, center).abs_().gt_(reach).sum(dtype=torch.float32).reshape(1)
 
 
 def unit_dims(ndim: int) -> tuple[int, ...]:
@@ -36,12 +37,18 @@ def unit_dims(ndim: int) -> tuple[int, ...]:
     return tuple(range(ndim - 1))
 
 
-def dead_zero_ratios(y: torch.Tensor) -> torch.Tensor:
-    """[dead_ratio, zero_ratio]: units that are zero for every sample, and zero outputs."""
+def unit_count(y: torch.Tensor) -> int:
+    """How many units `dead_zero_counts` judges (a host value: shapes need no sync)."""
+    dims = unit_dims(y.dim())
+    return y.numel() // max(math.prod(y.shape[d] for d in dims), 1) if dims else y.numel()
+
+
+def dead_zero_counts(y: torch.Tensor) -> torch.Tensor:
+    """[dead units, zero outputs]: units that are zero for every sample, and outputs equal to zero."""
     dims = unit_dims(y.dim())
     if dims:  # a unit is dead when its largest and smallest outputs are both zero
-        dead = ((y.amax(dim=dims) == 0) & (y.amin(dim=dims) == 0)).float().mean()
+        dead = ((y.amax(dim=dims) == 0) & (y.amin(dim=dims) == 0)).sum(dtype=torch.float32)
     else:
-        dead = (y == 0).float().mean()
-    nonzero = torch.sign(y).abs_().sum(dtype=torch.float32)
-    return torch.stack((dead, 1.0 - nonzero / max(y.numel(), 1)))
+        dead = (y == 0).sum(dtype=torch.float32)
+    zeros = y.numel() - torch.sign(y).abs_().sum(dtype=torch.float32)
+    return torch.stack((dead, zeros))

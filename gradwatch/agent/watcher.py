@@ -34,7 +34,7 @@ from gradwatch.agent.clipping import make_clipper
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import Layer, build_tables, last_linear_params, saturation_bounds
-from gradwatch.agent.stats import dead_zero_ratios, mean_std, saturation_ratio
+from gradwatch.agent.stats import dead_zero_counts, moments, saturated_count, unit_count
 from gradwatch.agent.writer import LogWriter
 
 if TYPE_CHECKING:  # pydantic loads when a watcher is made, not when the agent is imported
@@ -259,6 +259,8 @@ class Watcher:
         if self._act_row != step:
             host.act_count[row] = 0
             host.act_grad_count[row] = 0
+            host.act_elems[row] = 0
+            host.act_units[row] = 0
         for g, group in enumerate(self._optimizer.param_groups):
             host.lr[row, g] = float(group.get("lr", float("nan")))
 
@@ -359,16 +361,18 @@ class Watcher:
                 if has_stats:
                     with torch.no_grad():
                         d = y.detach()
-                        parts = [mean_std(d)]
+                        parts = [moments(d)]
                         if bounded:
-                            parts.append(saturation_ratio(d, low, high, eps).reshape(1))
+                            parts.append(saturated_count(d, low, high, eps))
                         if relu:
-                            parts.append(dead_zero_ratios(d))
+                            parts.append(dead_zero_counts(d))
+                            self._host.act_units[row, slot] += unit_count(d)
                         values = torch.cat(parts) if len(parts) > 1 else parts[0]
                         if values.device != self.device:
                             values = values.to(self.device, non_blocking=True)
                         self._rows[row].act[index].add_(values)
                 self._host.act_count[row, slot] += 1
+                self._host.act_elems[row, slot] += y.numel()
                 if y.requires_grad:
                     y.register_hook(grad_hook)
             except Exception as exc:
@@ -388,6 +392,8 @@ class Watcher:
         self._buf[row, self.layout.act_start:].zero_()
         self._host.act_count[row] = 0
         self._host.act_grad_count[row] = 0
+        self._host.act_elems[row] = 0
+        self._host.act_units[row] = 0
 
     def _index_tensor(self, present: tuple[int, ...]) -> torch.Tensor:
         index = self._present_index.get(present)
@@ -424,6 +430,8 @@ class Watcher:
         self._host.update_due[row] = False
         self._host.act_count[row] = 0
         self._host.act_grad_count[row] = 0
+        self._host.act_elems[row] = 0
+        self._host.act_units[row] = 0
         self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in self._optimizer.param_groups]
         self._buf[row, :self.layout.run].fill_(NO_GRAD)
         self._buf[row, self.layout.run:self.layout.run + 4].fill_(float("nan"))
