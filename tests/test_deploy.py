@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.prometheus import PrometheusServer, free_port, http_get, require_binary, wait_until
+from tests.fixtures.prometheus import http_get, launch_prometheus, require_binary, wait_until
 from tests.fixtures.service import serve_command
 from tests.test_dashboards import Served, check_against_served, metric_names, served  # noqa: F401 - fixture
 
@@ -120,29 +120,6 @@ def test_alert_rules_use_only_served_metrics_and_labels(served: Served) -> None:
     assert problems == []
 
 
-def _start_prometheus(workdir: Path, config: Path) -> PrometheusServer:
-    port = free_port()
-    log_path = workdir / "prometheus.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [require_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    server = PrometheusServer(f"http://127.0.0.1:{port}", process, log_path)
-
-    def ready() -> bool | None:
-        if process.poll() is not None:
-            pytest.fail(f"prometheus exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        return True if http_get(f"{server.url}/-/ready", timeout=5).strip() else None
-
-    try:
-        wait_until(ready, "prometheus to be ready")
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 @pytest.mark.slow
 def test_deploy_config_and_rules_evaluate_in_a_real_prometheus(served: Served, tmp_path: Path) -> None:  # noqa: F811
     """The deploy config as shipped, but scraping the test's service every second and
@@ -155,7 +132,7 @@ def test_deploy_config_and_rules_evaluate_in_a_real_prometheus(served: Served, t
     rules = RULES.read_text()
     assert rules.count("interval: 30s") == len(yaml.safe_load(rules)["groups"])
     (tmp_path / RULES.name).write_text(rules.replace("interval: 30s", "interval: 1s"))
-    prom = _start_prometheus(tmp_path, tmp_path / "prometheus.yml")
+    prom = launch_prometheus(tmp_path, tmp_path / "prometheus.yml")
     try:
         def evaluated() -> list[dict[str, Any]] | None:
             body = json.loads(http_get(f"{prom.url}/api/v1/rules"))
