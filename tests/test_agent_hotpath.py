@@ -186,3 +186,62 @@ def test_failure_inside_a_hook_is_counted_not_raised():
         losses = train(model, opt, "mlp", steps=3, watcher=watcher)
         assert len(losses) == 3
         assert watcher.errors["step:TypeError"] == 3
+
+
+def _run_on(device: str, name: str, clip: str, during_steps=None) -> dict:
+    """Train `name` for 12 steps on `device` with every metric every step; return the final snapshot."""
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = {**EVERYTHING_EVERY_STEP, "clip": {"mode": clip, "max_norm": 0.1, "max_value": 0.01}}
+    gen = torch.Generator().manual_seed(0)
+    batches = [tuple(t.to(device) for t in batch_for(name, gen)) for _ in range(12)]
+    with gradwatch.watch(model, opt, config=config) as watcher:
+        for step, (x, y) in enumerate(batches):
+            context = during_steps() if during_steps is not None and step > 0 else _nothing()
+            with context:  # the first step is left out: torch's own lazy initialisation may sync
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                watcher.log(loss=loss)
+                opt.zero_grad()
+        return watcher.snapshot()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _sync_is_an_error:
+    """`torch.cuda.set_sync_debug_mode("error")` for the duration: any host synchronisation raises."""
+
+    def __enter__(self):
+        self.previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.previous)
+        return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, clip", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_cuda_steps_make_no_host_sync_and_match_cpu(name, clip):
+    on_gpu = _run_on("cuda", name, clip, during_steps=_sync_is_an_error)
+    on_cpu = _run_on("cpu", name, clip)
+    assert on_gpu["errors"] == {}, on_gpu["errors"]
+    assert on_gpu["steps"] == on_cpu["steps"] == 12
+    for key in ("before_clip", "after_clip"):
+        assert on_gpu["grad_norm_total"][key] == pytest.approx(on_cpu["grad_norm_total"][key], rel=1e-3)
+    for param, metrics in on_cpu["params"].items():
+        for metric, value in metrics.items():
+            if isinstance(value, float):
+                assert on_gpu["params"][param][metric] == pytest.approx(value, rel=1e-3, abs=1e-6), (param, metric)
+    for layer, metrics in on_cpu["layers"].items():
+        for metric, value in metrics.items():
+            if isinstance(value, float):
+                assert on_gpu["layers"][layer][metric] == pytest.approx(value, rel=1e-3, abs=1e-5), (layer, metric)

@@ -15,6 +15,7 @@ from torch import nn
 # Activation families, by which statistic applies (docs/agent.md explains the choice).
 BOUNDED: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
 RELU: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+NONNEGATIVE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)  # of the ReLU family, those with no negative output
 SMOOTH: tuple[type[nn.Module], ...] = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish)
 RNN: tuple[type[nn.Module], ...] = (nn.RNN, nn.LSTM, nn.GRU)
 WEIGHTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + RNN

@@ -43,12 +43,17 @@ def unit_count(y: torch.Tensor) -> int:
     return y.numel() // max(math.prod(y.shape[d] for d in dims), 1) if dims else y.numel()
 
 
-def dead_zero_counts(y: torch.Tensor) -> torch.Tensor:
-    """[dead units, zero outputs]: units that are zero for every sample, and outputs equal to zero."""
+def dead_zero_counts(y: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """[dead units, zero outputs]: units that are zero for every sample, and outputs equal to zero.
+
+    One elementwise pass: |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero), and
+    its sum over the unit dims is each unit's count of non-zero outputs. `nonnegative` (ReLU,
+    ReLU6) skips the `abs_`, which only negative outputs need.
+    """
+    nonzero = torch.sign(y)
+    if not nonnegative:
+        nonzero.abs_()
     dims = unit_dims(y.dim())
-    if dims:  # a unit is dead when its largest and smallest outputs are both zero
-        dead = ((y.amax(dim=dims) == 0) & (y.amin(dim=dims) == 0)).sum(dtype=torch.float32)
-    else:
-        dead = (y == 0).sum(dtype=torch.float32)
-    zeros = y.numel() - torch.sign(y).abs_().sum(dtype=torch.float32)
-    return torch.stack((dead, zeros))
+    per_unit = nonzero.sum(dim=dims, dtype=torch.float32) if dims else nonzero.to(torch.float32)
+    dead = per_unit.eq(0).sum(dtype=torch.float32)
+    return torch.stack((dead, y.numel() - per_unit.sum()))

@@ -33,7 +33,7 @@ from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, windo
 from gradwatch.agent.clipping import make_clipper
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
-from gradwatch.agent.layers import Layer, build_tables, last_linear_params, saturation_bounds
+from gradwatch.agent.layers import NONNEGATIVE, Layer, build_tables, last_linear_params, saturation_bounds
 from gradwatch.agent.stats import dead_zero_counts, moments, saturated_count, unit_count
 from gradwatch.agent.writer import LogWriter
 
@@ -334,6 +334,7 @@ class Watcher:
         has_stats = index in self.layout.act
         bounded = index in self.layout.bounded
         relu = index in self.layout.relu
+        nonnegative = isinstance(layer.module, NONNEGATIVE)
         low, high = saturation_bounds(layer.module) if bounded else (0.0, 0.0)
         eps = self.config.measure.saturation_eps
         every = self.config.measure.activation_every
@@ -365,7 +366,7 @@ class Watcher:
                         if bounded:
                             parts.append(saturated_count(d, low, high, eps))
                         if relu:
-                            parts.append(dead_zero_counts(d))
+                            parts.append(dead_zero_counts(d, nonnegative))
                             self._host.act_units[row, slot] += unit_count(d)
                         values = torch.cat(parts) if len(parts) > 1 else parts[0]
                         if values.device != self.device:
