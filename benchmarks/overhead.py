@@ -298,7 +298,8 @@ def ratio_interval(method_ns: Sequence[int], bare_ns: Sequence[int], resamples: 
 
 
 def _git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+    """The checkout's commit, with `-dirty` when its files differ from it."""
+    proc = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
                           check=False)
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
