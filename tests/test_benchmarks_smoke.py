@@ -97,3 +97,13 @@ def test_ratio_interval_is_paired_over_rounds() -> None:
     ratio, low, high = ratio_interval(method.tolist(), bare.tolist(), resamples=500, seed=1)
     assert ratio == pytest.approx(1.1, abs=0.01)
     assert low <= ratio <= high and high - low < 0.02
+
+
+@pytest.mark.slow
+def test_profile_step_prints_an_operator_table_for_bare_and_the_method() -> None:
+    method = "gradwatch" if not Gradwatch.missing() else "clip"
+    argv = [sys.executable, "-m", "benchmarks.profile_step", "--model", "mlp", "--method", method, "--steps", "2"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## mlp: bare, 2 steps on cpu" in proc.stdout and f"## mlp: {method}, 2 steps on cpu" in proc.stdout
+    assert proc.stdout.count("Self CPU time total") == 2 and "aten::addmm" in proc.stdout
