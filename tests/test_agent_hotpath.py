@@ -3,6 +3,7 @@ and failures inside the agent counted rather than raised."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -198,7 +199,7 @@ def _run_on(device: str, name: str, clip: str, during_steps=None) -> dict:
     batches = [tuple(t.to(device) for t in batch_for(name, gen)) for _ in range(12)]
     with gradwatch.watch(model, opt, config=config) as watcher:
         for step, (x, y) in enumerate(batches):
-            context = during_steps() if during_steps is not None and step > 0 else _nothing()
+            context = during_steps() if during_steps is not None and step > 0 else contextlib.nullcontext()
             with context:  # the first step is left out: torch's own lazy initialisation may sync
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
@@ -206,14 +207,6 @@ def _run_on(device: str, name: str, clip: str, during_steps=None) -> dict:
                 watcher.log(loss=loss)
                 opt.zero_grad()
         return watcher.snapshot()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _sync_is_an_error:
