@@ -41,7 +41,7 @@ class Layout:
     scalars: int = 0
     act_start: int = 0  # first activation column: zeroed when a step's activations are measured
     act_grad: dict[int, int] = field(default_factory=dict)  # layer -> sum of squares column
-    act: dict[int, int] = field(default_factory=dict)  # stat layer -> [mean, std, extra...] start
+    act: dict[int, int] = field(default_factory=dict)  # stat layer -> [sum, sum of squares, saturated, dead, non-zero]
 
     def __post_init__(self) -> None:
         col = 0
@@ -187,7 +187,7 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
                     extra += 1
                 if layer in layout.relu:
                     stat["dead_ratio"].append(rows[:, extra] / np.where(counts[:, j] > 0, units[:, j], np.nan))
-                    stat["zero_ratio"].append(rows[:, extra + 1] / total)
+                    stat["zero_ratio"].append(1.0 - rows[:, extra + 1] / total)  # the column counts non-zeros
         for name, cols in stat.items():
             if cols:
                 add(name, measured, np.stack(cols, axis=1).reshape(n, -1))

@@ -3,7 +3,8 @@
 The device only sums (one reduction per statistic, no bool masks: on one CPU thread
 `torch.std_mean` and mask-and-sum were several times slower on conv-sized outputs); the
 host divides by the element and unit counts it knows, when a window is flushed. Sums over
-the micro-batches of a step then give the exact statistics of the whole step.
+the micro-batches of a step then give the exact statistics of the whole step. Every value
+is a 0-d float32 tensor, so the watcher can stack a step's values into one device op.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import math
 import torch
 
 
-def moments(y: torch.Tensor) -> torch.Tensor:
-    """[sum, sum of squares] of all elements, float32: the host makes mean and std of them."""
-    return torch.stack((y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=torch.float32).square()))
+def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, L2 norm) of all elements: the host makes mean and std of the sum and the norm squared."""
+    return y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=torch.float32)
 
 
 def saturated_count(y: torch.Tensor, low: float, high: float, eps: float) -> torch.Tensor:
     """Outputs within `eps` of the asymptotes: y < low + eps or y > high - eps."""
     center, reach = (low + high) / 2, (high - low) / 2 - eps
-    return torch.sub(y, center).abs_().gt_(reach).sum(dtype=torch.float32).reshape(1)
+    return torch.sub(y, center).abs_().gt_(reach).sum(dtype=torch.float32)
 
 
 def unit_dims(ndim: int) -> tuple[int, ...]:
@@ -38,22 +39,22 @@ def unit_dims(ndim: int) -> tuple[int, ...]:
 
 
 def unit_count(y: torch.Tensor) -> int:
-    """How many units `dead_zero_counts` judges (a host value: shapes need no sync)."""
+    """How many units `dead_nonzero_counts` judges (a host value: shapes need no sync)."""
     dims = unit_dims(y.dim())
     return y.numel() // max(math.prod(y.shape[d] for d in dims), 1) if dims else y.numel()
 
 
-def dead_zero_counts(y: torch.Tensor, nonnegative: bool) -> torch.Tensor:
-    """[dead units, zero outputs]: units that are zero for every sample, and outputs equal to zero.
+def dead_nonzero_counts(y: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dead units, non-zero outputs): units that are zero for every sample, and outputs not zero.
 
     One elementwise pass: |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero), and
     its sum over the unit dims is each unit's count of non-zero outputs. `nonnegative` (ReLU,
-    ReLU6) skips the `abs_`, which only negative outputs need.
+    ReLU6) skips the `abs_`, which only negative outputs need. The host makes the zero count
+    of the output count it knows.
     """
     nonzero = torch.sign(y)
     if not nonnegative:
         nonzero.abs_()
     dims = unit_dims(y.dim())
     per_unit = nonzero.sum(dim=dims, dtype=torch.float32) if dims else nonzero.to(torch.float32)
-    dead = per_unit.eq(0).sum(dtype=torch.float32)
-    return torch.stack((dead, y.numel() - per_unit.sum()))
+    return per_unit.eq(0).sum(dtype=torch.float32), per_unit.sum()

@@ -34,7 +34,7 @@ from gradwatch.agent.clipping import make_clipper
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import NONNEGATIVE, Layer, build_tables, last_linear_params, saturation_bounds
-from gradwatch.agent.stats import dead_zero_counts, moments, saturated_count, unit_count
+from gradwatch.agent.stats import dead_nonzero_counts, moments, saturated_count, unit_count
 from gradwatch.agent.writer import LogWriter
 
 if TYPE_CHECKING:  # pydantic loads when a watcher is made, not when the agent is imported
@@ -124,6 +124,11 @@ class Watcher:
         self.step = 0  # index of the optimizer step in progress (0-based)
         self._unsent = 0  # first step not yet sent to the writer
         self._act_row = -1  # step whose activation columns are initialised
+        self._staged_step: int | None = None  # step of the values staged by the hooks, not yet in the buffer
+        self._staged_cols: list[int] = []
+        self._staged: list[torch.Tensor] = []
+        self._staged_norm_cols: list[int] = []
+        self._staged_norms: list[torch.Tensor] = []  # added as squares
         self._update_prev: list[torch.Tensor] | None = None
         self._stepped_since_log = True
         self._latest: dict[str, tuple[int, np.ndarray]] = {}
@@ -231,6 +236,7 @@ class Watcher:
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
+            self._commit_staged()
             self._maybe_flush()
             self._measure_step()
         except GradientGuardError:
@@ -309,7 +315,17 @@ class Watcher:
         needs_norms = (measure.param_every and step % measure.param_every == 0) or self._update_prev is not None
         if not needs_norms:
             return
-        param_norms = torch._foreach_norm(self._param_tensors)
+        prev, self._update_prev = self._update_prev, None
+        params = self._param_tensors
+        if prev is None:
+            param_norms, deltas = torch._foreach_norm(params), None
+        elif self.device.type == "cpu":
+            # One param at a time, so that both norms read the difference and the param from cache.
+            pairs = [torch._foreach_norm([d.sub_(q), q]) for d, q in zip(prev, params)]
+            deltas, param_norms = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        else:
+            torch._foreach_sub_(prev, params)
+            deltas, param_norms = torch._foreach_norm(prev), torch._foreach_norm(params)
         if self._uniform:
             pn = buf[self.layout.param_norm:self.layout.param_norm + p]
             torch.stack(param_norms, out=pn)
@@ -318,10 +334,7 @@ class Watcher:
             buf[self.layout.param_norm:self.layout.param_norm + p].copy_(pn)
         if measure.param_every and step % measure.param_every == 0:
             self._host.param_due[row] = True
-        if self._update_prev is not None:
-            torch._foreach_sub_(self._update_prev, self._param_tensors)
-            deltas = torch._foreach_norm(self._update_prev)
-            self._update_prev = None
+        if deltas is not None:
             delta = torch.stack([d.to(self.device, torch.float32, non_blocking=True) for d in deltas])
             torch.div(delta, pn.clamp_min(1e-12), out=buf[self.layout.update_ratio:self.layout.update_ratio + p])
             self._host.update_due[row] = True
@@ -339,14 +352,13 @@ class Watcher:
         eps = self.config.measure.saturation_eps
         every = self.config.measure.activation_every
 
+        grad_col = self.layout.act_grad[index]
+        stat_col = self.layout.act.get(index, -1)
+
         def grad_hook(grad: torch.Tensor) -> None:
             try:
-                row = self.step % self._flush_every
-                norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-                if norm.device != self.device:
-                    norm = norm.to(self.device, non_blocking=True)
-                self._rows[row].act_grad[index].addcmul_(norm, norm)
-                self._host.act_grad_count[row, slot] += 1
+                self._stage(grad_col, torch.linalg.vector_norm(grad, dtype=torch.float32), norm=True)
+                self._host.act_grad_count[self.step % self._flush_every, slot] += 1
             except Exception as exc:
                 self._count_error("activation_grad", exc)
 
@@ -362,16 +374,18 @@ class Watcher:
                 if has_stats:
                     with torch.no_grad():
                         d = y.detach()
-                        parts = [moments(d)]
+                        total, norm = moments(d)
+                        self._stage(stat_col, total)
+                        self._stage(stat_col + 1, norm, norm=True)
+                        extra = stat_col + 2
                         if bounded:
-                            parts.append(saturated_count(d, low, high, eps))
+                            self._stage(extra, saturated_count(d, low, high, eps))
+                            extra += 1
                         if relu:
-                            parts.append(dead_zero_counts(d, nonnegative))
+                            dead, nonzero = dead_nonzero_counts(d, nonnegative)
+                            self._stage(extra, dead)
+                            self._stage(extra + 1, nonzero)
                             self._host.act_units[row, slot] += unit_count(d)
-                        values = torch.cat(parts) if len(parts) > 1 else parts[0]
-                        if values.device != self.device:
-                            values = values.to(self.device, non_blocking=True)
-                        self._rows[row].act[index].add_(values)
                 self._host.act_count[row, slot] += 1
                 self._host.act_elems[row, slot] += y.numel()
                 if y.requires_grad:
@@ -382,6 +396,41 @@ class Watcher:
         return hook
 
     # ------------------------------------------------------------------ internals
+
+    def _stage(self, col: int, value: torch.Tensor, norm: bool = False) -> None:
+        """Hold a hook's 0-d value for buffer column `col` of this step's row (a norm adds as its square).
+
+        Adding each value where it is computed cost an `add_` (and a `cat`) per layer, a kernel
+        launch each on a GPU; `_commit_staged` adds a whole step's values in one `index_add_`.
+        """
+        if self._staged_step != self.step:
+            self._commit_staged()
+            self._staged_step = self.step
+        if value.device != self.device:
+            value = value.to(self.device, non_blocking=True)
+        if norm:
+            self._staged_norm_cols.append(col)
+            self._staged_norms.append(value)
+        else:
+            self._staged_cols.append(col)
+            self._staged.append(value)
+
+    def _commit_staged(self) -> None:
+        """Add the staged values into their step's row: a `stack`, a `square_` and an `index_add_`."""
+        step = self._staged_step
+        if step is None:
+            return
+        cols, values = self._staged_norm_cols + self._staged_cols, self._staged_norms + self._staged
+        norms = len(self._staged_norms)
+        self._staged_step = None
+        self._staged_cols, self._staged, self._staged_norm_cols, self._staged_norms = [], [], [], []
+        try:
+            stacked = torch.stack(values)
+            if norms:
+                stacked[:norms].square_()
+            self._buf[step % self._flush_every].index_add_(0, self._index_tensor(tuple(cols)), stacked)
+        except Exception as exc:
+            self._count_error("activation", exc)
 
     def _init_act_row(self) -> None:
         """Zero the activation columns the first time a step's forward is measured."""
@@ -446,6 +495,7 @@ class Watcher:
 
     def _flush(self, on_done: Callable[[], None] | None = None) -> None:
         """Copy the finished rows to pinned host memory and hand them to the writer thread."""
+        self._commit_staged()
         first, last = self._unsent, self.step  # steps [first, last) are complete
         if last <= first:
             # Nothing new: still wait behind the queued frames, so `latest` is complete.
@@ -581,8 +631,6 @@ class _RowViews:
         self.total = row[layout.run]
         self.run = row[layout.run:layout.run + 4]  # total, total after clipping, coef, threshold
         self.clip = row[layout.run + 1:layout.run + 4]
-        self.act_grad = {layer: row[col] for layer, col in layout.act_grad.items()}
-        self.act = {layer: row[col:col + layout.act_width(layer)] for layer, col in layout.act.items()}
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
