@@ -73,6 +73,7 @@ class Settings:
     seed: int
     bootstrap: int
     rss_steps: int
+    rss_reps: int
     import_reps: int
 
 
@@ -84,7 +85,8 @@ class MethodResult:
     cpu_ns: list[int] = field(default_factory=list)
     own_ns: list[int] = field(default_factory=list)
     setup_ns: int = 0
-    peak_rss_bytes: int | None = None
+    rss_samples: list[int] = field(default_factory=list)  # peak RSS of each fresh process
+    peak_rss_bytes: int | None = None  # their median
     peak_device_bytes: int | None = None
 
 
@@ -247,18 +249,23 @@ def _child_env() -> dict[str, str]:
 
 
 def measure_rss(result: ModelResult, settings: Settings) -> None:
-    """Peak RSS (and device memory) of each of `rss_methods`, one subprocess each, in `result`."""
-    for name in settings.rss_methods:
-        argv = [sys.executable, "-m", "benchmarks.overhead", "--rss-child", f"{result.name}:{name}",
-                "--device", settings.device, "--batch-scale", str(settings.batch_scale),
-                "--seed", str(settings.seed), "--rss-steps", str(settings.rss_steps)]
-        proc = subprocess.run(argv, cwd=REPO, env=_child_env(), capture_output=True, text=True, check=False)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"memory run {result.name}:{name} failed:\n{proc.stderr[-2000:]}")
-        peaks = json.loads(lines[-1])
-        result.methods[name].peak_rss_bytes = peaks["peak_rss_bytes"]
-        result.methods[name].peak_device_bytes = peaks["peak_device_bytes"]
+    """Peak RSS (and device memory) of each of `rss_methods` in `result`: the median of
+    `rss_reps` fresh processes each, the methods taking turns, since one process's peak
+    varies by several MB from run to run (the allocator, the writer thread's timing)."""
+    for _ in range(settings.rss_reps):
+        for name in settings.rss_methods:
+            argv = [sys.executable, "-m", "benchmarks.overhead", "--rss-child", f"{result.name}:{name}",
+                    "--device", settings.device, "--batch-scale", str(settings.batch_scale),
+                    "--seed", str(settings.seed), "--rss-steps", str(settings.rss_steps)]
+            proc = subprocess.run(argv, cwd=REPO, env=_child_env(), capture_output=True, text=True, check=False)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"memory run {result.name}:{name} failed:\n{proc.stderr[-2000:]}")
+            peaks = json.loads(lines[-1])
+            method = result.methods[name]
+            method.rss_samples.append(peaks["peak_rss_bytes"])
+            method.peak_rss_bytes = int(np.median(method.rss_samples))
+            method.peak_device_bytes = peaks["peak_device_bytes"]
 
 
 def measure_import(reps: int) -> tuple[list[float], list[float]]:
@@ -434,7 +441,7 @@ def render(report: Report) -> str:
         f"- Run: {m['date']}, device {s.device}, 1 torch thread, {s.warmup} warm-up rounds, then "
         + (f"{s.rounds} measured rounds" if s.rounds else f"{s.budget_s:.0f} s of measured rounds")
         + f" per model; batch scale {s.batch_scale}, seed {s.seed}, {s.bootstrap} bootstrap resamples, "
-        f"peak memory after {s.rss_steps} steps, {report.wall_s / 60:.1f} min in all",
+        f"peak memory after {s.rss_steps} steps (median of {s.rss_reps} processes), {report.wall_s / 60:.1f} min in all",
         f"- Load average (1/5/15 min): {m['load_start']} at start, {m.get('load_end', '?')} at the end",
     ]
     if report.skipped:
@@ -553,6 +560,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 2000, quick 200)")
     parser.add_argument("--rss-steps", type=int, help="steps of each memory run (default 21, quick 2)")
+    parser.add_argument("--rss-reps", type=int, help="memory runs per method, median taken (default 3, quick 1)")
     parser.add_argument("--import-reps", type=int, help="interpreters timing the import (default 7, quick 1); 0: off")
     parser.add_argument("--write-docs", nargs="?", const=str(DOCS), metavar="PATH",
                         help="write the table between this device's markers in PATH (default docs/benchmarks.md)")
@@ -582,11 +590,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         seed=args.seed,
         bootstrap=pick(args.bootstrap, 2000, 200),
         rss_steps=pick(args.rss_steps, 21, 2),
+        rss_reps=pick(args.rss_reps, 3, 1),
         import_reps=pick(args.import_reps, 7, 1),
     )
     if (settings.rounds is not None and settings.rounds < 2) or settings.budget_s <= 0 or settings.warmup < 0 \
-            or settings.rss_steps < 1 or settings.import_reps < 0:
-        parser.error("need --rounds >= 2, --budget > 0, --warmup >= 0, --rss-steps >= 1 and --import-reps >= 0")
+            or settings.rss_steps < 1 or settings.rss_reps < 1 or settings.import_reps < 0:
+        parser.error("need --rounds >= 2, --budget > 0, --warmup >= 0, --rss-steps >= 1, --rss-reps >= 1 "
+                     "and --import-reps >= 0")
     return settings, args
 
 
