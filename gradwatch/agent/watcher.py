@@ -124,11 +124,7 @@ class Watcher:
         self.step = 0  # index of the optimizer step in progress (0-based)
         self._unsent = 0  # first step not yet sent to the writer
         self._act_row = -1  # step whose activation columns are initialised
-        self._staged_step: int | None = None  # step of the values staged by the hooks, not yet in the buffer
-        self._staged_cols: list[int] = []
-        self._staged: list[torch.Tensor] = []
-        self._staged_norm_cols: list[int] = []
-        self._staged_norms: list[torch.Tensor] = []  # added as squares
+        self._staged = _StagedValues()
         self._update_prev: list[torch.Tensor] | None = None
         self._stepped_since_log = True
         self._latest: dict[str, tuple[int, np.ndarray]] = {}
@@ -398,37 +394,21 @@ class Watcher:
     # ------------------------------------------------------------------ internals
 
     def _stage(self, col: int, value: torch.Tensor, norm: bool = False) -> None:
-        """Hold a hook's 0-d value for buffer column `col` of this step's row (a norm adds as its square).
-
-        Adding each value where it is computed cost an `add_` (and a `cat`) per layer, a kernel
-        launch each on a GPU; `_commit_staged` adds a whole step's values in one `index_add_`.
-        """
-        if self._staged_step != self.step:
+        """Hold a hook's 0-d value for buffer column `col` of this step's row (a norm adds as its square)."""
+        if self._staged.step != self.step:
             self._commit_staged()
-            self._staged_step = self.step
+            self._staged.step = self.step
         if value.device != self.device:
             value = value.to(self.device, non_blocking=True)
-        if norm:
-            self._staged_norm_cols.append(col)
-            self._staged_norms.append(value)
-        else:
-            self._staged_cols.append(col)
-            self._staged.append(value)
+        self._staged.add(col, value, norm)
 
     def _commit_staged(self) -> None:
-        """Add the staged values into their step's row: a `stack`, a `square_` and an `index_add_`."""
-        step = self._staged_step
-        if step is None:
-            return
-        cols, values = self._staged_norm_cols + self._staged_cols, self._staged_norms + self._staged
-        norms = len(self._staged_norms)
-        self._staged_step = None
-        self._staged_cols, self._staged, self._staged_norm_cols, self._staged_norms = [], [], [], []
+        """Add the staged values into their step's row in one `index_add_`."""
         try:
-            stacked = torch.stack(values)
-            if norms:
-                stacked[:norms].square_()
-            self._buf[step % self._flush_every].index_add_(0, self._index_tensor(tuple(cols)), stacked)
+            taken = self._staged.take()
+            if taken is not None:
+                step, cols, values = taken
+                self._buf[step % self._flush_every].index_add_(0, self._index_tensor(cols), values)
         except Exception as exc:
             self._count_error("activation", exc)
 
@@ -621,6 +601,41 @@ class Watcher:
             "errors": {**self.errors, **{f"writer:{k}": v for k, v in self._writer.errors.items()}},
             "dropped_frames": self._writer.dropped, "log_path": str(self.path),
         }
+
+
+class _StagedValues:
+    """The 0-d values the hooks computed for one step, waiting to be added to its buffer row.
+
+    Adding each value where it is computed cost an `add_` (and a `cat`) per layer, a kernel
+    launch each on a GPU; taken together, a step's values cost one `stack`, one `square_`
+    (norms add as squares, so micro-batches sum) and the watcher's one `index_add_`.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self._cols: list[int] = []
+        self._values: list[torch.Tensor] = []
+        self._norm_cols: list[int] = []
+        self._norms: list[torch.Tensor] = []
+
+    def add(self, col: int, value: torch.Tensor, norm: bool) -> None:
+        if norm:
+            self._norm_cols.append(col)
+            self._norms.append(value)
+        else:
+            self._cols.append(col)
+            self._values.append(value)
+
+    def take(self) -> tuple[int, tuple[int, ...], torch.Tensor] | None:
+        """(step, columns, values to add to them), or None when nothing is staged; empties the stage."""
+        step, cols, norms, values = self.step, self._norm_cols + self._cols, self._norms, self._norms + self._values
+        self.step, self._cols, self._values, self._norm_cols, self._norms = None, [], [], [], []
+        if step is None or not values:
+            return None
+        stacked = torch.stack(values)
+        if norms:
+            stacked[:len(norms)].square_()
+        return step, tuple(cols), stacked
 
 
 class _RowViews:
