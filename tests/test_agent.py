@@ -140,7 +140,7 @@ def test_amp_grad_scaler_norms_are_unscaled_and_skipped_steps_recorded():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = _cpu_scaler(init_scale=2.0 ** 10)
     gen = torch.Generator().manual_seed(0)
-    with gradwatch.watch(model, opt, scaler=scaler) as watcher:
+    with gradwatch.watch(model, opt, scaler=scaler, config={"measure": {"activation_every": 1}}) as watcher:
         for i in range(3):
             x, y = batch_for("mlp", gen)
             loss = nn.functional.cross_entropy(model(x), y)
@@ -153,10 +153,38 @@ def test_amp_grad_scaler_norms_are_unscaled_and_skipped_steps_recorded():
             watcher.log(loss=loss)
         snap = watcher.snapshot()
     assert snap["grad_norm_total"]["before_clip"] == pytest.approx(expected, rel=1e-5)
-    steps, skipped = _series(_records(watcher), "skipped")
+    assert snap["errors"] == {}
+    records = _records(watcher)
+    steps, skipped = _series(records, "skipped")
     np.testing.assert_array_equal(steps, [0, 1, 2])
     np.testing.assert_array_equal(skipped[:, 0], [0, 1, 0])
+    # The skipped step's activations were staged but belong to no applied step: not reported.
+    steps, _ = _series(records, "act_grad_norm")
+    np.testing.assert_array_equal(steps, [0, 2])
 
+
+
+def test_amp_activation_gradient_norms_are_unscaled():
+    """The output gradients carry the loss scale; act_grad_norm is of the loss's own gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = _cpu_scaler(init_scale=2.0 ** 10)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    seen: list[torch.Tensor] = []
+    with gradwatch.watch(model, opt, scaler=scaler, config={"measure": {"activation_every": 1}}) as watcher:
+        for _ in range(2):
+            logits = model(x)
+            logits.register_hook(lambda g: seen.append(g.clone()))
+            scaler.scale(nn.functional.cross_entropy(logits, y)).backward()
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            watcher.log()
+        snap = watcher.snapshot()
+    assert snap["errors"] == {}
+    assert snap["layers"]["2"]["act_grad_norm"] == pytest.approx(float(seen[-1].norm()) / scale, rel=1e-5)
 
 def test_run_log_header_describes_the_run(gradwatch_home):
     model = MODELS["lstm"]()

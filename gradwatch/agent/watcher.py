@@ -233,6 +233,7 @@ class Watcher:
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
             self._commit_staged()
+            self._unscale_act_grads()
             self._maybe_flush()
             self._measure_step()
         except GradientGuardError:
@@ -411,6 +412,16 @@ class Watcher:
                 self._buf[step % self._flush_every].index_add_(0, self._index_tensor(cols), values)
         except Exception as exc:
             self._count_error("activation", exc)
+
+    def _unscale_act_grads(self) -> None:
+        """Under AMP the output gradients carry the loss scale: divide their sums of squares by its
+        square, on the device (the scaler's scale tensor, not `get_scale()`, which syncs)."""
+        scale = getattr(self._scaler, "_scale", None)
+        if not isinstance(scale, torch.Tensor) or self._act_row != self.step or not self.layout.act_layers:
+            return
+        start = self.layout.act_start
+        columns = self._buf[self.step % self._flush_every, start:start + len(self.layout.act_layers)]
+        columns.div_(scale.to(self.device, torch.float32, non_blocking=True).square())
 
     def _init_act_row(self) -> None:
         """Zero the activation columns the first time a step's forward is measured."""
