@@ -12,6 +12,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.agent import runlog
+from gradwatch.agent.clipping import norm_kwargs
 from gradwatch.agent.config import ConfigError
 from tests.agent_models import MODELS, batch_for, mlp, train
 
@@ -185,6 +186,104 @@ def test_amp_activation_gradient_norms_are_unscaled():
         snap = watcher.snapshot()
     assert snap["errors"] == {}
     assert snap["layers"]["2"]["act_grad_norm"] == pytest.approx(float(seen[-1].norm()) / scale, rel=1e-5)
+
+
+def test_amp_skip_of_the_first_iteration_is_recorded():
+    """fp16's default scale often overflows at once: the first iterations' skips must count too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = _cpu_scaler(init_scale=2.0 ** 16)
+    with gradwatch.watch(model, opt, scaler=scaler) as watcher:
+        for i in range(4):
+            x = torch.randn(16, 8)
+            if i < 2:
+                x[0, 0] = float("inf")  # iterations 0 and 1 overflow: the scaler skips their steps
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            watcher.log(iteration=float(i))
+    records = _records(watcher)
+    steps, skipped = _series(records, "skipped")
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3])
+    np.testing.assert_array_equal(skipped[:, 0], [1, 1, 0, 0])
+    steps, iteration = _series(records, "iteration")
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3])
+    np.testing.assert_array_equal(iteration[:, 0], [0, 1, 2, 3])
+
+
+def test_bf16_autocast_saturation_is_judged_in_float32():
+    """bfloat16 sigmoid outputs near 0.01: |y - 0.5| rounded to bfloat16 would miss the threshold."""
+    model = nn.Sequential(nn.Linear(1, 64), nn.Sigmoid(), nn.Linear(64, 1))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.linspace(-5.0, -4.5, 64))  # sigmoid 0.0067 to 0.011, around eps = 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    outputs: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
+    config = {"measure": {"activation_every": 1, "saturation_eps": 0.01}}
+    with gradwatch.watch(model, opt, config=config) as watcher:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.ones(4, 1)).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        watcher.log()
+        snap = watcher.snapshot()
+    assert outputs[0].dtype == torch.bfloat16
+    y = outputs[0].float()
+    expected = ((y < 0.01) | (y > 0.99)).double().mean().item()
+    assert snap["layers"]["1"]["saturation_ratio"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_half_precision_params_norm_in_float32():
+    """A finite fp16 gradient whose norm is above fp16's range (65504) is not non-finite."""
+    if not norm_kwargs([torch.zeros(1, dtype=torch.float16)]):
+        pytest.skip("torch._foreach_norm takes no dtype in this torch")
+    model = nn.Linear(100, 100, bias=False).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    with gradwatch.watch(model, opt, config={"guards": {"nonfinite": "skip"}}) as watcher:
+        (model(torch.ones(1, 100, dtype=torch.float16)).float() * 1000.0).sum().backward()
+        expected = model.weight.grad.double().norm().item()  # every element 1000: norm 1e5
+        before = model.weight.detach().clone()
+        opt.step()
+        watcher.log()
+        snap = watcher.snapshot()
+    assert snap["params"]["weight"]["grad_norm"] == pytest.approx(expected, rel=1e-3)
+    assert snap["nonfinite_params"] == 0 and snap["skipped"] == 0
+    assert not torch.equal(model.weight.detach(), before)
+
+
+def test_frozen_params_are_not_reported_non_finite():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, opt) as watcher:
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+        watcher.log()
+        snap = watcher.snapshot()
+    assert snap["params"]["0.weight"]["grad_norm"] is None and snap["params"]["0.weight"]["nonfinite"] is False
+    assert snap["params"]["2.weight"]["nonfinite"] is False and snap["nonfinite_params"] == 0
+
+
+def test_param_group_added_after_attach_keeps_the_rest_measured():
+    """Progressive unfreezing: the new group's params are not in the run's table, the others stay measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.05)
+    with gradwatch.watch(model, opt) as watcher:
+        for step in range(4):
+            if step == 2:
+                opt.add_param_group({"params": model[0].parameters(), "lr": 0.01})
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            expected = float(model[2].weight.grad.norm())
+            opt.step()
+            opt.zero_grad()
+            watcher.log()
+            snap = watcher.snapshot()
+            assert snap["params"]["2.weight"]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+            assert snap["errors"] == {} and snap["nonfinite_params"] == 0
 
 def test_run_log_header_describes_the_run(gradwatch_home):
     model = MODELS["lstm"]()

@@ -153,7 +153,9 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
     if layout.clip_mode in ("none", "value", "agc"):
         values[:, r + 3] = np.nan
     grad = values[:, layout.grad_norm:layout.grad_norm + p]
-    nonfinite = ~np.isfinite(grad)
+    nonfinite = ~np.isfinite(grad)  # a missing gradient is NO_GRAD, finite
+    # Per param, for snapshot(); not a metric, and no scalar passed to log(**kw) can have this name.
+    latest["<nonfinite>"] = (int(host.steps[-1]), nonfinite[-1])
     add("grad_norm", None, np.where(grad == NO_GRAD, np.nan, grad))
     for i, name in enumerate(RUN_VALUES):
         add(name, None, values[:, r + i])

@@ -114,6 +114,13 @@ def _foreach_norm_takes_dtype() -> bool:
     return True
 
 
+def norm_kwargs(tensors: Sequence[Tensor]) -> dict[str, torch.dtype]:
+    """`_foreach_norm` keywords for these tensors: float32 accumulation when any is 16-bit."""
+    if _foreach_norm_takes_dtype() and any(_accumulate_dtype(t.dtype) for t in tensors):
+        return {"dtype": torch.float32}
+    return {}
+
+
 def _total_norm(grads: Sequence[Tensor], device: torch.device) -> Tensor:
     """The L2 norm of all `grads` as a 0-d float32 tensor on `device`: one `_foreach_norm` per group."""
     if not grads:

@@ -20,7 +20,13 @@ def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def saturated_count(y: torch.Tensor, low: float, high: float, eps: float) -> torch.Tensor:
-    """Outputs within `eps` of the asymptotes: y < low + eps or y > high - eps."""
+    """Outputs within `eps` of the asymptotes: y < low + eps or y > high - eps.
+
+    16-bit outputs (autocast) are compared in float32: |y - center| rounded to bfloat16 would
+    move the threshold by more than `eps`.
+    """
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y = y.float()
     center, reach = (low + high) / 2, (high - low) / 2 - eps
     return torch.sub(y, center).abs_().gt_(reach).sum(dtype=torch.float32)
 

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.agent import runlog
 from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
-from gradwatch.agent.clipping import make_clipper
+from gradwatch.agent.clipping import make_clipper, norm_kwargs
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import NONNEGATIVE, Layer, build_tables, last_linear_params, saturation_bounds
@@ -93,6 +93,7 @@ class Watcher:
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self._uniform = all(t.device == self.device and t.dtype == torch.float32 for t in self._param_tensors)
+        self._norm_kwargs = norm_kwargs(self._param_tensors)
 
         measure = self.config.measure
         self._flush_every = measure.flush_every
@@ -126,7 +127,7 @@ class Watcher:
         self._act_row = -1  # step whose activation columns are initialised
         self._staged = _StagedValues()
         self._update_prev: list[torch.Tensor] | None = None
-        self._stepped_since_log = True
+        self._stepped_since_log = False  # so that a first iteration the AMP scaler skips is recorded too
         self._latest: dict[str, tuple[int, np.ndarray]] = {}
 
         self.run_id, rank, world = _run_identity()
@@ -240,6 +241,7 @@ class Watcher:
             raise
         except Exception as exc:
             self._count_error("step", exc)
+            self._blank_step_row()
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
@@ -264,7 +266,7 @@ class Watcher:
             host.act_grad_count[row] = 0
             host.act_elems[row] = 0
             host.act_units[row] = 0
-        for g, group in enumerate(self._optimizer.param_groups):
+        for g, group in enumerate(self._optimizer.param_groups[:self.layout.n_groups]):  # groups added later: not measured
             host.lr[row, g] = float(group.get("lr", float("nan")))
 
         maybe_grads = [t.grad for t in self._param_tensors]
@@ -275,7 +277,7 @@ class Watcher:
             views.grad.fill_(NO_GRAD)
             views.run.fill_(float("nan"))
             return
-        norms_list = torch._foreach_norm(grads)
+        norms_list = torch._foreach_norm(grads, 2.0, **self._norm_kwargs)
         if len(present) == self.layout.n_params and self._uniform:
             norms = torch.stack(norms_list, out=views.grad)
         else:
@@ -314,15 +316,16 @@ class Watcher:
             return
         prev, self._update_prev = self._update_prev, None
         params = self._param_tensors
+        kwargs = self._norm_kwargs
         if prev is None:
-            param_norms, deltas = torch._foreach_norm(params), None
+            param_norms, deltas = torch._foreach_norm(params, 2.0, **kwargs), None
         elif self.device.type == "cpu":
             # One param at a time, so that both norms read the difference and the param from cache.
-            pairs = [torch._foreach_norm([d.sub_(q), q]) for d, q in zip(prev, params)]
+            pairs = [torch._foreach_norm([d.sub_(q), q], 2.0, **kwargs) for d, q in zip(prev, params)]
             deltas, param_norms = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
         else:
             torch._foreach_sub_(prev, params)
-            deltas, param_norms = torch._foreach_norm(prev), torch._foreach_norm(params)
+            deltas, param_norms = torch._foreach_norm(prev, 2.0, **kwargs), torch._foreach_norm(params, 2.0, **kwargs)
         if self._uniform:
             pn = buf[self.layout.param_norm:self.layout.param_norm + p]
             torch.stack(param_norms, out=pn)
@@ -413,6 +416,15 @@ class Watcher:
         except Exception as exc:
             self._count_error("activation", exc)
 
+    def _blank_step_row(self) -> None:
+        """After a failed measurement: the step's gradient columns say "no gradient", not stale values."""
+        try:
+            views = self._rows[self.step % self._flush_every]
+            views.grad.fill_(NO_GRAD)
+            views.run.fill_(float("nan"))
+        except Exception as exc:
+            self._count_error("step_blank", exc)
+
     def _unscale_act_grads(self) -> None:
         """Under AMP the output gradients carry the loss scale: divide their sums of squares by its
         square, on the device (the scaler's scale tensor, not `get_scale()`, which syncs)."""
@@ -473,7 +485,7 @@ class Watcher:
         self._host.act_grad_count[row] = 0
         self._host.act_elems[row] = 0
         self._host.act_units[row] = 0
-        self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in self._optimizer.param_groups]
+        self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in self._optimizer.param_groups[:self.layout.n_groups]]
         self._buf[row, :self.layout.run].fill_(NO_GRAD)
         self._buf[row, self.layout.run:self.layout.run + 4].fill_(float("nan"))
         self.step += 1
@@ -589,9 +601,9 @@ class Watcher:
             return out
 
         params = per("param", [p.name for p in self.params])
-        for entry in params.values():
-            norm = entry.get("grad_norm")
-            entry["nonfinite"] = norm is None and "grad_norm" in entry  # NaN/Inf stored as None
+        flags = latest["<nonfinite>"][1] if "<nonfinite>" in latest else np.zeros(len(self.params), bool)
+        for param, flag in zip(self.params, flags):
+            params[param.name]["nonfinite"] = bool(flag)  # a param without a gradient is not non-finite
         layers = per("layer", [layer.name or "<model>" for layer in self.layers])
         for layer in self.layers:
             norms = [params[self.params[i].name].get("grad_norm") for i in layer.params]
