@@ -285,6 +285,41 @@ def test_param_group_added_after_attach_keeps_the_rest_measured():
             assert snap["params"]["2.weight"]["grad_norm"] == pytest.approx(expected, rel=1e-5)
             assert snap["errors"] == {} and snap["nonfinite_params"] == 0
 
+
+class _LastHidden(nn.Module):
+    """The usual RNN classifier: the head reads the final hidden state h_n, not the sequence output."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn, self.head = rnn, nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(x)
+        h = h[0] if isinstance(h, tuple) else h
+        return self.head(h[-1])
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_rnn_output_gradient_includes_the_final_hidden_state(rnn):
+    """act_grad_norm is the norm of the gradient w.r.t. all of a layer's outputs (out, h_n, c_n)."""
+    torch.manual_seed(0)
+    model = _LastHidden(rnn(5, 8, batch_first=True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, args: tuple, out: tuple) -> None:
+        for t in [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]:
+            t.register_hook(seen.append)
+
+    model.rnn.register_forward_hook(capture)
+    with gradwatch.watch(model, opt, config={"measure": {"activation_every": 1}}) as watcher:
+        model(torch.randn(4, 6, 5)).pow(2).mean().backward()
+        opt.step()
+        watcher.log()
+        snap = watcher.snapshot()
+    expected = math.sqrt(sum(float(g.norm()) ** 2 for g in seen))
+    assert expected > 0 and snap["layers"]["rnn"]["act_grad_norm"] == pytest.approx(expected, rel=1e-5)
+
 def test_run_log_header_describes_the_run(gradwatch_home):
     model = MODELS["lstm"]()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -74,14 +74,10 @@ def _reference(module: nn.Module, outputs: list[torch.Tensor]) -> dict[str, floa
     if family == "bounded":
         low, high = saturation_bounds(module)
         ref["saturation_ratio"] = ((y < low + EPS) | (y > high - EPS)).double().mean().item()
-    if family == "relu":
-        dead = units = 0
-        for o in outputs:
-            zero = o == 0
-            per_unit = zero.all(dim=unit_dims(o.dim())) if unit_dims(o.dim()) else zero
-            dead += int(per_unit.sum())
-            units += per_unit.numel()
-        ref["dead_ratio"] = dead / units
+    if family == "relu":  # dead: zero for every sample of every micro-batch of the step
+        all_zero = torch.stack([(o == 0).all(dim=unit_dims(o.dim())) if unit_dims(o.dim()) else o == 0
+                                for o in outputs]).all(dim=0)
+        ref["dead_ratio"] = all_zero.double().mean().item()
         ref["zero_ratio"] = (y == 0).double().mean().item()
     return ref
 

@@ -9,8 +9,6 @@ is a 0-d float32 tensor, so the watcher can stack a step's values into one devic
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -44,23 +42,16 @@ def unit_dims(ndim: int) -> tuple[int, ...]:
     return tuple(range(ndim - 1))
 
 
-def unit_count(y: torch.Tensor) -> int:
-    """How many units `dead_nonzero_counts` judges (a host value: shapes need no sync)."""
-    dims = unit_dims(y.dim())
-    return y.numel() // max(math.prod(y.shape[d] for d in dims), 1) if dims else y.numel()
+def nonzero_per_unit(y: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """Each unit's count of non-zero outputs (float32, one entry per unit): a unit with none is dead.
 
-
-def dead_nonzero_counts(y: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dead units, non-zero outputs): units that are zero for every sample, and outputs not zero.
-
-    One elementwise pass: |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero), and
-    its sum over the unit dims is each unit's count of non-zero outputs. `nonnegative` (ReLU,
-    ReLU6) skips the `abs_`, which only negative outputs need. The host makes the zero count
-    of the output count it knows.
+    One elementwise pass: |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero),
+    summed over the unit dims. `nonnegative` (ReLU, ReLU6) skips the `abs_`, which only
+    negative outputs need. The watcher adds the counts of a step's micro-batches before it
+    counts the dead units, so a unit is dead only if it is zero for every sample of the step.
     """
     nonzero = torch.sign(y)
     if not nonnegative:
         nonzero.abs_()
     dims = unit_dims(y.dim())
-    per_unit = nonzero.sum(dim=dims, dtype=torch.float32) if dims else nonzero.to(torch.float32)
-    return per_unit.eq(0).sum(dtype=torch.float32), per_unit.sum()
+    return nonzero.sum(dim=dims, dtype=torch.float32) if dims else nonzero.to(torch.float32)

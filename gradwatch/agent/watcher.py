@@ -34,7 +34,7 @@ from gradwatch.agent.clipping import make_clipper, norm_kwargs
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import NONNEGATIVE, Layer, build_tables, last_linear_params, saturation_bounds
-from gradwatch.agent.stats import dead_nonzero_counts, moments, saturated_count, unit_count
+from gradwatch.agent.stats import moments, nonzero_per_unit, saturated_count
 from gradwatch.agent.writer import LogWriter
 
 if TYPE_CHECKING:  # pydantic loads when a watcher is made, not when the agent is imported
@@ -357,7 +357,7 @@ class Watcher:
 
         def grad_hook(grad: torch.Tensor) -> None:
             try:
-                self._stage(grad_col, torch.linalg.vector_norm(grad, dtype=torch.float32), norm=True)
+                self._stage(grad_col, torch.linalg.vector_norm(grad, dtype=torch.float32), "norm")
                 self._host.act_grad_count[self.step % self._flush_every, slot] += 1
             except Exception as exc:
                 self._count_error("activation_grad", exc)
@@ -366,9 +366,10 @@ class Watcher:
             if self.step % every or not torch.is_grad_enabled():
                 return
             try:
-                y = _first_tensor(output)
-                if y is None or not y.is_floating_point():
+                tensors = [t for t in _output_tensors(output) if t.is_floating_point()]
+                if not tensors:
                     return
+                y = tensors[0]  # the statistics are of the first output (an RNN's sequence output)
                 self._init_act_row()
                 row = self.step % self._flush_every
                 if has_stats:
@@ -376,20 +377,21 @@ class Watcher:
                         d = y.detach()
                         total, norm = moments(d)
                         self._stage(stat_col, total)
-                        self._stage(stat_col + 1, norm, norm=True)
+                        self._stage(stat_col + 1, norm, "norm")
                         extra = stat_col + 2
                         if bounded:
                             self._stage(extra, saturated_count(d, low, high, eps))
                             extra += 1
                         if relu:
-                            dead, nonzero = dead_nonzero_counts(d, nonnegative)
-                            self._stage(extra, dead)
-                            self._stage(extra + 1, nonzero)
-                            self._host.act_units[row, slot] += unit_count(d)
+                            per_unit = nonzero_per_unit(d, nonnegative)
+                            self._stage(extra + 1, per_unit.sum())
+                            if self._stage(extra, per_unit, "units"):
+                                self._host.act_units[row, slot] += per_unit.numel()
                 self._host.act_count[row, slot] += 1
                 self._host.act_elems[row, slot] += y.numel()
-                if y.requires_grad:
-                    y.register_hook(grad_hook)
+                for t in tensors:  # the gradient w.r.t. the output is that of all its tensors (LSTM: h_n, c_n too)
+                    if t.requires_grad:
+                        t.register_hook(grad_hook)
             except Exception as exc:
                 self._count_error("activation", exc)
 
@@ -397,14 +399,14 @@ class Watcher:
 
     # ------------------------------------------------------------------ internals
 
-    def _stage(self, col: int, value: torch.Tensor, norm: bool = False) -> None:
-        """Hold a hook's 0-d value for buffer column `col` of this step's row (a norm adds as its square)."""
+    def _stage(self, col: int, value: torch.Tensor, kind: str = "sum") -> bool:
+        """Hold a hook's value for buffer column `col` of this step's row (see `_StagedValues.add`)."""
         if self._staged.step != self.step:
             self._commit_staged()
             self._staged.step = self.step
         if value.device != self.device:
             value = value.to(self.device, non_blocking=True)
-        self._staged.add(col, value, norm)
+        return self._staged.add(col, value, kind)
 
     def _commit_staged(self) -> None:
         """Add the staged values into their step's row in one `index_add_`."""
@@ -627,37 +629,54 @@ class Watcher:
 
 
 class _StagedValues:
-    """The 0-d values the hooks computed for one step, waiting to be added to its buffer row.
+    """What the hooks computed for one step, waiting to be added to its buffer row.
 
     Adding each value where it is computed cost an `add_` (and a `cat`) per layer, a kernel
     launch each on a GPU; taken together, a step's values cost one `stack`, one `square_`
-    (norms add as squares, so micro-batches sum) and the watcher's one `index_add_`.
+    and the watcher's one `index_add_`, plus two ops per ReLU-family layer for its dead units.
     """
 
     def __init__(self) -> None:
         self.step: int | None = None
+        self._clear()
+
+    def _clear(self) -> None:
         self._cols: list[int] = []
         self._values: list[torch.Tensor] = []
         self._norm_cols: list[int] = []
         self._norms: list[torch.Tensor] = []
+        self._units: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add(self, col: int, value: torch.Tensor, norm: bool) -> None:
-        if norm:
-            self._norm_cols.append(col)
-            self._norms.append(value)
-        else:
-            self._cols.append(col)
-            self._values.append(value)
+    def add(self, col: int, value: torch.Tensor, kind: str) -> bool:
+        """Stage `value` for `col` as a "sum" (0-d, added), a "norm" (0-d, added as its square,
+        so micro-batches give the norm of the whole step) or "units" (non-zero counts per unit,
+        summed over the step's micro-batches, then the units still at zero are counted).
+        True when "units" opens a new entry: the first call of the step with that many units.
+        """
+        if kind == "units":
+            key = (col, value.numel())
+            if key in self._units:
+                self._units[key].add_(value)
+                return False
+            self._units[key] = value
+            return True
+        cols, values = (self._norm_cols, self._norms) if kind == "norm" else (self._cols, self._values)
+        cols.append(col)
+        values.append(value)
+        return False
 
     def take(self) -> tuple[int, tuple[int, ...], torch.Tensor] | None:
         """(step, columns, values to add to them), or None when nothing is staged; empties the stage."""
-        step, cols, norms, values = self.step, self._norm_cols + self._cols, self._norms, self._norms + self._values
-        self.step, self._cols, self._values, self._norm_cols, self._norms = None, [], [], [], []
+        step, norms = self.step, len(self._norms)
+        cols = self._norm_cols + self._cols + [col for col, _ in self._units]
+        values = self._norms + self._values + [u.eq(0).sum(dtype=torch.float32) for u in self._units.values()]
+        self.step = None
+        self._clear()
         if step is None or not values:
             return None
         stacked = torch.stack(values)
         if norms:
-            stacked[:len(norms)].square_()
+            stacked[:norms].square_()
         return step, tuple(cols), stacked
 
 
@@ -671,14 +690,15 @@ class _RowViews:
         self.clip = row[layout.run + 1:layout.run + 4]
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor of a module's output, in order (a PackedSequence as its data)."""
     if isinstance(output, torch.Tensor):
-        return output
+        return [output]
     if isinstance(output, torch.nn.utils.rnn.PackedSequence):
-        return output.data
-    if isinstance(output, (tuple, list)) and output:
-        return _first_tensor(output[0])
-    return None
+        return [output.data]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _output_tensors(item)]
+    return []
 
 
 def _after(callback: Callable[[], None]) -> list[bytes]:
