@@ -131,6 +131,17 @@ def test_resolve_run_by_id_prefix_and_name(store: Store, tmp_path: Path) -> None
         store.resolve_run("nope")
 
 
+def test_a_name_that_is_also_another_runs_id_prefix_is_ambiguous(store: Store, tmp_path: Path) -> None:
+    """`delete cafe` must not remove the run whose id starts with cafe when a run is named cafe."""
+    SyntheticRun(run_id="eeee1111", name="cafe", started_at=1.0).write(tmp_path, 5)
+    SyntheticRun(run_id="cafe0000", name="other", started_at=2.0).write(tmp_path, 5)
+    ingest_pending(store, tmp_path)
+    with pytest.raises(AmbiguousRun, match="names run eeee1111 and is a prefix of run id cafe0000") as exc:
+        store.resolve_run("cafe")
+    assert sorted(exc.value.candidates) == ["cafe0000", "eeee1111"]
+    assert store.resolve_run("cafe0000") == "cafe0000" and store.resolve_run("other") == "cafe0000"
+
+
 def test_run_summary(store: Store, run: SyntheticRun) -> None:
     summary = store.run_summary(run.run_id)
     assert summary.run.status == "finished" and summary.run.last_step == STEPS - 1

@@ -113,20 +113,28 @@ class Store:
         return [r for r in runs if name is None or fnmatch.fnmatchcase(r.name, name)]
 
     def resolve_run(self, ref: str) -> str:
-        """Run id for a run id, a unique id prefix, or a run name (the newest run of that name)."""
+        """Run id for a run id, a unique id prefix, or a run name (the newest run of that name).
+
+        A reference that is both a run's name and a prefix of another run's id is ambiguous:
+        guessing could make `delete` remove the wrong run.
+        """
         with self._read() as conn:
             if conn.execute(select(s.runs.c.id).where(s.runs.c.id == ref)).first():
                 return ref
             ids = [r[0] for r in conn.execute(
                 select(s.runs.c.id).where(s.runs.c.id.startswith(ref, autoescape=True)).limit(20))]
-            if len(ids) == 1:
-                return ids[0]
-            if len(ids) > 1:
-                raise AmbiguousRun(f"run id prefix {ref!r} matches {len(ids)} runs: {', '.join(ids[:5])}", ids)
             named = conn.execute(select(s.runs.c.id).where(s.runs.c.name == ref)
                                  .order_by(s.runs.c.started_at.desc()).limit(1)).first()
+        if named and any(i != named[0] for i in ids):
+            others = [i for i in ids if i != named[0]]
+            raise AmbiguousRun(f"{ref!r} names run {named[0]} and is a prefix of run id {', '.join(others[:5])}: "
+                               "give the full run id", [str(named[0]), *others])
         if named:
             return str(named[0])
+        if len(ids) == 1:
+            return ids[0]
+        if len(ids) > 1:
+            raise AmbiguousRun(f"run id prefix {ref!r} matches {len(ids)} runs: {', '.join(ids[:5])}", ids)
         raise RunNotFound(f"no run with id, id prefix or name {ref!r}")
 
     def run(self, run_id: str) -> RunInfo:
