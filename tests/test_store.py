@@ -33,8 +33,8 @@ STEPS = 1000
 
 
 @pytest.fixture
-def store(store_url: str):  # noqa: F811 - the fixture imported above
-    with Store.open(store_url) as st:
+def store(store_url: str, tmp_path: Path):  # noqa: F811 - the fixture imported above
+    with Store.open(store_url, home=tmp_path) as st:  # the tests write their run logs under tmp_path
         yield st
 
 
@@ -288,6 +288,21 @@ def test_delete_run_keeps_it_deleted(store: Store, run: SyntheticRun, tmp_path: 
             schema.series.c.run_id == run.run_id)).scalar() == 0
     store.delete_run("keep", remove_logs=True)
     assert not other.path(tmp_path).exists() and store.logs(run_id="keep") == []
+
+
+def test_delete_removes_logs_from_its_own_home_only(store_url: str, tmp_path: Path) -> None:
+    """A copy of a home (store and logs) deletes its own copy of a log, never the original's."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    run = SyntheticRun(run_id="r1")
+    run.write(original, 5)
+    copied = copy / "logs" / run.path(original).name
+    copied.parent.mkdir(parents=True)
+    copied.write_bytes(run.path(original).read_bytes())
+    with Store.open(store_url, home=original) as store:
+        ingest_pending(store, original)  # the store records the original's absolute log path
+        store.home = copy  # the same store, used from the copied home
+        store.delete_run("r1", remove_logs=True)
+    assert run.path(original).exists() and not copied.exists()
 
 
 def test_gc_deletes_old_ended_runs(store: Store, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from gradwatch.agent.runlog import logs_dir
 from gradwatch.store import schema as s
 from gradwatch.store.engine import create_store_engine, default_url, prepare_schema, writing
 from gradwatch.store.errors import AmbiguousRun, RunNotFound, StoreError, UnknownEntity, UnknownMetric
@@ -44,8 +45,9 @@ def _ts(t: TimeLike) -> float:
 class Store:
     """A gradwatch store: open with `Store.open()`, close with `close()` (or use `with`)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, home: Path | None = None) -> None:
         self.engine = engine
+        self.home = home  # the gradwatch home on this host, whose logs/ `delete_run` may remove from
 
     @classmethod
     def open(cls, url: str | None = None, home: Path | None = None) -> Store:
@@ -59,7 +61,7 @@ class Store:
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine)
+        return cls(engine, home)
 
     @property
     def url(self) -> str:
@@ -429,20 +431,24 @@ class Store:
         """Delete a run and everything stored about it.
 
         Its run logs are kept as `deleted` so they are not ingested again, unless
-        `remove_logs` is true: then the log files (on this host) and their rows go too.
+        `remove_logs` is true: then the log files go too, from this store's home's `logs/`
+        (by file name: never a path recorded on another host or in another copy of the home),
+        before their rows, so a file that cannot be removed leaves the run whole.
         """
-        with self._write() as conn:
+        with self._read() as conn:
             self._run_row(conn, run_id)
-            paths = [r[0] for r in conn.execute(select(s.logs.c.path).where(s.logs.c.run_id == run_id))]
+            names = [r[0] for r in conn.execute(select(s.logs.c.name).where(s.logs.c.run_id == run_id))]
+        if remove_logs:
+            folder = logs_dir(self.home)
+            for name in names:
+                (folder / name).unlink(missing_ok=True)
+        with self._write() as conn:
             _delete_run_rows(conn, run_id)
             if remove_logs:
                 conn.execute(delete(s.logs).where(s.logs.c.run_id == run_id))
             else:
                 conn.execute(update(s.logs).where(s.logs.c.run_id == run_id).values(
                     state="deleted", state_at=time.time()))
-        if remove_logs:
-            for p in paths:
-                Path(p).unlink(missing_ok=True)
 
     def gc(self, older_than: timedelta, remove_logs: bool = False, now: float | None = None) -> list[str]:
         """Delete every run that is no longer running and ended (or was declared crashed)
