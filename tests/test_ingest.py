@@ -4,6 +4,7 @@ and an end-to-end run of the real agent."""
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 import threading
@@ -94,6 +95,32 @@ def test_log_without_header_is_broken_and_others_go_on(store: Store, tmp_path: P
     (err,) = store.ingest_errors()
     assert err.log == broken.name and err.offset == 0 and err.reason.startswith("no valid header")
 
+
+
+def test_malformed_headers_and_odd_entries_stop_only_their_own_log(store: Store, tmp_path: Path) -> None:
+    """A header the store cannot take, a directory and a FIFO named like logs: the good run is
+    ingested, each bad log is broken with its reason, and nothing raises or blocks."""
+    logs = runlog.logs_dir(tmp_path)
+    logs.mkdir(parents=True)
+    no_run_id = runlog.log_path("norunid", 0, tmp_path)
+    no_run_id.write_bytes(runlog.encode_header(runlog.Header({"name": "x"})))
+    not_a_dict = runlog.log_path("notadict", 0, tmp_path)
+    not_a_dict.write_bytes(runlog.encode_header(runlog.Header([])))  # type: ignore[arg-type]
+    bad_rank = runlog.log_path("badrank", 0, tmp_path)
+    bad_rank.write_bytes(runlog.encode_header(runlog.Header({"run_id": "badrank", "rank": "x"})))
+    runlog.log_path("adir", 0, tmp_path).mkdir()
+    os.mkfifo(runlog.log_path("afifo", 0, tmp_path))
+    good = SyntheticRun(run_id="good")
+    good.write(tmp_path, 10)
+    ingest_pending(store, tmp_path)
+    ingest_pending(store, tmp_path)
+    assert [r.id for r in store.list_runs()] == ["good"]
+    states = {lg.name: lg.state for lg in store.logs()}
+    assert states == {no_run_id.name: "broken", not_a_dict.name: "broken", bad_rank.name: "broken",
+                      good.path(tmp_path).name: "finished"}
+    reasons = {err.log: err.reason for err in store.ingest_errors()}
+    assert set(reasons) == {no_run_id.name, not_a_dict.name, bad_rank.name}
+    assert all(r.startswith("cannot store its records") for r in reasons.values()), reasons
 
 def test_dead_writer_on_this_host_is_crashed(store: Store, tmp_path: Path) -> None:
     r = SyntheticRun(pid=_dead_pid())

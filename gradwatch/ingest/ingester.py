@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from gradwatch.agent.runlog import LOG_SUFFIX, LogReader, logs_dir
 from gradwatch.ingest.batch import LogState, OffsetConflict, apply_batch, refresh_run_status
@@ -60,6 +60,8 @@ class Ingester:
         rows = self._log_rows()
         pending, idle = [], []
         for path in sorted(self.dir.glob(f"*{LOG_SUFFIX}")) if self.dir.is_dir() else []:
+            if not path.is_file():  # a directory or FIFO named like a log: reading it would fail or block
+                continue
             row = rows.get(path.name)
             if row is not None and row.state in _DONE_STATES:
                 self._logs.pop(path.name, None)
@@ -133,11 +135,31 @@ class Ingester:
         except OffsetConflict:
             st.reset()
             return True
-        except (SQLAlchemyError, OSError):
+        except (OperationalError, InterfaceError, OSError):  # the database or the disk: the whole pass stops
             st.reset()
             raise
+        except Exception as exc:  # a record the store cannot take (a malformed header): this log only
+            st.reset()
+            self._mark_broken(st, f"cannot store its records: {type(exc).__name__}: {_first_line(exc)}")
+            report.errors += 1
+            return False
         report.add(rep)
         return True
+
+    def _mark_broken(self, st: LogState, reason: str) -> None:
+        """Record why the log cannot be ingested and stop reading it; the other logs go on."""
+        log.warning("gradwatch: run log %s is not ingested: %s", st.name, reason)
+        now = self.clock()
+        with writing(self.store.engine) as conn:
+            row = conn.execute(select(s.logs.c.offset).where(s.logs.c.name == st.name)).first()
+            if row is None:
+                conn.execute(insert(s.logs).values(name=st.name, path=str(st.path), offset=0, state="broken",
+                                                   state_at=now, last_growth_at=now))
+            else:
+                conn.execute(update(s.logs).where(s.logs.c.name == st.name).values(state="broken", state_at=now))
+            conn.execute(insert(s.ingest_errors).values(log=st.name, path=str(st.path),
+                                                        offset=0 if row is None else int(row.offset),
+                                                        reason=reason, at=now))
 
     def _check_alive(self, st: LogState, report: IngestReport) -> None:
         """Declare the log's run crashed when its unclosed log's writer is gone."""
@@ -157,6 +179,10 @@ class Ingester:
                                 .values(state="crashed", state_at=now, last_growth_at=alive_at))
             if done.rowcount == 1 and refresh_run_status(conn, row.run_id, now) == "crashed":
                 report.crashed.append(row.run_id)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _size(path: Path) -> int:
