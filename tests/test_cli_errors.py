@@ -66,6 +66,10 @@ def test_full_id_and_name_resolve(two_runs):
     (("compare", "first", "second", "--metric", "nope"), "not a layer metric of both runs"),
     (("runs", "--since", "yesterday"), "bad time 'yesterday'"),
     (("gc", "--older-than", "soon"), "bad duration 'soon'"),
+    (("runs", "--since", "99999999999d"), "number out of range"),
+    (("history", "first", "--metric", "loss", "--steps", "99999999999999999999999:"), "number out of range"),
+    (("runs", "--db", "postgresql://u@h:notaport/db"), "not a database URL"),
+    (("runs", "--db", "sqlite:///x.db?timeout=abc"), "bad database URL"),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(v[:2]))
 def test_bad_input_is_one_line_exit_2(two_runs, args, message):
     assert message in fails(2, *args, "--home", two_runs)
@@ -103,6 +107,28 @@ def test_a_corrupt_database_file(two_runs, tmp_path):
 
 def test_a_bad_store_url(tmp_path):
     fails(1, "runs", "--db", "nosuchdriver://x/y", "--home", tmp_path)
+
+
+def test_damaged_chunks_in_a_readable_database(two_runs):
+    """The store opens, but a stored series cannot be decoded: one line, not a zlib traceback."""
+    from pathlib import Path
+
+    ok("runs", "--home", two_runs)
+    with sqlite3.connect(Path(two_runs) / "gradwatch.db") as conn:
+        conn.execute("update gw_chunks set vals = x'deadbeef'")
+    assert "damaged data" in fails(1, "history", "first", "--metric", "loss", "--home", two_runs)
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(two_runs, monkeypatch):
+    import gradwatch.cli.runs as runs_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(runs_module, "_render", broken, raising=True)
+    assert "unexpected KeyError" in fails(1, "runs", "--home", two_runs)
+    monkeypatch.setenv("GRADWATCH_DEBUG", "1")
+    assert isinstance(invoke("runs", "--home", two_runs).exception, KeyError)
 
 
 def test_errors_as_a_subprocess(two_runs):

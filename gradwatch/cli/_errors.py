@@ -6,7 +6,9 @@ Errors from the store and SQLAlchemy are translated here without importing eithe
 
 from __future__ import annotations
 
+import json
 import sys
+import zlib
 
 import click
 
@@ -24,7 +26,8 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """`text` on one line, whitespace collapsed."""
     return " ".join(str(text).split()) or "unknown error"
 
 
@@ -33,13 +36,23 @@ def translate(exc: BaseException) -> click.ClickException | None:
     store_errors = sys.modules.get("gradwatch.store.errors")
     if store_errors is not None and isinstance(exc, store_errors.StoreError):
         bad_input = (store_errors.RunNotFound, store_errors.AmbiguousRun, store_errors.UnknownMetric,
-                     store_errors.UnknownEntity)
-        return (BadInput if isinstance(exc, bad_input) else CliError)(_one_line(str(exc)))
+                     store_errors.UnknownEntity, store_errors.BadStoreURL)
+        return (BadInput if isinstance(exc, bad_input) else CliError)(one_line(str(exc)))
     sa_exc = sys.modules.get("sqlalchemy.exc")
     if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
         orig = getattr(exc, "orig", None)
-        return CliError(f"the store cannot be read: {_one_line(str(orig or exc).splitlines()[0])}")
+        return CliError(f"the store cannot be read: {one_line(str(orig or exc).splitlines()[0])}")
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
-        return CliError(f"{exc.strerror or _one_line(str(exc))}{where}")
+        return CliError(f"{exc.strerror or one_line(str(exc))}{where}")
+    if isinstance(exc, OverflowError):  # a number too large for the store, from an argument or a record
+        return BadInput(f"number out of range: {one_line(str(exc))}")
+    if isinstance(exc, (zlib.error, UnicodeDecodeError, json.JSONDecodeError)):
+        return CliError(f"damaged data, cannot be decoded ({type(exc).__name__}): {one_line(str(exc))}")
     return None
+
+
+def unexpected(exc: BaseException) -> CliError:
+    """The one-line error for an exception nobody translated: a bug, still without a traceback
+    (GRADWATCH_DEBUG=1 lets it through instead)."""
+    return CliError(f"unexpected {type(exc).__name__}: {one_line(str(exc))} (GRADWATCH_DEBUG=1 shows the traceback)")

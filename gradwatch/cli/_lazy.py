@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from gradwatch.cli._errors import translate
+from gradwatch.cli._errors import translate, unexpected
 
 
 class LazyGroup(click.Group):
@@ -54,7 +54,7 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):  # click's own exits
             raise
         except BrokenPipeError:  # the reader went away (| head): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -62,5 +62,7 @@ class LazyGroup(click.Group):
         except Exception as exc:
             translated = translate(exc)
             if translated is None:
-                raise
+                if os.environ.get("GRADWATCH_DEBUG"):
+                    raise
+                translated = unexpected(exc)
             raise translated from None

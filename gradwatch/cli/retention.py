@@ -32,7 +32,7 @@ def delete(store: Store, run: str, remove_logs: bool, yes: bool, as_json: bool) 
     if info.status == "running":
         raise BadInput(f"run {run_id} ({info.name}) is still running; stop it first")
     if not yes:
-        click.confirm(f"delete run {run_id} ({info.name}, {fmt.num(info.last_step)} steps)?", abort=True)
+        click.confirm(f"delete run {run_id} ({info.name}, last step {fmt.num(info.last_step)})?", abort=True)
     store.delete_run(run_id, remove_logs=remove_logs)
     fmt.emit({"deleted": [run_id], "names": [info.name], "logs_removed": remove_logs}, as_json,
              lambda d: f"deleted run {run_id} ({info.name})")

@@ -14,7 +14,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 
 from gradwatch.agent.runlog import default_home
 from gradwatch.store import schema
-from gradwatch.store.errors import NotAStoreError, SchemaVersionError, StoreError
+from gradwatch.store.errors import BadStoreURL, NotAStoreError, SchemaVersionError, StoreError
 
 DB_FILE = "gradwatch.db"
 BUSY_TIMEOUT_S = 30.0
@@ -46,14 +46,16 @@ def create_store_engine(url: str) -> Engine:
     """An engine for a store URL, with WAL, a busy timeout and foreign keys on SQLite."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise StoreError(f"not a database URL: {url!r}") from None
+    except (ArgumentError, ValueError):
+        raise BadStoreURL(f"not a database URL: {url!r}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(parsed)
     except (NoSuchModuleError, ImportError) as exc:
         raise StoreError(f"no database driver for {parsed.render_as_string(hide_password=True)}: {exc}") from None
+    except (ArgumentError, ValueError, TypeError) as exc:  # e.g. a query option with a value of the wrong type
+        raise BadStoreURL(f"bad database URL {parsed.render_as_string(hide_password=True)}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)

@@ -7,6 +7,10 @@ class StoreError(Exception):
     """Base class: the store cannot answer; the message says why in one line."""
 
 
+class BadStoreURL(StoreError):
+    """The store URL is malformed (a bad port, an unknown option value)."""
+
+
 class NotAStoreError(StoreError):
     """The database exists but is not a gradwatch store (or is not a database at all)."""
 
