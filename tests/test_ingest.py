@@ -122,6 +122,20 @@ def test_malformed_headers_and_odd_entries_stop_only_their_own_log(store: Store,
     assert set(reasons) == {no_run_id.name, not_a_dict.name, bad_rank.name}
     assert all(r.startswith("cannot store its records") for r in reasons.values()), reasons
 
+
+def test_a_copied_log_is_not_stored_twice(store: Store, tmp_path: Path) -> None:
+    run = SyntheticRun(run_id="orig")
+    run.write(tmp_path, 10)
+    copy = run.path(tmp_path).with_name("orig.rank0 (copy).gwlog")
+    copy.write_bytes(run.path(tmp_path).read_bytes())
+    ingest_pending(store, tmp_path)
+    series = store.run_series("orig", "grad_norm_total")
+    assert list(series.steps) == list(range(10))  # once each, not twice
+    states = {lg.name: lg.state for lg in store.logs()}
+    assert sorted(states.values()) == ["broken", "finished"]
+    (err,) = store.ingest_errors()
+    assert "already stored from log" in err.reason
+
 def test_dead_writer_on_this_host_is_crashed(store: Store, tmp_path: Path) -> None:
     r = SyntheticRun(pid=_dead_pid())
     r.write(tmp_path, 20, close=False)

@@ -38,6 +38,10 @@ class LogState:
         self.reader, self.series = None, None
 
 
+class DuplicateLog(ValueError):
+    """A second log for a run and rank that another log already stores."""
+
+
 def log_row(conn: Connection, name: str) -> Any:
     """The ingest row of one log, or None."""
     c = s.logs.c
@@ -168,6 +172,10 @@ def _register(conn: Connection, st: LogState, header: Header, now: float) -> Non
     """Create the run (params, layers) from a log header, or join an existing run as another rank."""
     info = header.info
     run_id, rank = header.run_id, header.rank
+    other = conn.execute(select(s.logs.c.name).where(s.logs.c.run_id == run_id, s.logs.c.rank == rank,
+                                                      s.logs.c.name != st.name)).first()
+    if other is not None:  # a copy of a log: storing it too would double every series
+        raise DuplicateLog(f"run {run_id} rank {rank} is already stored from log {other.name}")
     st.run_id, st.rank = run_id, rank
     exists = conn.execute(select(s.runs.c.id, s.runs.c.world_size).where(s.runs.c.id == run_id)).first()
     fields = {"name": str(info.get("name") or run_id), "project": str(info.get("project") or "default"),
