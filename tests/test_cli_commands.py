@@ -268,9 +268,9 @@ def test_plot_writes_an_image(home, tmp_path):
     assert image[..., :3].std() > 0.05  # not blank
 
 
-@pytest.mark.parametrize("name, message", [("x.gif", "must end in"), ("missing/x.png", "does not exist")])
-def test_plot_refuses_bad_outputs(home, tmp_path, name, message):
-    assert message in fails(2, "plot", "demo-healthy", "--home", home, "--out", tmp_path / name)
+@pytest.mark.parametrize("name, code, message", [("x.gif", 2, "must end in"), ("missing/x.png", 1, "does not exist")])
+def test_plot_refuses_bad_outputs(home, tmp_path, name, code, message):
+    assert message in fails(code, "plot", "demo-healthy", "--home", home, "--out", tmp_path / name)
 
 
 # ---------------------------------------------------------------- diagnose

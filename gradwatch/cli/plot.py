@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from gradwatch.cli import _format as fmt
-from gradwatch.cli._errors import BadInput
+from gradwatch.cli._errors import BadInput, CliError
 from gradwatch.cli._options import CONTEXT, json_option, resolve_run, with_store
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def plot(store: Store, run: str, out: Path, as_json: bool) -> None:
     if out.suffix.lower() not in FORMATS:
         raise BadInput(f"cannot write {out.name!r}: the file name must end in {', '.join(FORMATS)}")
     if not out.parent.is_dir():
-        raise BadInput(f"cannot write {out}: folder {out.parent} does not exist")
+        raise CliError(f"cannot write {out}: folder {out.parent} does not exist")  # as export: exit 1
     run_id = resolve_run(store, run)
     from gradwatch.diagnose.load import load_run_data
     from gradwatch.plots import save_run_plot

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
 from gradwatch.agent.runlog import default_home
 from gradwatch.store import schema
@@ -105,6 +105,8 @@ def prepare_schema(engine: Engine) -> None:
             if schema.meta.name not in names:
                 raise NotAStoreError(f"{where} is not a gradwatch store (it holds other tables)")
             values = dict(conn.execute(select(schema.meta.c.key, schema.meta.c.value)).all())
+    except OperationalError as exc:  # unreachable, not openable (read-only, a directory): say so, not "not a store"
+        raise StoreError(f"cannot open the store {where}: {_first_line(exc.orig)}") from None
     except DBAPIError as exc:
         raise NotAStoreError(f"{where} is not a gradwatch store: {_first_line(exc.orig)}") from None
     except SQLAlchemyError as exc:
