@@ -165,6 +165,7 @@ def test_silent_writer_elsewhere_is_crashed_then_revives(store: Store, tmp_path:
     assert ing.poll_once().crashed == [r.run_id]
     assert store.run(r.run_id).status == "crashed" and store.run(r.run_id).status_at == now[0]
     r.write(tmp_path, 20, start=20, header=False, close=False)
+    os.utime(path, (now[0], now[0]))  # it grew at the test clock's now
     assert ing.poll_once().crashed == []
     assert store.run(r.run_id).status == "running"
     with open(path, "ab") as f:
@@ -172,6 +173,16 @@ def test_silent_writer_elsewhere_is_crashed_then_revives(store: Store, tmp_path:
     assert ing.poll_once().finished == [r.run_id]
     assert store.run(r.run_id).status == "finished"
 
+
+
+def test_a_log_found_days_after_its_writer_died_ends_when_it_stopped_growing(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun(host="another-host", pid=1)
+    path = r.write(tmp_path, 20, close=False)
+    stopped = time.time() - 3 * 86400
+    os.utime(path, (stopped, stopped))
+    ing = Ingester(store, tmp_path, stale_after=60.0)
+    assert ing.poll_once().crashed == [r.run_id]  # read and judged in the same pass
+    assert store.run(r.run_id).ended_at == pytest.approx(stopped, abs=1.0)
 
 def test_ranks_are_one_run_with_data_per_rank(store: Store, tmp_path: Path) -> None:
     ranks = [SyntheticRun(rank=k, world_size=2) for k in (0, 1)]

@@ -50,15 +50,20 @@ def log_row(conn: Connection, name: str) -> Any:
 
 
 def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[int, Record]], end: int,
-                now: float) -> IngestReport:
-    """Store `records` (read from `start` to `end`) and move the log's offset to `end`."""
+                now: float, grew_at: float | None = None) -> IngestReport:
+    """Store `records` (read from `start` to `end`) and move the log's offset to `end`.
+
+    `grew_at` is when the log last grew (its mtime), default `now`: a log first read days
+    after its writer stopped must not look as if it had been written just now.
+    """
+    grew_at = now if grew_at is None else grew_at
     report = IngestReport(logs=1, bytes=end - start, records=len(records))
     row = log_row(conn, st.name)
     if row is None:
         if start != 0:
             raise OffsetConflict(st.name)
         conn.execute(insert(s.logs).values(name=st.name, path=str(st.path), offset=0, state="running",
-                                           state_at=now, last_growth_at=now))
+                                           state_at=now, last_growth_at=grew_at))
         row = log_row(conn, st.name)
     if row.offset != start:
         raise OffsetConflict(st.name)
@@ -99,7 +104,7 @@ def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[
     if errors:
         conn.execute(insert(s.ingest_errors), errors)
         report.errors = len(errors)
-    values: dict[str, Any] = {"offset": end, "last_growth_at": now}
+    values: dict[str, Any] = {"offset": end, "last_growth_at": grew_at}
     if closed is not None:
         state = "finished"
         values["close_stats"] = {"time": closed.time, "step": closed.step, "stats": closed.stats}

@@ -113,9 +113,10 @@ class Ingester:
     def _ingest_batch(self, st: LogState, report: IngestReport) -> bool:
         """One transaction for one log; False when there was nothing (complete) to read."""
         try:
-            size = st.path.stat().st_size
+            stat = st.path.stat()
         except FileNotFoundError:
             return False
+        size, grew_at = stat.st_size, min(self.clock(), stat.st_mtime)
         try:
             with writing(self.store.engine) as conn:
                 row = conn.execute(select(s.logs.c.offset, s.logs.c.state)
@@ -131,7 +132,7 @@ class Ingester:
                     records = st.reader.read()  # one record (or a damaged stretch) larger than a batch
                 if not records:
                     return False
-                rep = apply_batch(conn, st, offset, records, st.reader.offset, self.clock())
+                rep = apply_batch(conn, st, offset, records, st.reader.offset, self.clock(), grew_at)
         except OffsetConflict:
             st.reset()
             return True
