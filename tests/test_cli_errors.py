@@ -167,3 +167,18 @@ def test_gc_dry_run_then_delete(two_runs):
     done = ok("gc", "--older-than", "0s", "--yes", "--home", two_runs, "--json")
     assert sorted(__import__("json").loads(done)["deleted"]) == ["abc000000001", "abc000000002"]
     assert ok("runs", "--home", two_runs, "--json").strip() == "[]"
+
+
+def test_malformed_fields_of_a_foreign_log_do_not_break_show_or_diagnose(tmp_path):
+    """A header and an event whose JSON fields have the wrong shapes: stored as empty, readable."""
+    from gradwatch.agent import runlog
+
+    path = runlog.log_path("foreign000001", 0, tmp_path)
+    path.parent.mkdir(parents=True)
+    header = runlog.Header({"run_id": "foreign000001", "name": "foreign", "config": ["x"], "init_check": [1],
+                            "groups": "g", "model": 3})
+    path.write_bytes(runlog.encode_header(header)
+                     + runlog.encode_event(runlog.Event("nonfinite", 1, 0.0, [1]))  # type: ignore[arg-type]
+                     + runlog.encode_close(runlog.Close(0.0, 2, {})))
+    assert "foreign" in ok("show", "foreign", "--home", tmp_path)
+    ok("diagnose", "foreign", "--home", tmp_path)

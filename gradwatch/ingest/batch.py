@@ -88,7 +88,7 @@ def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[
             frames.append(rec)
         elif isinstance(rec, Event):
             events.append({"run_id": st.run_id, "rank": st.rank, "step": rec.step, "time": rec.time,
-                           "kind": rec.kind, "data": rec.data})
+                           "kind": rec.kind, "data": _of_type(rec.data, dict)})
         elif isinstance(rec, Close):
             closed = rec
         elif isinstance(rec, Corrupt):
@@ -188,8 +188,8 @@ def _register(conn: Connection, st: LogState, header: Header, now: float) -> Non
               "world_size": int(info.get("world_size") or 1), "started_at": info.get("started_at"),
               "torch_version": info.get("torch_version"), "gradwatch_version": info.get("gradwatch_version"),
               "python_version": info.get("python_version"), "device": _str_or_none(info.get("device")),
-              "config": info.get("config") or {}, "model": info.get("model") or {},
-              "groups": info.get("groups") or [], "init_check": info.get("init_check") or []}
+              "config": _of_type(info.get("config"), dict), "model": _of_type(info.get("model"), dict),
+              "groups": _dicts(info.get("groups")), "init_check": _dicts(info.get("init_check"))}
     if exists is None:
         conn.execute(insert(s.runs).values(id=run_id, status="running", status_at=now, **fields))
         params = [{"run_id": run_id, "idx": int(p["index"]), "name": str(p["name"]), "layer": p.get("layer"),
@@ -207,6 +207,17 @@ def _register(conn: Connection, st: LogState, header: Header, now: float) -> Non
         conn.execute(update(s.runs).where(s.runs.c.id == run_id).values(**fields))
     conn.execute(update(s.logs).where(s.logs.c.name == st.name).values(
         run_id=run_id, rank=rank, host=info.get("host"), pid=info.get("pid")))
+
+
+def _of_type(value: Any, kind: type) -> Any:
+    """`value` when it has the JSON shape readers expect, else an empty one (a malformed field
+    from a damaged or foreign log must not break every later `show` or `diagnose`)."""
+    return value if isinstance(value, kind) else kind()
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The dicts of a JSON list field (see `_of_type`)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def _str_or_none(value: Any) -> str | None:
