@@ -124,3 +124,17 @@ def test_nonnegative_relus_are_a_subset_of_the_family():
     assert set(NONNEGATIVE) <= set(RELU)
     for cls in NONNEGATIVE:
         assert (cls()(torch.randn(1000)) >= 0).all()
+
+
+def test_conv1d_outputs_have_channels_as_units():
+    """(batch, channels, length) after a Conv1d (and its BatchNorm1d): dead channels, not positions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
+    with torch.no_grad():
+        model[1].bias[:2] = -50.0  # two channels below zero everywhere
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, config={"measure": {"activation_every": 1}}) as watcher:
+        model(torch.randn(4, 3, 16)).sum().backward()
+        opt.step()
+        snap = watcher.snapshot()
+    assert snap["layers"]["2"]["dead_ratio"] == pytest.approx(2 / 8)

@@ -19,6 +19,8 @@ NONNEGATIVE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)  # of the ReLU fa
 SMOOTH: tuple[type[nn.Module], ...] = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish)
 RNN: tuple[type[nn.Module], ...] = (nn.RNN, nn.LSTM, nn.GRU)
 WEIGHTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + RNN
+CONV1D: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
+CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
 
 
 def activation_family(module: nn.Module) -> str | None:
@@ -114,6 +116,16 @@ def following_activation(layers: list[Layer]) -> dict[int, Layer | None]:
                 break
         out[i] = nxt
     return out
+
+
+def channels_first(layers: list[Layer], index: int) -> bool:
+    """Whether a 3-D output of layer `index` is (batch, channels, length), not (batch, sequence,
+    features): the nearest parameter layer before it in model order is a 1-d convolution
+    (channel norms between them are looked through)."""
+    for layer in reversed(layers[:index]):
+        if layer.kind == "param" and not isinstance(layer.module, CHANNEL_NORMS):
+            return isinstance(layer.module, CONV1D)
+    return False
 
 
 def last_linear_params(layers: list[Layer], params: list[Param]) -> list[torch.Tensor]:

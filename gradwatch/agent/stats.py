@@ -29,20 +29,21 @@ def saturated_count(y: torch.Tensor, low: float, high: float, eps: float) -> tor
     return torch.sub(y, center).abs_().gt_(reach).sum(dtype=torch.float32)
 
 
-def unit_dims(ndim: int) -> tuple[int, ...]:
+def unit_dims(ndim: int, channels_first: bool = False) -> tuple[int, ...]:
     """Dims reduced to find a unit's activity: all but the unit (feature / channel) dim.
 
     2-D (batch, features) and 3-D (batch, sequence, features) outputs have their units
-    last; 4-D and 5-D convolution outputs have channels at dim 1.
+    last; 4-D and 5-D convolution outputs, and 3-D ones when `channels_first` (after a
+    Conv1d: batch, channels, length), have channels at dim 1.
     """
     if ndim <= 1:
         return ()
-    if ndim in (4, 5):
+    if ndim in (4, 5) or (ndim == 3 and channels_first):
         return (0,) + tuple(range(2, ndim))
     return tuple(range(ndim - 1))
 
 
-def nonzero_per_unit(y: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+def nonzero_per_unit(y: torch.Tensor, nonnegative: bool, channels_first: bool = False) -> torch.Tensor:
     """Each unit's count of non-zero outputs (float32, one entry per unit): a unit with none is dead.
 
     One elementwise pass: |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero),
@@ -53,5 +54,5 @@ def nonzero_per_unit(y: torch.Tensor, nonnegative: bool) -> torch.Tensor:
     nonzero = torch.sign(y)
     if not nonnegative:
         nonzero.abs_()
-    dims = unit_dims(y.dim())
+    dims = unit_dims(y.dim(), channels_first)
     return nonzero.sum(dim=dims, dtype=torch.float32) if dims else nonzero.to(torch.float32)

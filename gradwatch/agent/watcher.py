@@ -33,7 +33,8 @@ from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, windo
 from gradwatch.agent.clipping import make_clipper, norm_kwargs
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
-from gradwatch.agent.layers import NONNEGATIVE, Layer, build_tables, last_linear_params, saturation_bounds
+from gradwatch.agent.layers import (NONNEGATIVE, Layer, build_tables, channels_first, last_linear_params,
+                                    saturation_bounds)
 from gradwatch.agent.stats import moments, nonzero_per_unit, saturated_count
 from gradwatch.agent.writer import LogWriter
 
@@ -348,6 +349,7 @@ class Watcher:
         bounded = index in self.layout.bounded
         relu = index in self.layout.relu
         nonnegative = isinstance(layer.module, NONNEGATIVE)
+        channels = channels_first(self.layers, index)
         low, high = saturation_bounds(layer.module) if bounded else (0.0, 0.0)
         eps = self.config.measure.saturation_eps
         every = self.config.measure.activation_every
@@ -383,7 +385,7 @@ class Watcher:
                             self._stage(extra, saturated_count(d, low, high, eps))
                             extra += 1
                         if relu:
-                            per_unit = nonzero_per_unit(d, nonnegative)
+                            per_unit = nonzero_per_unit(d, nonnegative, channels)
                             self._stage(extra + 1, per_unit.sum())
                             if self._stage(extra, per_unit, "units"):
                                 self._host.act_units[row, slot] += per_unit.numel()
