@@ -81,27 +81,12 @@ def test_corrupt_record_becomes_an_ingest_error(store: Store, tmp_path: Path) ->
     np.testing.assert_array_equal(steps, np.r_[np.arange(20), np.arange(40, 60)])
 
 
-def test_log_without_header_is_broken_and_others_go_on(store: Store, tmp_path: Path) -> None:
-    broken = runlog.log_path("junk", 0, tmp_path)
-    broken.parent.mkdir(parents=True)
-    broken.write_bytes(b"not a run log at all\n" * 50)
-    good = SyntheticRun(run_id="good")
-    good.write(tmp_path, 10)
-    ingest_pending(store, tmp_path)
-    ingest_pending(store, tmp_path)
-    assert [r.id for r in store.list_runs()] == ["good"]
-    states = {lg.name: lg.state for lg in store.logs()}
-    assert states == {broken.name: "broken", good.path(tmp_path).name: "finished"}
-    (err,) = store.ingest_errors()
-    assert err.log == broken.name and err.offset == 0 and err.reason.startswith("no valid header")
-
-
-
-def test_malformed_headers_and_odd_entries_stop_only_their_own_log(store: Store, tmp_path: Path) -> None:
-    """A header the store cannot take, a directory and a FIFO named like logs: the good run is
-    ingested, each bad log is broken with its reason, and nothing raises or blocks."""
-    logs = runlog.logs_dir(tmp_path)
-    logs.mkdir(parents=True)
+def test_bad_logs_and_odd_entries_stop_only_themselves(store: Store, tmp_path: Path) -> None:
+    """No header, a header the store cannot take, a directory and a FIFO named like logs: the
+    good run is ingested, each bad log is broken with its reason, and nothing raises or blocks."""
+    runlog.logs_dir(tmp_path).mkdir(parents=True)
+    junk = runlog.log_path("junk", 0, tmp_path)
+    junk.write_bytes(b"not a run log at all\n" * 50)
     no_run_id = runlog.log_path("norunid", 0, tmp_path)
     no_run_id.write_bytes(runlog.encode_header(runlog.Header({"name": "x"})))
     not_a_dict = runlog.log_path("notadict", 0, tmp_path)
@@ -115,12 +100,13 @@ def test_malformed_headers_and_odd_entries_stop_only_their_own_log(store: Store,
     ingest_pending(store, tmp_path)
     ingest_pending(store, tmp_path)
     assert [r.id for r in store.list_runs()] == ["good"]
-    states = {lg.name: lg.state for lg in store.logs()}
-    assert states == {no_run_id.name: "broken", not_a_dict.name: "broken", bad_rank.name: "broken",
-                      good.path(tmp_path).name: "finished"}
-    reasons = {err.log: err.reason for err in store.ingest_errors()}
-    assert set(reasons) == {no_run_id.name, not_a_dict.name, bad_rank.name}
-    assert all(r.startswith("cannot store its records") for r in reasons.values()), reasons
+    broken = {junk.name, no_run_id.name, not_a_dict.name, bad_rank.name}
+    assert {lg.name: lg.state for lg in store.logs()} == {**dict.fromkeys(broken, "broken"),
+                                                         good.path(tmp_path).name: "finished"}
+    errors = {err.log: err for err in store.ingest_errors()}
+    assert set(errors) == broken
+    assert errors[junk.name].offset == 0 and errors[junk.name].reason.startswith("no valid header")
+    assert all(errors[name].reason.startswith("cannot store its records") for name in broken - {junk.name})
 
 
 def test_a_copied_log_is_not_stored_twice(store: Store, tmp_path: Path) -> None:
