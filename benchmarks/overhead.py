@@ -441,7 +441,8 @@ def render(report: Report) -> str:
         f"- Run: {m['date']}, device {s.device}, 1 torch thread, {s.warmup} warm-up rounds, then "
         + (f"{s.rounds} measured rounds" if s.rounds else f"{s.budget_s:.0f} s of measured rounds")
         + f" per model; batch scale {s.batch_scale}, seed {s.seed}, {s.bootstrap} bootstrap resamples, "
-        f"peak memory after {s.rss_steps} steps (median of {s.rss_reps} processes), {report.wall_s / 60:.1f} min in all",
+        f"peak memory after {s.rss_steps} steps (median of {s.rss_reps} processes), "
+        f"{report.wall_s / 60:.1f} min in all",
         f"- Load average (1/5/15 min): {m['load_start']} at start, {m.get('load_end', '?')} at the end",
     ]
     if report.skipped:

@@ -164,7 +164,6 @@ def test_amp_grad_scaler_norms_are_unscaled_and_skipped_steps_recorded():
     np.testing.assert_array_equal(steps, [0, 2])
 
 
-
 def test_amp_activation_gradient_norms_are_unscaled():
     """The output gradients carry the loss scale; act_grad_norm is of the loss's own gradient."""
     torch.manual_seed(0)

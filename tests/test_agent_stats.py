@@ -129,7 +129,8 @@ def test_nonnegative_relus_are_a_subset_of_the_family():
 def test_conv1d_outputs_have_channels_as_units():
     """(batch, channels, length) after a Conv1d (and its BatchNorm1d): dead channels, not positions."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16, 2))
     with torch.no_grad():
         model[1].bias[:2] = -50.0  # two channels below zero everywhere
     opt = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -160,7 +160,6 @@ def test_silent_writer_elsewhere_is_crashed_then_revives(store: Store, tmp_path:
     assert store.run(r.run_id).status == "finished"
 
 
-
 def test_a_log_found_days_after_its_writer_died_ends_when_it_stopped_growing(store: Store, tmp_path: Path) -> None:
     r = SyntheticRun(host="another-host", pid=1)
     path = r.write(tmp_path, 20, close=False)

@@ -290,7 +290,8 @@ def test_delete_run_keeps_it_deleted(store: Store, run: SyntheticRun, tmp_path: 
     assert not other.path(tmp_path).exists() and store.logs(run_id="keep") == []
 
 
-def test_delete_removes_logs_from_its_own_home_only(store_url: str, tmp_path: Path) -> None:
+def test_delete_removes_logs_from_its_own_home_only(store_url: str,  # noqa: F811 - the fixture
+                                                    tmp_path: Path) -> None:
     """A copy of a home (store and logs) deletes its own copy of a log, never the original's."""
     original, copy = tmp_path / "original", tmp_path / "copy"
     run = SyntheticRun(run_id="r1")

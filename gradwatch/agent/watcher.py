@@ -267,7 +267,8 @@ class Watcher:
             host.act_grad_count[row] = 0
             host.act_elems[row] = 0
             host.act_units[row] = 0
-        for g, group in enumerate(self._optimizer.param_groups[:self.layout.n_groups]):  # groups added later: not measured
+        groups = self._optimizer.param_groups[:self.layout.n_groups]  # a group added after attach: not measured
+        for g, group in enumerate(groups):
             host.lr[row, g] = float(group.get("lr", float("nan")))
 
         maybe_grads = [t.grad for t in self._param_tensors]
@@ -489,7 +490,8 @@ class Watcher:
         self._host.act_grad_count[row] = 0
         self._host.act_elems[row] = 0
         self._host.act_units[row] = 0
-        self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in self._optimizer.param_groups[:self.layout.n_groups]]
+        groups = self._optimizer.param_groups[:self.layout.n_groups]
+        self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in groups]
         self._buf[row, :self.layout.run].fill_(NO_GRAD)
         self._buf[row, self.layout.run:self.layout.run + 4].fill_(float("nan"))
         self.step += 1

@@ -10,11 +10,22 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from gradwatch.agent.runlog import default_home
 from gradwatch.store import schema
-from gradwatch.store.errors import BadStoreURL, NotAStoreError, SchemaVersionError, StoreError
+from gradwatch.store.errors import (
+    BadStoreURL,
+    NotAStoreError,
+    SchemaVersionError,
+    StoreError,
+)
 
 DB_FILE = "gradwatch.db"
 BUSY_TIMEOUT_S = 30.0
