@@ -169,6 +169,27 @@ def test_a_log_found_days_after_its_writer_died_ends_when_it_stopped_growing(sto
     assert ing.poll_once().crashed == [r.run_id]  # read and judged in the same pass
     assert store.run(r.run_id).ended_at == pytest.approx(stopped, abs=1.0)
 
+
+def test_a_damaged_last_record_is_reported_once_the_writer_is_gone(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun(host="another-host", pid=1)
+    path = r.write(tmp_path, 20, close=False)
+    good = path.stat().st_size
+    close = bytearray(runlog.encode_close(runlog.Close(time.time(), 19, {})))
+    close[-3] ^= 0xFF  # the close record's checksum no longer matches: it reads as a torn tail
+    with open(path, "ab") as f:
+        f.write(bytes(close))
+    now = [time.time()]
+    os.utime(path, (now[0], now[0]))
+    ing = Ingester(store, tmp_path, stale_after=60.0, clock=lambda: now[0])
+    ing.poll_once()
+    assert store.run(r.run_id).status == "running" and store.ingest_errors() == []  # it may still complete
+    now[0] += 61.0
+    report = ing.poll_once()
+    assert report.crashed == [r.run_id] and report.errors == 1
+    (err,) = store.ingest_errors()
+    assert err.offset == good and "not a complete record" in err.reason
+    assert ing.poll_once().errors == 0  # reported once
+
 def test_ranks_are_one_run_with_data_per_rank(store: Store, tmp_path: Path) -> None:
     ranks = [SyntheticRun(rank=k, world_size=2) for k in (0, 1)]
     ranks[1].write(tmp_path, 30)

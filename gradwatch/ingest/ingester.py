@@ -178,6 +178,12 @@ class Ingester:
             done = conn.execute(update(s.logs).where(c.name == st.name, c.state == "running",
                                                      c.offset == row.offset)
                                 .values(state="crashed", state_at=now, last_growth_at=alive_at))
+            if done.rowcount == 1 and _size(st.path) > row.offset:  # a tail that will never complete
+                conn.execute(insert(s.ingest_errors).values(
+                    log=st.name, path=str(st.path), offset=int(row.offset), at=now,
+                    reason=f"the log ends in {_size(st.path) - row.offset} bytes that are not a complete "
+                           "record, and its writer is gone"))
+                report.errors += 1
             if done.rowcount == 1 and refresh_run_status(conn, row.run_id, now) == "crashed":
                 report.crashed.append(row.run_id)
 
