@@ -276,8 +276,7 @@ class Watcher:
         grads = [g for g in maybe_grads if g is not None]
         params = self._param_tensors if len(grads) == len(maybe_grads) else [self._param_tensors[i] for i in present]
         if not grads:
-            views.grad.fill_(NO_GRAD)
-            views.run.fill_(float("nan"))
+            views.blank()
             return
         norms_list = torch._foreach_norm(grads, 2.0, **self._norm_kwargs)
         if len(present) == self.layout.n_params and self._uniform:
@@ -424,9 +423,7 @@ class Watcher:
     def _blank_step_row(self) -> None:
         """After a failed measurement: the step's gradient columns say "no gradient", not stale values."""
         try:
-            views = self._rows[self.step % self._flush_every]
-            views.grad.fill_(NO_GRAD)
-            views.run.fill_(float("nan"))
+            self._rows[self.step % self._flush_every].blank()
         except Exception as exc:
             self._count_error("step_blank", exc)
 
@@ -692,6 +689,11 @@ class _RowViews:
         self.total = row[layout.run]
         self.run = row[layout.run:layout.run + 4]  # total, total after clipping, coef, threshold
         self.clip = row[layout.run + 1:layout.run + 4]
+
+    def blank(self) -> None:
+        """A step with no gradient measured: every param "no gradient", the run values NaN."""
+        self.grad.fill_(NO_GRAD)
+        self.run.fill_(float("nan"))
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
