@@ -150,14 +150,15 @@ def _store_frames(conn: Connection, st: LogState, frames: list[Frame]) -> tuple[
         metric = metrics[mid]
         steps = np.concatenate([b.steps for b in blocks]).astype(np.int64)
         values = np.concatenate([b.values for b in blocks]).astype(np.float32, copy=False)
+        present = np.concatenate([b.present for b in blocks])
         entities = (0,) if metric.scope == "run" else metric.indices
         columns = np.ascontiguousarray(values.T)
-        nan = np.isnan(columns)
-        any_nan = bool(nan.any())
+        gaps = ~np.ascontiguousarray(present.T)
+        any_gap = bool(gaps.any())
         for j, entity in enumerate(entities):
             col, col_steps = columns[j], steps
-            if any_nan and nan[j].any():
-                keep = ~nan[j]
+            if any_gap and gaps[j].any():  # not measured at those steps: no row (NaN is a value, kept)
+                keep = ~gaps[j]
                 col, col_steps = col[keep], steps[keep]
                 if not col.shape[0]:
                     continue
