@@ -1,6 +1,9 @@
 """Pictures of a run's gradients, drawn headless with matplotlib's object API (no pyplot state).
 
 Each panel function draws arrays onto an Axes; `run_figure` puts them together for one run.
+Steps where anything recorded was NaN or ±Inf (loss, total norm, gradient elements, an
+overflowed norm, activation outputs) get the same hatched band in every panel over steps, and
+non-finite cells of the heatmap are drawn in red; unmeasured cells stay blank.
 """
 
 from __future__ import annotations
@@ -10,36 +13,77 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import LogNorm
+from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from gradwatch.diagnose.nonfinite import runs_of
 from gradwatch.diagnose.rundata import RunData, Series, nanmedian
+
+#: How a non-finite step is marked in every panel over steps (an `axvspan`), and its legend label.
+BAND = {"facecolor": "tab:red", "alpha": 0.18, "hatch": "//", "edgecolor": "tab:red", "lw": 0}
+BAND_LABEL = "NaN/Inf step"
+#: Colour of a non-finite heatmap cell (and of a layer with non-finite outputs).
+NONFINITE_COLOUR = "tab:red"
+
+
+def mark_nonfinite_steps(ax: Axes, steps: np.ndarray) -> None:
+    """Shade each run of consecutive non-finite `steps` (half a step either side) and label it once."""
+    spans = runs_of(np.asarray(steps))
+    for i, (lo, hi) in enumerate(spans):
+        ax.axvspan(lo - 0.5, hi + 0.5, label=BAND_LABEL if i == 0 else None, **BAND)
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around sorted centres: midpoints between them, half a gap beyond the ends."""
+    c = np.asarray(centres, dtype=np.float64)
+    if len(c) == 1:
+        return np.array([c[0] - 0.5, c[0] + 0.5])
+    mid = (c[1:] + c[:-1]) / 2
+    return np.concatenate([[2 * c[0] - mid[0]], mid, [2 * c[-1] - mid[-1]]])
 
 
 def gradient_flow_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, layer_names: Sequence[str],
+                          present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None,
                           title: str = "gradient flow |dL/d(layer output)|") -> None:
-    """Layers (rows, input at the top) x steps, coloured on a log scale; unmeasured cells blank."""
+    """Layers (rows, input at the top) x steps (each column centred on its step), coloured on a
+    log scale; NaN/Inf cells red, cells not measured (`present` False) or zero blank."""
     v = np.asarray(values, dtype=np.float64)
-    masked = np.ma.masked_where(~np.isfinite(v) | (v <= 0), v)
-    if masked.count() == 0:
+    measured = np.ones(v.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    shown = np.ma.masked_where(~measured | ~np.isfinite(v) | (v <= 0), v)
+    bad = measured & ~np.isfinite(v)
+    ax.set_title(title)
+    if shown.count() == 0 and not bad.any():
         ax.text(0.5, 0.5, "no gradient flow measured", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title)
         return
-    norm = LogNorm(vmin=float(masked.min()), vmax=max(float(masked.max()), float(masked.min()) * 1.0001))
-    extent = (float(steps[0]), float(steps[-1]) if len(steps) > 1 else float(steps[0]) + 1, len(layer_names) - 0.5, -0.5)
-    image = ax.imshow(masked, aspect="auto", interpolation="nearest", norm=norm, cmap="viridis", extent=extent)
+    x, y = _edges(np.asarray(steps)), np.arange(len(layer_names) + 1) - 0.5
+    if shown.count():
+        lo, hi = float(shown.min()), float(shown.max())
+        mesh = ax.pcolormesh(x, y, shown, norm=LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)), cmap="viridis")
+        ax.figure.colorbar(mesh, ax=ax, label="L2 norm (log)")
+    handles = []
+    if bad.any():
+        ax.pcolormesh(x, y, np.ma.masked_where(~bad, np.ones(v.shape)), cmap=ListedColormap([NONFINITE_COLOUR]))
+        handles.append(Patch(color=NONFINITE_COLOUR, label="NaN/Inf value"))
+    if nonfinite_steps is not None and len(nonfinite_steps):
+        mark_nonfinite_steps(ax, nonfinite_steps)
+        handles.append(Patch(label=BAND_LABEL, **BAND))
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(y[-1], y[0])  # input layer at the top
     ax.set_yticks(range(len(layer_names)), labels=list(layer_names), fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.figure.colorbar(image, ax=ax, label="L2 norm (log)")
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=7)
 
 
 def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.ndarray | None = None,
-                    threshold: np.ndarray | float | None = None, clipped: np.ndarray | None = None) -> None:
+                    threshold: np.ndarray | float | None = None, clipped: np.ndarray | None = None,
+                    nonfinite_steps: np.ndarray | None = None) -> None:
     """The total gradient norm over steps, before and after clipping, on a log scale.
 
-    `threshold` (a value or one per step) is drawn as a dashed line and `clipped` (a boolean
-    mask) marks the steps clipping changed.
+    `threshold` (a value or one per step) is drawn as a dashed line, `clipped` (a boolean
+    mask) marks the steps clipping changed, and `nonfinite_steps` (default: the steps whose
+    norm is NaN/Inf) are banded.
     """
     before = np.asarray(before, dtype=np.float64)
     ax.plot(steps, before, lw=1, color="tab:blue", label="before clipping")
@@ -51,11 +95,7 @@ def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.n
     mark = np.asarray(clipped, dtype=bool) & np.isfinite(before) if clipped is not None else None
     if mark is not None and np.any(mark):
         ax.scatter(np.asarray(steps)[mark], before[mark], s=8, color="tab:red", zorder=3, label="clipped step")
-    bad = ~np.isfinite(before)
-    if np.any(bad):
-        for lo, hi in _runs(np.asarray(steps)[bad]):
-            ax.axvspan(lo - 0.5, hi + 0.5, color="black", alpha=0.15, lw=0)
-        ax.fill_between([], [], color="black", alpha=0.15, label="non-finite")
+    mark_nonfinite_steps(ax, np.asarray(steps)[~np.isfinite(before)] if nonfinite_steps is None else nonfinite_steps)
     if np.any(np.isfinite(before) & (before > 0)):
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -64,19 +104,25 @@ def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.n
     ax.legend(loc="best", fontsize=7)
 
 
-def _runs(steps: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive steps grouped into (first, last) ranges."""
-    if not len(steps):
-        return []
-    breaks = np.flatnonzero(np.diff(steps) > 1)
-    firsts = np.concatenate([[steps[0]], steps[breaks + 1]])
-    lasts = np.concatenate([steps[breaks], [steps[-1]]])
-    return [(int(a), int(b)) for a, b in zip(firsts, lasts)]
+def loss_plot(ax: Axes, steps: np.ndarray, loss: np.ndarray, nonfinite_steps: np.ndarray | None = None) -> None:
+    """The logged loss over steps (log scale when positive and spanning over 100x), with
+    `nonfinite_steps` (default: the steps whose loss is NaN/Inf) banded."""
+    loss = np.asarray(loss, dtype=np.float64)
+    ax.plot(steps, loss, lw=1, color="tab:blue", label="loss")
+    mark_nonfinite_steps(ax, np.asarray(steps)[~np.isfinite(loss)] if nonfinite_steps is None else nonfinite_steps)
+    finite = loss[np.isfinite(loss)]
+    if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.legend(loc="best", fontsize=7)
 
 
 def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.ndarray,
-                           dead: np.ndarray, limit: float = 0.5) -> None:
-    """Per layer, the saturation ratio (bounded activations) and dead ratio (ReLU family), 0..1."""
+                           dead: np.ndarray, limit: float = 0.5, nonfinite: np.ndarray | None = None) -> None:
+    """Per layer, the saturation ratio (bounded activations) and dead ratio (ReLU family), 0..1;
+    layers whose outputs were ever NaN/Inf (`nonfinite`, a bool per layer) banded in red."""
     y = np.arange(len(layer_names))
     ax.barh(y - 0.2, np.nan_to_num(saturation), height=0.4, color="tab:orange", label="saturation ratio")
     ax.barh(y + 0.2, np.nan_to_num(dead), height=0.4, color="tab:purple", label="dead ratio")
@@ -84,6 +130,9 @@ def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.
         for yi, v in zip(y + offset, values):
             if np.isfinite(v):
                 ax.text(min(float(v), 0.9) + 0.01, yi, f"{v:.0%}", va="center", fontsize=6)
+    rows = np.flatnonzero(np.asarray(nonfinite, dtype=bool)) if nonfinite is not None else []
+    for i, row in enumerate(rows):
+        ax.axhspan(row - 0.5, row + 0.5, label="NaN/Inf outputs" if i == 0 else None, **BAND)
     ax.axvline(limit, color="tab:red", ls="--", lw=1, label=f"diagnosis limit {limit:g}")
     ax.set_yticks(y, labels=list(layer_names), fontsize=7)
     ax.invert_yaxis()
@@ -93,6 +142,21 @@ def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.
     ax.legend(loc="best", fontsize=7)
 
 
+def nonfinite_steps(data: RunData) -> np.ndarray:
+    """Every step where something recorded was NaN/Inf: a run-level value (loss, total norm, ...),
+    a count of non-finite or overflowed params, a layer's gradient flow or its outputs."""
+    found = [np.array([], dtype=np.int64)]
+    for metric, s in data.run.items():
+        v = s.values.astype(np.float64)
+        bad = np.nan_to_num(v, nan=1.0) > 0 if metric in ("nonfinite_params", "overflow_params") else ~np.isfinite(v)
+        found.append(s.steps[bad])
+    for metric, s in data.layer.items():
+        v = s.values.astype(np.float64)
+        bad = ~(v <= 0) if metric == "act_nonfinite" else ~np.isfinite(v)
+        found.append(s.steps[(bad & s.measured).any(axis=0)])
+    return np.unique(np.concatenate(found)).astype(np.int64)
+
+
 def _rows(series: Series | None, count: int) -> np.ndarray:
     if series is None:
         return np.full(count, np.nan)
@@ -100,35 +164,44 @@ def _rows(series: Series | None, count: int) -> np.ndarray:
 
 
 def run_figure(data: RunData) -> Figure:
-    """The three panels for one run: gradient flow heatmap, total norm, activation health."""
-    fig = Figure(figsize=(11, 12), layout="constrained")
-    heat_ax, norm_ax, act_ax = fig.subplots(3, 1, height_ratios=[3, 2, 2])
+    """The panels for one run: gradient-flow heatmap, total norm, loss (when logged), activation health."""
+    loss = data.run.get("loss")
+    has_loss = loss is not None and loss.values.size > 0
+    ratios = [3, 2] + ([1.5] if has_loss else []) + [2]
+    fig = Figure(figsize=(11, 12 + 2 * has_loss), layout="constrained")
+    axes = list(fig.subplots(len(ratios), 1, height_ratios=ratios))
+    heat_ax, norm_ax, act_ax = axes[0], axes[1], axes[-1]
     fig.suptitle(f"gradwatch: {data.name} ({data.run_id[:12]})")
+    bad_steps = nonfinite_steps(data)
     flow = data.layer.get("act_grad_norm") or data.layer.get("grad_norm")
     if flow is not None and flow.values.size:
-        measured = np.flatnonzero(np.any(np.isfinite(flow.values), axis=1))
-        labels = [f"{data.layers[i].name} ({data.layers[i].type})" for i in measured]
-        gradient_flow_heatmap(heat_ax, flow.steps, flow.values[measured], labels)
+        shown = np.flatnonzero(flow.measured.any(axis=1))
+        labels = [f"{data.layers[i].name} ({data.layers[i].type})" for i in shown]
+        gradient_flow_heatmap(heat_ax, flow.steps, flow.values[shown], labels, flow.measured[shown], bad_steps)
     else:
-        gradient_flow_heatmap(heat_ax, np.array([0]), np.full((1, 1), np.nan), ["-"])
+        gradient_flow_heatmap(heat_ax, np.array([0]), np.full((1, 1), np.nan), ["-"], np.zeros((1, 1), bool))
     total = data.run.get("grad_norm_total")
     if total is not None and total.values.size:
         clipping = data.clip_config["mode"] != "none"
         after, thr, coef = (data.run.get(m) if clipping else None
                             for m in ("grad_norm_total_clipped", "clip_threshold", "clip_coef"))
         steps = total.steps
-        bad = data.run.get("nonfinite_params")
-        if bad is not None:  # NaN norms are not stored: take those steps from the non-finite count
-            steps = np.union1d(steps, bad.steps[np.nan_to_num(bad.values) > 0])
-        total_norm_plot(norm_ax, steps, total.at(steps),
+        total_norm_plot(norm_ax, steps, total.values,
                         after.at(steps) if after is not None else None,
                         thr.at(steps) if thr is not None else None,
-                        np.nan_to_num(coef.at(steps), nan=1.0) < 1.0 - 1e-6 if coef is not None else None)
+                        np.nan_to_num(coef.at(steps), nan=1.0) < 1.0 - 1e-6 if coef is not None else None,
+                        bad_steps)
+    if has_loss:
+        loss_plot(axes[2], loss.steps, loss.values, bad_steps)
     sat, dead = data.layer.get("saturation_ratio"), data.layer.get("dead_ratio")
     s_rows, d_rows = _rows(sat, len(data.layers)), _rows(dead, len(data.layers))
-    shown = np.flatnonzero(np.isfinite(s_rows) | np.isfinite(d_rows))
+    act_bad = data.layer.get("act_nonfinite")
+    bad_rows = ((act_bad.measured & ~(act_bad.values <= 0)).any(axis=1) if act_bad is not None
+                else np.zeros(len(data.layers), dtype=bool))
+    shown = np.flatnonzero(np.isfinite(s_rows) | np.isfinite(d_rows) | bad_rows)
     if len(shown):
-        activation_health_plot(act_ax, data.layer_names(shown), s_rows[shown], d_rows[shown])
+        activation_health_plot(act_ax, data.layer_names(shown), s_rows[shown], d_rows[shown],
+                               nonfinite=bad_rows[shown])
     else:
         act_ax.text(0.5, 0.5, "no bounded or ReLU-family activations measured", ha="center", va="center")
         act_ax.set_axis_off()

@@ -27,7 +27,7 @@ def _records(watcher: gradwatch.Watcher) -> list[runlog.Record]:
 
 def _series(records: list[runlog.Record], metric: str) -> tuple[np.ndarray, np.ndarray]:
     blocks = [b for r in records if isinstance(r, runlog.Frame) for b in r.blocks if b.metric.name == metric]
-    return np.concatenate([b.steps for b in blocks]), np.concatenate([b.values for b in blocks])
+    return np.concatenate([b.steps for b in blocks]), np.concatenate([np.where(b.present, b.values, np.nan) for b in blocks])
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

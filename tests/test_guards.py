@@ -86,7 +86,7 @@ def events(watcher: gradwatch.Watcher) -> list[runlog.Event]:
 def series(watcher: gradwatch.Watcher, metric: str) -> tuple[np.ndarray, np.ndarray]:
     blocks = [b for r in runlog.read_log(watcher.path) if isinstance(r, runlog.Frame)
               for b in r.blocks if b.metric.name == metric]
-    return np.concatenate([b.steps for b in blocks]), np.concatenate([b.values for b in blocks])[:, 0]
+    return np.concatenate([b.steps for b in blocks]), np.concatenate([np.where(b.present, b.values, np.nan) for b in blocks])[:, 0]
 
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,7 +121,7 @@ def test_warn_logs_records_the_event_and_training_goes_on(caplog):
     assert event.data["action"] == "warn"
     warnings = [r for r in caplog.records if r.name == "gradwatch.agent"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
-    assert f"nonfinite at step {BAD_STEP}" in warnings[0].getMessage()
+    assert f"NaN/Inf gradient elements at step {BAD_STEP}" in warnings[0].getMessage()
     assert "gate.scale" in warnings[0].getMessage() and "gated" in warnings[0].getMessage()
     steps, nonfinite = series(watcher, "nonfinite_params")
     np.testing.assert_array_equal(steps, np.arange(STEPS))
@@ -281,7 +281,7 @@ def test_norm_limit_warn_records_the_step_and_applies_it(caplog):
     assert (event.kind, event.step, event.data["action"]) == ("norm_limit", SPIKE_STEP, "warn")
     assert event.data["total"] == pytest.approx(totals[SPIKE_STEP]) and event.data["limit"] == LIMIT
     [warning] = [r for r in caplog.records if r.name == "gradwatch.agent"]
-    assert f"norm_limit at step {SPIKE_STEP}" in warning.getMessage()
+    assert f"total gradient norm above the limit at step {SPIKE_STEP}" in warning.getMessage()
     assert not torch.equal(history[SPIKE_STEP]["0.weight"], history[SPIKE_STEP + 1]["0.weight"])  # applied
 
 

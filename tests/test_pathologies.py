@@ -70,7 +70,7 @@ def _series(watcher: gradwatch.Watcher, metric: str) -> tuple[np.ndarray, np.nda
     blocks = [b for r in runlog.read_log(watcher.path) if isinstance(r, runlog.Frame)
               for b in r.blocks if b.metric.name == metric]
     assert blocks, f"{metric} not in the run log"
-    return (np.concatenate([b.steps for b in blocks]), np.concatenate([b.values for b in blocks]),
+    return (np.concatenate([b.steps for b in blocks]), np.concatenate([np.where(b.present, b.values, np.nan) for b in blocks]),
             list(blocks[0].metric.indices))
 
 

@@ -10,6 +10,7 @@ blocks with `window_blocks`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,12 +37,14 @@ class Layout:
     width: int = 0
     grad_norm: int = 0  # P columns, then the four RUN_VALUES
     run: int = 0
+    grad_bad: int = 0  # P columns: 1 where a gradient's elements hold NaN/Inf (its norm did not overflow)
     param_norm: int = 0
     update_ratio: int = 0
     scalars: int = 0
     act_start: int = 0  # first activation column: zeroed when a step's activations are measured
     act_grad: dict[int, int] = field(default_factory=dict)  # layer -> sum of squares column
-    act: dict[int, int] = field(default_factory=dict)  # stat layer -> [sum, sum of squares, saturated, dead, non-zero]
+    # stat layer -> [shift, sum of y - shift, its sum of squares, non-finite, saturated, dead, non-zero]
+    act: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         col = 0
@@ -49,6 +52,8 @@ class Layout:
         col += self.n_params
         self.run = col
         col += len(RUN_VALUES)
+        self.grad_bad = col
+        col += self.n_params
         self.param_norm = col
         col += self.n_params
         self.update_ratio = col
@@ -65,14 +70,14 @@ class Layout:
         self.width = col
 
     def act_width(self, layer: int) -> int:
-        return 2 + (1 if layer in self.bounded else 0) + (2 if layer in self.relu else 0)
+        return 4 + (1 if layer in self.bounded else 0) + (2 if layer in self.relu else 0)
 
 
 def standard_metrics(layout: Layout, measure_params: bool, measure_updates: bool,
                      measure_acts: bool) -> list[MetricDef]:
     """The metric table of a run, in a fixed order; user scalars are appended later."""
     defs: list[tuple[str, str, tuple[int, ...]]] = [(name, "run", ()) for name in RUN_VALUES]
-    defs += [("skipped", "run", ()), ("nonfinite_params", "run", ()),
+    defs += [("skipped", "run", ()), ("nonfinite_params", "run", ()), ("overflow_params", "run", ()),
              ("lr", "group", tuple(range(layout.n_groups))), ("grad_norm", "param", tuple(range(layout.n_params)))]
     if measure_params:
         defs.append(("param_norm", "param", tuple(range(layout.n_params))))
@@ -82,7 +87,7 @@ def standard_metrics(layout: Layout, measure_params: bool, measure_updates: bool
         stats = tuple(layout.stat_layers)
         defs.append(("act_grad_norm", "layer", tuple(layout.act_layers)))
         if stats:
-            defs += [("act_mean", "layer", stats), ("act_std", "layer", stats)]
+            defs += [("act_mean", "layer", stats), ("act_std", "layer", stats), ("act_nonfinite", "layer", stats)]
         if layout.bounded:
             defs.append(("saturation_ratio", "layer", tuple(layout.bounded)))
         if layout.relu:
@@ -95,9 +100,10 @@ class HostRows:
     """Host-side values of each row of a window, written by the training thread."""
 
     steps: np.ndarray
+    measured: np.ndarray  # bool: the step's gradients were measured (some param had one)
     skipped: np.ndarray
     lr: np.ndarray
-    scalar_set: np.ndarray  # bool (rows, MAX_SCALARS): scalar logged at that step
+    scalar_count: np.ndarray  # int (rows, MAX_SCALARS): times a scalar was logged for that step (summed on the device)
     param_due: np.ndarray
     update_due: np.ndarray
     act_count: np.ndarray  # forward passes measured per act layer (rows, n_act)
@@ -107,8 +113,9 @@ class HostRows:
 
     @classmethod
     def empty(cls, rows: int, n_groups: int, n_act: int) -> HostRows:
-        return cls(np.zeros(rows, np.int64), np.zeros(rows, np.float32), np.full((rows, n_groups), np.nan, np.float32),
-                   np.zeros((rows, MAX_SCALARS), bool), np.zeros(rows, bool), np.zeros(rows, bool),
+        return cls(np.zeros(rows, np.int64), np.zeros(rows, bool), np.zeros(rows, np.float32),
+                   np.full((rows, n_groups), np.nan, np.float32), np.zeros((rows, MAX_SCALARS), np.int64),
+                   np.zeros(rows, bool), np.zeros(rows, bool),
                    np.zeros((rows, n_act), np.int64), np.zeros((rows, n_act), np.int64),
                    np.zeros((rows, n_act), np.int64), np.zeros((rows, n_act), np.int64))
 
@@ -121,85 +128,104 @@ class HostRows:
 class WindowResult:
     """What a window of rows turns into: run log blocks and the latest values per metric."""
 
-    blocks: list[tuple[int, np.ndarray, np.ndarray]]
-    latest: dict[str, tuple[int, np.ndarray]]  # metric -> (step, values of its columns)
+    blocks: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]  # id, steps, values, present
+    latest: dict[str, tuple[int, np.ndarray, np.ndarray]]  # metric -> (step, values of its columns, measured)
 
 
 def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndarray, host: HostRows,
                   scalar_ids: list[int]) -> WindowResult:
     """Turn device rows (already on the host, `values[i]` for `host.steps[i]`) into blocks.
 
-    Pure function: the writer thread calls it, tests call it directly.
+    Every block says which of its values were measured (`present`); NaN and Inf in a
+    measured value are kept as they are. Pure function: the writer thread calls it, tests
+    call it directly.
     """
-    blocks: list[tuple[int, np.ndarray, np.ndarray]] = []
-    latest: dict[str, tuple[int, np.ndarray]] = {}
+    blocks: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    latest: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
 
-    def add(name: str, mask: np.ndarray | None, cols: np.ndarray) -> None:
+    def add(name: str, rows: np.ndarray, cols: np.ndarray, present: np.ndarray | None = None) -> None:
+        """Rows `rows` (a bool mask over the window) of metric `name`; `present` masks those rows' columns."""
         metric = metrics.get(name)
-        if metric is None:
+        if metric is None or not rows.any():
             return
-        steps = host.steps if mask is None else host.steps[mask]
-        if steps.size == 0:
-            return
+        steps = host.steps[rows]
         cols = cols.astype(np.float32, copy=False).reshape(steps.size, metric.width)
-        blocks.append((metric.id, steps, cols))
-        latest[name] = (int(steps[-1]), cols[-1])
+        if present is not None:
+            present = present.reshape(steps.size, metric.width)
+            if present.all():
+                present = None
+        blocks.append((metric.id, steps, cols, present))
+        latest[name] = (int(steps[-1]), cols[-1], np.ones(metric.width, bool) if present is None else present[-1])
 
     p, r = layout.n_params, layout.run
-    applied = host.skipped == 0
+    measured = host.measured
+    applied = measured & (host.skipped == 0)
     if layout.clip_mode == "none":
         values[applied, r + 1] = values[applied, r]
-        values[applied, r + 2] = np.where(np.isfinite(values[applied, r]), 1.0, np.nan)
-    if layout.clip_mode in ("none", "value", "agc"):
-        values[:, r + 3] = np.nan
+        values[applied, r + 2] = 1.0
     grad = values[:, layout.grad_norm:layout.grad_norm + p]
-    nonfinite = ~np.isfinite(grad)  # a missing gradient is NO_GRAD, finite
+    has_grad = grad != NO_GRAD
+    elements_bad = values[:, layout.grad_bad:layout.grad_bad + p] > 0
+    overflowed = np.isinf(grad) & ~elements_bad
     # Per param, for snapshot(); not a metric, and no scalar passed to log(**kw) can have this name.
-    latest["<nonfinite>"] = (int(host.steps[-1]), nonfinite[-1])
-    add("grad_norm", None, np.where(grad == NO_GRAD, np.nan, grad))
-    for i, name in enumerate(RUN_VALUES):
-        add(name, None, values[:, r + i])
-    add("skipped", None, host.skipped)
-    add("nonfinite_params", None, nonfinite.sum(axis=1))
-    add("lr", None, host.lr)
+    latest["<nonfinite>"] = (int(host.steps[-1]), elements_bad[-1] | overflowed[-1], has_grad[-1])
+    add("grad_norm", measured, grad[measured], has_grad[measured])
+    add("grad_norm_total", measured, values[measured, r])
+    add("grad_norm_total_clipped", applied, values[applied, r + 1])
+    add("clip_coef", applied, values[applied, r + 2])
+    if layout.clip_mode not in ("none", "value", "agc"):
+        add("clip_threshold", applied, values[applied, r + 3])
+    every = np.ones(host.steps.size, bool)
+    add("skipped", every, host.skipped)
+    add("nonfinite_params", measured, elements_bad[measured].sum(axis=1))
+    add("overflow_params", measured, overflowed[measured].sum(axis=1))
+    add("lr", every, host.lr, ~np.isnan(host.lr))  # NaN: a group without a float `lr`
     add("param_norm", host.param_due, values[host.param_due, layout.param_norm:layout.param_norm + p])
     add("update_ratio", host.update_due, values[host.update_due, layout.update_ratio:layout.update_ratio + p])
-    measured = host.act_count.sum(axis=1) > 0
-    if layout.act_layers and "act_grad_norm" in metrics and measured.any():
-        rows = values[measured]
-        counts = host.act_count[measured]
-        grad_counts = host.act_grad_count[measured]
-        n = rows.shape[0]
-        names = ("act_grad_norm", "act_mean", "act_std", "saturation_ratio", "dead_ratio", "zero_ratio")
-        stat: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        elems, units = host.act_elems[measured], host.act_units[measured]
-        with np.errstate(divide="ignore", invalid="ignore"):  # a layer not measured at a step: NaN
-            for j, layer in enumerate(layout.act_layers):
-                stat["act_grad_norm"].append(np.where(grad_counts[:, j] > 0,
-                                                      np.sqrt(rows[:, layout.act_grad[layer]]), np.nan))
-                if layer not in layout.act:
-                    continue
-                a, total = layout.act[layer], np.where(counts[:, j] > 0, elems[:, j], np.nan)
-                mean = rows[:, a] / total
-                stat["act_mean"].append(mean)
-                stat["act_std"].append(np.sqrt(np.maximum(rows[:, a + 1] / total - mean * mean, 0.0)))
-                extra = a + 2
-                if layer in layout.bounded:
-                    stat["saturation_ratio"].append(rows[:, extra] / total)
-                    extra += 1
-                if layer in layout.relu:
-                    stat["dead_ratio"].append(rows[:, extra] / np.where(counts[:, j] > 0, units[:, j], np.nan))
-                    stat["zero_ratio"].append(1.0 - rows[:, extra + 1] / total)  # the column counts non-zeros
-        for name, cols in stat.items():
-            if cols:
-                add(name, measured, np.stack(cols, axis=1).reshape(n, -1))
+    _activation_blocks(layout, values, host, add)
     for slot, metric_id in enumerate(scalar_ids):
-        mask = host.scalar_set[:, slot]
-        steps = host.steps[mask]
-        if steps.size:
-            vals = values[mask, layout.scalars + slot].reshape(-1, 1)
-            blocks.append((metric_id, steps, vals))
-            for name, m in metrics.items():
-                if m.id == metric_id:
-                    latest[name] = (int(steps[-1]), vals[-1])
+        counts = host.scalar_count[:, slot]
+        logged = counts > 0
+        name = next((n for n, m in metrics.items() if m.id == metric_id), None)
+        if name is not None and logged.any():
+            add(name, logged, values[logged, layout.scalars + slot] / counts[logged])  # the mean of a step's calls
     return WindowResult(blocks, latest)
+
+
+def _activation_blocks(layout: Layout, values: np.ndarray, host: HostRows,
+                       add: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]) -> None:
+    """The activation statistics of the rows whose forward pass was measured."""
+    rows = host.act_count.sum(axis=1) > 0
+    if not layout.act_layers or not rows.any():
+        return
+    v = values[rows]
+    counts, grad_counts = host.act_count[rows], host.act_grad_count[rows]
+    elems, units = host.act_elems[rows].astype(np.float64), host.act_units[rows].astype(np.float64)
+    slot = {layer: j for j, layer in enumerate(layout.act_layers)}
+    stats = [layer for layer in layout.act_layers if layer in layout.act]
+
+    def per(layers: list[int], column: Callable[[int, int], np.ndarray], seen: np.ndarray) -> tuple[np.ndarray, ...]:
+        idx = [slot[layer] for layer in layers]
+        cols = np.stack([column(layer, slot[layer]) for layer in layers], axis=1)
+        return cols, seen[:, idx]
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        add("act_grad_norm", rows, *per(layout.act_layers, lambda la, j: np.sqrt(v[:, layout.act_grad[la]]),
+                                        grad_counts > 0))
+        if stats:
+            measured = counts > 0
+            shift = lambda la: v[:, layout.act[la]].astype(np.float64)  # noqa: E731
+            mean_d = lambda la, j: v[:, layout.act[la] + 1] / elems[:, j]  # noqa: E731
+            add("act_mean", rows, *per(stats, lambda la, j: shift(la) + mean_d(la, j), measured))
+            add("act_std", rows, *per(stats, lambda la, j: np.sqrt(np.maximum(
+                v[:, layout.act[la] + 2].astype(np.float64) / elems[:, j] - mean_d(la, j) ** 2, 0.0)), measured))
+            add("act_nonfinite", rows, *per(stats, lambda la, j: v[:, layout.act[la] + 3], measured))
+        if layout.bounded:
+            add("saturation_ratio", rows, *per(layout.bounded, lambda la, j: v[:, layout.act[la] + 4] / elems[:, j],
+                                               counts > 0))
+        if layout.relu:
+            extra = {la: layout.act[la] + 4 + (1 if la in layout.bounded else 0) for la in layout.relu}
+            add("dead_ratio", rows, *per(layout.relu, lambda la, j: v[:, extra[la]] / units[:, j], counts > 0))
+            # the column counts non-zeros
+            add("zero_ratio", rows, *per(layout.relu, lambda la, j: 1.0 - v[:, extra[la] + 1] / elems[:, j],
+                                         counts > 0))

@@ -76,10 +76,11 @@ def make_clipper(cfg: ClipConfig, exclude: Collection[Tensor] = ()) -> Clipper |
 
 
 def _group(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of `tensors` grouped by device and dtype, the unit one `_foreach_*` kernel takes."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    """Indices of `tensors` grouped by device, dtype and layout (sparse gradients apart), the
+    unit one `_foreach_*` kernel takes."""
+    groups: dict[tuple[torch.device, torch.dtype, torch.layout], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+        groups.setdefault((t.device, t.dtype, t.layout), []).append(i)
     return list(groups.values())
 
 
@@ -112,6 +113,11 @@ def _foreach_norm_takes_dtype() -> bool:
     except (TypeError, RuntimeError):
         return False
     return True
+
+
+def wide_norm_kwargs() -> dict[str, torch.dtype] | None:
+    """`_foreach_norm` keywords for float64 accumulation, or None where torch cannot (before 2.3)."""
+    return {"dtype": torch.float64} if _foreach_norm_takes_dtype() else None
 
 
 def norm_kwargs(tensors: Sequence[Tensor]) -> dict[str, torch.dtype]:

@@ -29,6 +29,10 @@ Submit = Callable[[Callable[[], list[bytes]]], bool]
 CountError = Callable[[str, BaseException], None]
 
 
+_WHAT = {"nonfinite": "NaN/Inf gradient elements", "overflow": "gradient norm overflowed float32 (elements finite)",
+         "norm_limit": "total gradient norm above the limit"}
+
+
 class GradientGuardError(RuntimeError):
     """Raised by a guard whose action is `raise`; names the first params and layers affected."""
 
@@ -77,29 +81,37 @@ class Guards:
         self._submit(lambda: encoded)
 
     def window_events(self, values: np.ndarray, steps: np.ndarray) -> list[bytes]:
-        """`warn` and callback guards over a window of rows: the first offending step of each kind."""
+        """`warn` and callback guards over a window of rows: the first offending step of each kind.
+
+        `nonfinite` is a gradient with NaN/Inf elements; `overflow`, a norm that overflowed
+        float32 while every element is finite. Both follow the `nonfinite` action.
+        """
         cfg = self.config
         layout = self._layout
         grad = values[:, layout.grad_norm:layout.grad_norm + layout.n_params]
+        bad = values[:, layout.grad_bad:layout.grad_bad + layout.n_params] > 0
+        overflow = np.isinf(grad) & ~bad
         total = values[:, layout.run]
-        checks = [("nonfinite", cfg.nonfinite, np.flatnonzero((~np.isfinite(grad)).any(axis=1)))]
+        checks = [("nonfinite", cfg.nonfinite, bad), ("overflow", cfg.nonfinite, overflow)]
         if cfg.max_total_norm is not None:
-            checks.append(("norm_limit", cfg.max_total_norm_action,
-                           np.flatnonzero(np.isfinite(total) & (total > cfg.max_total_norm))))
+            over = (np.isfinite(total) & (total > cfg.max_total_norm))[:, None]
+            checks.append(("norm_limit", cfg.max_total_norm_action, np.broadcast_to(over, grad.shape)))
         chunks = []
-        for kind, action, rows in checks:
+        for kind, action, flagged in checks:
+            rows = np.flatnonzero(flagged.any(axis=1))
             if action in ("skip", "raise", "ignore") or rows.size == 0:
                 continue
             r = int(rows[0])
-            names, layers = self._offenders(kind, grad[r])
+            names, layers = self._offenders(kind, grad[r], flagged[r])
             data = {"params": names, "layers": layers, "action": action if isinstance(action, str) else "callback",
-                    "steps": int(rows.size), "total": float(total[r]), "limit": cfg.max_total_norm}
+                    "steps": int(rows.size), "total": float(total[r]), "limit": cfg.max_total_norm,
+                    "count": int(flagged[r].sum()) if kind != "norm_limit" else None}
             event = runlog.Event(kind, int(steps[r]), time.time(), data)
             chunks.append(runlog.encode_event(event))
             if action == "warn":
                 if kind not in self._warned:
-                    log.warning("gradwatch: %s at step %d (run %s): params %s", kind, event.step, self._run_name,
-                                ", ".join(names) or "-")
+                    log.warning("gradwatch: %s at step %d (run %s): params %s", _WHAT[kind], event.step,
+                                self._run_name, ", ".join(names) or "-")
                 self._warned.add(kind)
             elif callable(action):
                 try:
@@ -108,9 +120,13 @@ class Guards:
                     self._count_error("guard_callback", exc)
         return chunks
 
-    def _offenders(self, kind: str, grad_norms: np.ndarray) -> tuple[list[str], list[str]]:
-        """The first params (and their layers) to blame: non-finite ones, or the largest norms."""
-        if kind == "nonfinite":
+    def _offenders(self, kind: str, grad_norms: np.ndarray,
+                   flagged: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+        """The first params (and their layers) to blame: the flagged ones (non-finite elements or
+        an overflowed norm), or the largest norms."""
+        if flagged is not None and kind != "norm_limit":
+            order = np.flatnonzero(flagged)[:5]
+        elif kind == "nonfinite":
             order = np.flatnonzero(~np.isfinite(grad_norms))[:5]
         else:
             order = np.argsort(-np.nan_to_num(grad_norms, nan=-1.0))[:3]

@@ -30,12 +30,12 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.agent import runlog
 from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
-from gradwatch.agent.clipping import make_clipper, norm_kwargs
+from gradwatch.agent.clipping import make_clipper, norm_kwargs, wide_norm_kwargs
 from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import (NONNEGATIVE, Layer, build_tables, channels_first, last_linear_params,
                                     saturation_bounds)
-from gradwatch.agent.stats import moments, nonzero_per_unit, saturated_count
+from gradwatch.agent.stats import nonzero_per_unit, saturated_count, shift_of, shifted_moments
 from gradwatch.agent.writer import LogWriter
 
 if TYPE_CHECKING:  # pydantic loads when a watcher is made, not when the agent is imported
@@ -71,8 +71,8 @@ class Watcher:
                  config: AgentConfig | dict[str, Any] | str | Path | None = None, scaler: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module. Got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer. Got {type(optimizer).__name__}")
+        optimizer, wrappers = unwrap_optimizer(optimizer)
+        _refuse_meta(model)
         for obj, what in ((model, "model"), (optimizer, "optimizer")):
             if obj in _attached:
                 raise RuntimeError(f"gradwatch is already watching this {what}; close() the first watcher before "
@@ -80,6 +80,7 @@ class Watcher:
         from gradwatch.agent.config import load_config
 
         self.config = load_config(config)
+        _refuse_sparse_clipping(model, self.config.clip.mode)
         self.errors: Counter[str] = Counter()
         self._model_ref = weakref.ref(model)
         self._optimizer = optimizer
@@ -95,6 +96,11 @@ class Watcher:
         self.device = first.device if first is not None else torch.device("cpu")
         self._uniform = all(t.device == self.device and t.dtype == torch.float32 for t in self._param_tensors)
         self._norm_kwargs = norm_kwargs(self._param_tensors)
+        # Off the CPU, norms accumulate in float64 (one pass, memory-bound): a norm that is not
+        # finite then means non-finite elements, and one above the float32 range an overflow.
+        self._wide_norms = self.device.type != "cpu" and wide_norm_kwargs() is not None
+        if self._wide_norms:
+            self._norm_kwargs = wide_norm_kwargs() or {}
 
         measure = self.config.measure
         self._flush_every = measure.flush_every
@@ -114,6 +120,9 @@ class Watcher:
         self._clipper = make_clipper(self.config.clip, exclude=last_linear_params(self.layers, self.params)
                                      if self.config.clip.agc_exclude_last_layer else ())
         self._buf = torch.full((self._flush_every, self.layout.width), float("nan"), device=self.device)
+        self._buf[:, self.layout.grad_bad:self.layout.grad_bad + self.layout.n_params] = 0.0
+        # On the CPU the buffer is host memory: reading it is no synchronisation.
+        self._buf_host = self._buf.numpy() if self.device.type == "cpu" else None
         self._host = HostRows.empty(self._flush_every, self.layout.n_groups, len(act_layers))
         pin = self.device.type == "cuda"
         staging = [torch.empty(self._buf.shape, pin_memory=pin) for _ in range(_PINNED_BUFFERS)]
@@ -129,18 +138,32 @@ class Watcher:
         self._staged = _StagedValues()
         self._update_prev: list[torch.Tensor] | None = None
         self._stepped_since_log = False  # so that a first iteration the AMP scaler skips is recorded too
-        self._latest: dict[str, tuple[int, np.ndarray]] = {}
+        self._forward_since_step = False  # a forward of the step in progress ran: log() files under it
+        self._shifts: dict[int, torch.Tensor] = {}  # activation layer -> its shift for this step
+        self._shift_step = -1
+        self._latest: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
 
         self.run_id, rank, world = _run_identity()
         home = self.config.home or runlog.default_home()
         self.name = run or type(model).__name__
         self.init_check = check_init(self.layers, self.params)
-        header = runlog.Header(self._header_info(model, rank, world), metric_defs)
+        info = self._header_info(model, rank, world)
+        info["optimizer"] = {"class": type(optimizer).__name__, "wrappers": wrappers}
+        header = runlog.Header(info, metric_defs)
         self.path = runlog.log_path(self.run_id, rank, home)
         self._writer = LogWriter(self.path, runlog.encode_header(header), self.config.queue_size)
         self._guards = Guards(self.config.guards, self.layout, self.params, self.layers, self.name,
                               self._writer.submit, self._count_error)
-        self._attach(model, optimizer)
+        try:
+            self._attach(model, optimizer)
+        except Exception:
+            for handle in self._handles:
+                handle.remove()
+            self._writer.close()
+            self.path.unlink(missing_ok=True)  # a watch() that refuses its arguments leaves no run
+            raise
+        if wrappers:
+            log.info("gradwatch: watching %s inside %s", type(optimizer).__name__, " > ".join(wrappers))
         _attached.add(model)
         _attached.add(optimizer)
         if not _open:
@@ -151,6 +174,7 @@ class Watcher:
     # ------------------------------------------------------------------ lifecycle
 
     def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._on_forward))
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step_post))
         for layer in self.layers:
@@ -192,30 +216,39 @@ class Watcher:
     # ------------------------------------------------------------------ user API
 
     def log(self, **scalars: float | torch.Tensor) -> None:
-        """Record scalars (loss, accuracy, ...) for the last optimizer step, with no host sync.
+        """Record scalars (loss, accuracy, ...) with no host sync.
 
-        Call it once per iteration after `optimizer.step()`. With an AMP scaler given to
-        `watch`, an iteration whose step the scaler skipped is recorded as skipped.
+        A call after `optimizer.step()` files them under that step; a call between a forward
+        pass and the step (once per micro-batch under gradient accumulation) files them under
+        the step in progress. Several calls for one step record the mean of their values. With
+        an AMP scaler given to `watch`, call it once per iteration, after the scaler's update:
+        an iteration whose step the scaler skipped is then recorded as skipped.
         """
         if self._closed:
             return
         try:
-            if self._scaler is not None and not self._stepped_since_log:
-                self._record_skipped_step()
-            self._stepped_since_log = False
-            row = (self.step - 1) % self._flush_every
-            if self.step == 0:
+            if self._scaler is not None:
+                if not self._stepped_since_log:
+                    self._record_skipped_step()
+                self._stepped_since_log = False
+                step = self.step - 1
+            else:
+                step = self.step if self._forward_since_step else self.step - 1
+            if step < 0:
                 return
+            row = step % self._flush_every
             for name, value in scalars.items():
                 slot = self._scalar_slot(name)
                 if slot is None:
                     continue
                 cell = self._buf[row, self.layout.scalars + slot]
+                first = self._host.scalar_count[row, slot] == 0
                 if isinstance(value, torch.Tensor):
-                    cell.copy_(value.detach().reshape(()), non_blocking=True)
+                    v = value.detach().reshape(()).to(self.device, torch.float32, non_blocking=True)
+                    cell.copy_(v) if first else cell.add_(v)
                 else:
-                    cell.fill_(float(value))
-                self._host.scalar_set[row, slot] = True
+                    cell.fill_(float(value)) if first else cell.add_(float(value))
+                self._host.scalar_count[row, slot] += 1
             self._maybe_flush()
         except Exception as exc:  # the agent never breaks the training loop
             self._count_error("log", exc)
@@ -232,12 +265,51 @@ class Watcher:
 
     # ------------------------------------------------------------------ hooks
 
-    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _on_forward(self, module: nn.Module, inputs: Any) -> None:
+        """A forward pass of the next step: the last step's `log()` calls are done."""
+        self._forward_since_step = True
+        try:
+            self._maybe_flush()
+        except Exception as exc:
+            self._count_error("flush", exc)
+
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any,
+                     kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        # `args` starts with the optimizer itself: `step(closure)` gives args == (optimizer, closure).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._before_update(first=True)
+            return None
+        # The gradients this step applies are computed inside the closure, after this hook:
+        # measure, guard and clip them there instead.
+        wrapped = self._measured_closure(closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": wrapped}
+        return (args[0], wrapped, *args[2:]), kwargs
+
+    def _measured_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """`closure`, then the step's measurement, guards and clipping of the gradients it made.
+
+        An optimizer that evaluates the closure several times in one step (LBFGS) has every
+        evaluation's gradients guarded and clipped; the step's row keeps the last one's norms.
+        """
+        evaluations = 0
+
+        def measured() -> Any:
+            nonlocal evaluations
+            loss = closure()
+            self._before_update(first=evaluations == 0)
+            evaluations += 1
+            return loss
+
+        return measured
+
+    def _before_update(self, first: bool) -> None:
         try:
             self._commit_staged()
             self._unscale_act_grads()
             self._maybe_flush()
-            self._measure_step()
+            self._measure_step(first)
         except GradientGuardError:
             raise
         except Exception as exc:
@@ -250,16 +322,17 @@ class Watcher:
         except Exception as exc:
             self._count_error("step_post", exc)
         self._stepped_since_log = True
+        self._forward_since_step = False
         self.step += 1
 
-    def _measure_step(self) -> None:
+    def _measure_step(self, first: bool = True) -> None:
         """Grad norms, guards and clipping at the optimizer step: a handful of device ops."""
         step, row = self.step, self.step % self._flush_every
         views = self._rows[row]
         host = self._host
         host.steps[row] = step
         host.skipped[row] = 0.0
-        host.scalar_set[row] = False
+        host.measured[row] = False
         host.param_due[row] = False
         host.update_due[row] = False
         if self._act_row != step:
@@ -278,14 +351,28 @@ class Watcher:
         if not grads:
             views.blank()
             return
-        norms_list = torch._foreach_norm(grads, 2.0, **self._norm_kwargs)
-        if len(present) == self.layout.n_params and self._uniform:
+        host.measured[row] = True
+        norms_list = self._grad_norms(grads)
+        index = None if len(present) == self.layout.n_params else self._index_tensor(tuple(present))
+        wide = torch.stack(norms_list) if self._wide_norms else None
+        if wide is None and index is None and self._uniform:
             norms = torch.stack(norms_list, out=views.grad)
         else:
-            norms = torch.stack([n.to(self.device, torch.float32, non_blocking=True) for n in norms_list])
-            views.grad.fill_(NO_GRAD)
-            views.grad.index_copy_(0, self._index_tensor(tuple(present)), norms)
-        total = torch.linalg.vector_norm(norms, out=views.total)
+            norms = (wide if wide is not None else torch.stack(norms_list)).to(self.device, torch.float32)
+            if index is None:
+                views.grad.copy_(norms)
+            else:
+                views.grad.fill_(NO_GRAD)
+                views.grad.index_copy_(0, index, norms)
+        views.bad.zero_()
+        if wide is not None:
+            total = views.total.copy_(torch.linalg.vector_norm(wide))
+            bad = (~torch.isfinite(wide)).to(torch.float32)
+            views.bad.copy_(bad) if index is None else views.bad.index_copy_(0, index, bad)
+        else:
+            total = torch.linalg.vector_norm(norms, out=views.total)
+            if self._buf_host is not None and not np.isfinite(self._buf_host[row, self.layout.run]):
+                self._resolve_nonfinite(row, present, grads, norms)
 
         if self._guards.synchronous and self._guards.blocks_step(step, norms, total, present):
             host.skipped[row] = 1.0
@@ -302,9 +389,45 @@ class Watcher:
         # Without a clipper (or threshold), the host fills those columns: see window_blocks.
 
         every = self.config.measure.update_ratio_every
-        if every and step % every == 0:
+        if first and every and step % every == 0:
             with torch.no_grad():
                 self._update_prev = list(torch._foreach_mul(self._param_tensors, 1.0))
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each gradient's L2 norm: `_foreach_norm` for dense ones, the coalesced values' norm
+        for sparse ones (`nn.Embedding(sparse=True)`)."""
+        sparse = [k for k, g in enumerate(grads) if g.is_sparse]
+        if not sparse:
+            return list(torch._foreach_norm(grads, 2.0, **self._norm_kwargs))
+        norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
+        dense = [k for k in range(len(grads)) if not grads[k].is_sparse]
+        if dense:
+            for k, n in zip(dense, torch._foreach_norm([grads[k] for k in dense], 2.0, **self._norm_kwargs)):
+                norms[k] = n
+        dtype = torch.float64 if self._wide_norms else torch.float32
+        for k in sparse:
+            norms[k] = torch.linalg.vector_norm(grads[k].coalesce().values(), dtype=dtype)
+        return norms
+
+    def _resolve_nonfinite(self, row: int, present: list[int], grads: list[torch.Tensor],
+                           norms: torch.Tensor) -> None:
+        """CPU only, on a step whose total norm is not finite: recompute each non-finite norm in
+        float64, so that a norm that overflowed float32 (every element finite) is told from
+        NaN/Inf elements, and the total is exact. Reading CPU values costs no synchronisation."""
+        host, layout = self._buf_host, self.layout
+        assert host is not None
+        wide = []
+        for k, i in enumerate(present):
+            value = float(host[row, layout.grad_norm + i])
+            if not np.isfinite(value):
+                g = grads[k].coalesce().values() if grads[k].is_sparse else grads[k]
+                value = torch.linalg.vector_norm(g, dtype=torch.float64).item()
+                norms[k] = value
+                host[row, layout.grad_norm + i] = value
+                host[row, layout.grad_bad + i] = 0.0 if np.isfinite(value) else 1.0
+            wide.append(value)
+        with np.errstate(over="ignore", invalid="ignore"):
+            host[row, layout.run] = np.sqrt(np.sum(np.square(np.asarray(wide, dtype=np.float64))))
 
     @torch.no_grad()
     def _measure_after_step(self) -> None:
@@ -377,10 +500,11 @@ class Watcher:
                 if has_stats:
                     with torch.no_grad():
                         d = y.detach()
-                        total, norm = moments(d)
-                        self._stage(stat_col, total)
-                        self._stage(stat_col + 1, norm, "norm")
-                        extra = stat_col + 2
+                        total, norm, nonfinite = shifted_moments(d, self._shift(index, stat_col, d))
+                        self._stage(stat_col + 1, total)
+                        self._stage(stat_col + 2, norm, "norm")
+                        self._stage(stat_col + 3, nonfinite)
+                        extra = stat_col + 4
                         if bounded:
                             self._stage(extra, saturated_count(d, low, high, eps))
                             extra += 1
@@ -409,6 +533,18 @@ class Watcher:
         if value.device != self.device:
             value = value.to(self.device, non_blocking=True)
         return self._staged.add(col, value, kind)
+
+    def _shift(self, layer: int, col: int, y: torch.Tensor) -> torch.Tensor:
+        """The shift of a layer's sums for this step: estimated from its first output of the
+        step and staged to its column; the step's later calls (micro-batches) reuse it."""
+        if self._shift_step != self.step:
+            self._shifts.clear()
+            self._shift_step = self.step
+        shift = self._shifts.get(layer)
+        if shift is None:
+            shift = self._shifts[layer] = shift_of(y)
+            self._stage(col, shift)
+        return shift
 
     def _commit_staged(self) -> None:
         """Add the staged values into their step's row in one `index_add_`."""
@@ -480,7 +616,7 @@ class Watcher:
         row = self.step % self._flush_every
         self._host.steps[row] = self.step
         self._host.skipped[row] = 1.0
-        self._host.scalar_set[row] = False
+        self._host.measured[row] = False
         self._host.param_due[row] = False
         self._host.update_due[row] = False
         self._host.act_count[row] = 0
@@ -489,8 +625,7 @@ class Watcher:
         self._host.act_units[row] = 0
         groups = self._optimizer.param_groups[:self.layout.n_groups]
         self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in groups]
-        self._buf[row, :self.layout.run].fill_(NO_GRAD)
-        self._buf[row, self.layout.run:self.layout.run + 4].fill_(float("nan"))
+        self._rows[row].blank()
         self.step += 1
         self._stepped_since_log = True
 
@@ -523,6 +658,7 @@ class Watcher:
                 ready.record()
             rows = np.array([s % self._flush_every for s in range(first, last)])
             host = self._host.take(rows)
+            self._host.scalar_count[rows] = 0
             defs, self._pending_defs = self._pending_defs, []
             scalar_ids = list(self._scalar_ids)
             errors = dict(self.errors)
@@ -543,9 +679,9 @@ class Watcher:
                     chunks.append(runlog.encode_event(runlog.Event("agent_error", int(host.steps[-1]), time.time(),
                                                                    {"errors": errors})))
                 with self._lock:
-                    for name, (step, vals) in result.latest.items():
-                        if name not in self._latest or self._latest[name][0] <= step:
-                            self._latest[name] = (step, vals)
+                    for name, entry in result.latest.items():
+                        if name not in self._latest or self._latest[name][0] <= entry[0]:
+                            self._latest[name] = entry
                 if on_done is not None:
                     on_done()
                 return chunks
@@ -589,10 +725,11 @@ class Watcher:
             "init_check": self.init_check,
         }
 
-    def _snapshot_dict(self, latest: dict[str, tuple[int, np.ndarray]]) -> dict[str, Any]:
-        def run_value(name: str) -> float | None:
+    def _snapshot_dict(self, latest: dict[str, tuple[int, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        def value(name: str, col: int = 0) -> float | None:
+            """The latest value (NaN and Inf as they are), None when it was not measured."""
             entry = latest.get(name)
-            return _float_or_none(entry[1][0]) if entry is not None else None
+            return float(entry[1][col]) if entry is not None and entry[2][col] else None
 
         def per(scope: str, names: list[str]) -> dict[str, dict[str, float | None]]:
             out: dict[str, dict[str, float | None]] = {n: {} for n in names}
@@ -600,7 +737,7 @@ class Watcher:
                 if metric.scope != scope or name not in latest:
                     continue
                 for col, index in enumerate(metric.indices):
-                    out[names[index]][name] = _float_or_none(latest[name][1][col])
+                    out[names[index]][name] = value(name, col)
             return out
 
         params = per("param", [p.name for p in self.params])
@@ -610,20 +747,22 @@ class Watcher:
         layers = per("layer", [layer.name or "<model>" for layer in self.layers])
         for layer in self.layers:
             norms = [params[self.params[i].name].get("grad_norm") for i in layer.params]
-            finite = [n for n in norms if n is not None]
-            if finite:
-                layers[layer.name or "<model>"]["grad_norm"] = float(np.sqrt(np.sum(np.square(finite))))
+            measured = [n for n in norms if n is not None]
+            if measured:
+                layers[layer.name or "<model>"]["grad_norm"] = float(np.sqrt(np.sum(np.square(measured))))
         step = latest.get("grad_norm_total", (None,))[0]
+        n_groups = len(latest["lr"][1]) if "lr" in latest else 0
         return {
             "run_id": self.run_id, "name": self.name, "step": step, "steps": self.step,
-            "grad_norm_total": {"before_clip": run_value("grad_norm_total"),
-                                "after_clip": run_value("grad_norm_total_clipped")},
-            "clip_coef": run_value("clip_coef"), "clip_threshold": run_value("clip_threshold"),
-            "clip_mode": self.config.clip.mode, "skipped": run_value("skipped"),
-            "nonfinite_params": run_value("nonfinite_params"),
-            "lr": [_float_or_none(v) for v in latest["lr"][1]] if "lr" in latest else [],
-            "scalars": {n: run_value(n) for n in self._scalar_names},
+            "grad_norm_total": {"before_clip": value("grad_norm_total"),
+                                "after_clip": value("grad_norm_total_clipped")},
+            "clip_coef": value("clip_coef"), "clip_threshold": value("clip_threshold"),
+            "clip_mode": self.config.clip.mode, "skipped": value("skipped"),
+            "nonfinite_params": value("nonfinite_params"), "overflow_params": value("overflow_params"),
+            "lr": [value("lr", g) for g in range(n_groups)],
+            "scalars": {n: value(n) for n in self._scalar_names},
             "params": params, "layers": layers, "init_check": self.init_check,
+            "optimizer": {"class": type(self._optimizer).__name__},
             "errors": {**self.errors, **{f"writer:{k}": v for k, v in self._writer.errors.items()}},
             "dropped_frames": self._writer.dropped, "log_path": str(self.path),
         }
@@ -686,14 +825,50 @@ class _RowViews:
 
     def __init__(self, row: torch.Tensor, layout: Layout) -> None:
         self.grad = row[layout.grad_norm:layout.grad_norm + layout.n_params]
+        self.bad = row[layout.grad_bad:layout.grad_bad + layout.n_params]
         self.total = row[layout.run]
         self.run = row[layout.run:layout.run + 4]  # total, total after clipping, coef, threshold
         self.clip = row[layout.run + 1:layout.run + 4]
 
     def blank(self) -> None:
-        """A step with no gradient measured: every param "no gradient", the run values NaN."""
+        """A step with no gradient measured: every param "no gradient" (the host marks the row unmeasured)."""
         self.grad.fill_(NO_GRAD)
-        self.run.fill_(float("nan"))
+        self.bad.zero_()
+
+
+def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
+    """The torch optimizer inside `optimizer` and the names of the wrappers around it, outermost
+    first: accelerate's `AcceleratedOptimizer`, Lightning's `LightningOptimizer`, or anything
+    that keeps the real one as `.optimizer`. The hooks go on the real one, which every
+    wrapper's `step()` calls."""
+    wrappers: list[str] = []
+    current = optimizer
+    while not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
+        inner = getattr(current, "optimizer", None)
+        if inner is None or inner is current or len(wrappers) >= 8:
+            raise TypeError("`optimizer` must be a torch.optim.Optimizer or a wrapper with one as `.optimizer`. "
+                            f"Got {type(optimizer).__name__}")
+        wrappers.append(type(current).__name__)
+        current = inner
+    return current, wrappers
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model on the meta device has no values to measure yet: say when to attach instead."""
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"gradwatch: parameter {meta!r} is on the meta device; call watch() after the model is "
+                         "materialised (to_empty() and initialised, or loaded)")
+
+
+def _refuse_sparse_clipping(model: nn.Module, mode: str) -> None:
+    """Clipping by value, per param or per unit would skip sparse gradients: refuse them up front."""
+    if mode not in ("value", "param_norm", "agc"):
+        return
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(f"gradwatch: clip mode {mode!r} cannot clip the sparse gradient of "
+                             f"{(name + '.') if name else ''}weight; use mode 'norm' or sparse=False")
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:

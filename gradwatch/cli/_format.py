@@ -1,4 +1,9 @@
-"""Output formatting for the CLI: aligned tables, JSON with stable keys, numbers, sparklines."""
+"""Output formatting for the CLI: aligned tables, JSON with stable keys, numbers, sparklines.
+
+One rule for every command: a value that was not measured is missing ('-' in a table, `null`
+in JSON); NaN, +Inf and -Inf are values, shown as `nan`, `inf` and `-inf` (JSON strings, since
+JSON has no such numbers). `nonfinite_text` is the only place that spells them.
+"""
 
 from __future__ import annotations
 
@@ -13,26 +18,32 @@ import click
 BARS = "▁▂▃▄▅▆▇█"
 
 
+def nonfinite_text(x: float) -> str:
+    """How every output spells a non-finite value: 'nan', 'inf' or '-inf'."""
+    return "nan" if math.isnan(x) else "inf" if x > 0 else "-inf"
+
+
 def num(x: Any, digits: int = 3) -> str:
-    """A number for a table cell: `digits` significant digits, '-' when missing or NaN."""
+    """A number for a table cell: `digits` significant digits; '-' when missing (None), 'nan' /
+    'inf' / '-inf' for those values."""
     if x is None:
         return "-"
+    if hasattr(x, "dtype") and hasattr(x, "item"):  # numpy scalars
+        x = x.item()
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, int):
         return str(x)
     if isinstance(x, float):
-        if math.isnan(x):
-            return "-"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return f"{x:.{digits}g}"
+        return f"{x:.{digits}g}" if math.isfinite(x) else nonfinite_text(x)
     return str(x)
 
 
 def pct(x: float | None) -> str:
-    """A ratio as a percentage cell ('-' when missing)."""
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+    """A ratio as a percentage cell: '-' when missing (None), 'nan' / 'inf' for those values."""
+    if x is None:
+        return "-"
+    return f"{100 * x:.0f}%" if math.isfinite(x) else nonfinite_text(float(x))
 
 
 def duration(seconds: float | None) -> str:
@@ -64,14 +75,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable
 
 
 def jsonable(obj: Any) -> Any:
-    """Plain JSON values: NaN becomes null, +-inf the strings "inf"/"-inf", numpy scalars and
-    arrays become numbers and lists, tuples lists."""
+    """Plain JSON values: NaN, +Inf and -Inf become the strings "nan", "inf" and "-inf" (None,
+    "not measured", stays null), numpy scalars and arrays become numbers and lists, tuples lists."""
     if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
+        return obj if math.isfinite(obj) else nonfinite_text(obj)
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -9,7 +9,8 @@ from gradwatch.diagnose.activations import dying_units, initialisation, saturati
 from gradwatch.diagnose.findings import SEVERITY_ORDER, Evidence, Finding
 from gradwatch.diagnose.flow import exploding, find_spikes, suggest_clip_threshold, vanishing
 from gradwatch.diagnose.rundata import LayerInfo, RunData, Series
-from gradwatch.diagnose.stability import clipping_rate, nonfinite
+from gradwatch.diagnose.nonfinite import nonfinite_activations, nonfinite_gradients, nonfinite_loss
+from gradwatch.diagnose.stability import clipping_rate
 
 __all__ = ["RULES", "Evidence", "Finding", "LayerInfo", "RunData", "Series", "diagnose", "find_spikes",
            "suggest_clip_threshold"]
@@ -17,7 +18,8 @@ __all__ = ["RULES", "Evidence", "Finding", "LayerInfo", "RunData", "Series", "di
 Rule = Callable[[RunData], list[Finding]]
 
 #: Every rule, in the order findings of equal severity are reported.
-RULES: tuple[Rule, ...] = (nonfinite, exploding, vanishing, saturation, dying_units, initialisation, clipping_rate)
+RULES: tuple[Rule, ...] = (nonfinite_gradients, nonfinite_loss, nonfinite_activations, exploding, vanishing,
+                          saturation, dying_units, initialisation, clipping_rate)
 
 
 def diagnose(data: RunData, rules: tuple[Rule, ...] = RULES) -> list[Finding]:

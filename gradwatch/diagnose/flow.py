@@ -1,4 +1,4 @@
-"""Rules about gradient flow through the network: vanishing, exploding, non-finite, clipping."""
+"""Rules about gradient flow through the network: vanishing and exploding gradients."""
 
 from __future__ import annotations
 

@@ -34,17 +34,26 @@ class LayerInfo:
 class Series:
     """A metric over steps: `values` is (n,) for a run-level metric, (layers, n) per layer.
 
-    NaN means "not measured at that step" (or not applicable to that layer).
+    `present` (same shape, bool) is False where nothing was measured (a layer not measured at
+    that step, or not of the metric's family); None means every value was measured. NaN, +Inf
+    and -Inf in `values` are measured values wherever `present` is True.
     """
 
     steps: np.ndarray
     values: np.ndarray
+    present: np.ndarray | None = None
+
+    @property
+    def measured(self) -> np.ndarray:
+        """The presence mask, all True when `present` is None."""
+        return np.ones(self.values.shape, dtype=bool) if self.present is None else self.present
 
     def window(self, fraction: float = 0.5) -> Series:
         """The last `fraction` of the steps (at least one): the steady part of a run."""
         n = self.steps.shape[0]
         k = max(1, int(np.ceil(n * fraction)))
-        return Series(self.steps[n - k :], self.values[..., n - k :])
+        present = None if self.present is None else self.present[..., n - k :]
+        return Series(self.steps[n - k :], self.values[..., n - k :], present)
 
     def at(self, steps: np.ndarray) -> np.ndarray:
         """A run-level series' values at `steps` (NaN where it has none), to line up two series."""
@@ -61,9 +70,11 @@ class RunData:
     """Everything recorded about one run that diagnosis and plots need.
 
     `run` holds run-level series by metric name (grad_norm_total, grad_norm_total_clipped,
-    clip_coef, clip_threshold, loss, nonfinite_params, ...); `layer` holds per-layer series
-    with one row per entry of `layers` (act_grad_norm, grad_norm, saturation_ratio,
-    dead_ratio, ...). `init_check` and `config` come from the run log header.
+    clip_coef, clip_threshold, loss, nonfinite_params, overflow_params, ...), one value per
+    measured step; `layer` holds per-layer series with one row per entry of `layers`
+    (act_grad_norm, grad_norm, saturation_ratio, dead_ratio, act_nonfinite, ...) and a
+    presence mask. `events` are the run's guard events (kind, step, data), by step;
+    `init_check` and `config` come from the run log header.
     """
 
     run_id: str

@@ -1,4 +1,4 @@
-"""Rules about steps that went wrong or were changed: non-finite gradients and clipping."""
+"""Rules about steps that clipping changed."""
 
 from __future__ import annotations
 
@@ -8,55 +8,6 @@ from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.findings import Evidence, Finding
 from gradwatch.diagnose.flow import suggest_clip_threshold
 from gradwatch.diagnose.rundata import RunData
-
-
-def _first_bad_step(data: RunData, metric: str) -> tuple[int, int | None]:
-    """How many steps of a run-level metric are bad, and the first one.
-
-    Bad is non-finite for a value (loss, total norm), above zero for a count (nonfinite_params).
-    """
-    s = data.run.get(metric)
-    if s is None:
-        return 0, None
-    v = s.values.astype(np.float64)
-    bad = np.nan_to_num(v, nan=0.0) > 0 if metric == "nonfinite_params" else ~np.isfinite(v)
-    idx = np.flatnonzero(bad)
-    return len(idx), (int(s.steps[idx[0]]) if len(idx) else None)
-
-
-def nonfinite(data: RunData) -> list[Finding]:
-    """NaN or Inf in gradients (from guard events, the per-step count or the total norm) or in the loss."""
-    events = [e for e in data.events if e.get("kind") == "nonfinite"]
-    n_params, first_params = _first_bad_step(data, "nonfinite_params")
-    n_norm, first_norm = _first_bad_step(data, "grad_norm_total")
-    n_loss, first_loss = _first_bad_step(data, "loss")
-    if not (events or n_params or n_norm or n_loss):
-        return []
-    firsts = [s for s in (first_params, first_norm, first_loss) if s is not None]
-    firsts += [int(e["step"]) for e in events]
-    first = min(firsts)
-    layers: list[str] = []
-    for e in sorted(events, key=lambda e: int(e["step"]))[:1]:
-        layers = [str(x) for x in (e.get("data") or {}).get("layers", [])]
-    summary = [f"first non-finite value at step {first}"]
-    if layers:
-        summary.append(f"first layers with NaN/Inf gradients: {', '.join(layers[:5])}")
-    if n_norm or n_params:
-        summary.append(f"non-finite gradients on {max(n_norm, n_params)} steps")
-    if n_loss:
-        summary.append(f"non-finite loss on {n_loss} steps, first at step {first_loss}")
-    causes = ("gradients overflowed after exploding (see the total norm before this step)",
-              "a learning rate so high that weights overflow",
-              "an operation undefined at its input in the forward pass or the loss: log(0), x/0, sqrt of a negative",
-              "float16 overflow without loss scaling")
-    remedies = ("lower the learning rate and clip the total gradient norm",
-                "set the guard to skip bad steps: config {'guards': {'nonfinite': 'skip'}}",
-                "guard the loss: clamp probabilities before log, add eps to divisions; use bf16 or a GradScaler")
-    evidence = Evidence(tuple(summary),
-                        {"first_step": float(first), "nonfinite_steps": float(max(n_norm, n_params)),
-                         "nonfinite_loss_steps": float(n_loss), "events": float(len(events))},
-                        layers=tuple(layers), steps=(first,))
-    return [Finding("nonfinite_gradients", "error", "Non-finite gradients (NaN/Inf)", evidence, causes, remedies)]
 
 
 def clipping_rate(data: RunData) -> list[Finding]:

@@ -190,6 +190,7 @@ def _register(conn: Connection, st: LogState, header: Header, now: float) -> Non
               "torch_version": info.get("torch_version"), "gradwatch_version": info.get("gradwatch_version"),
               "python_version": info.get("python_version"), "device": _str_or_none(info.get("device")),
               "config": _of_type(info.get("config"), dict), "model": _of_type(info.get("model"), dict),
+              "optimizer": _of_type(info.get("optimizer"), dict),
               "groups": _dicts(info.get("groups")), "init_check": _dicts(info.get("init_check"))}
     if exists is None:
         conn.execute(insert(s.runs).values(id=run_id, status="running", status_at=now, **fields))

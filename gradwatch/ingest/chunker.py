@@ -30,7 +30,7 @@ class SeriesState:
     n: int = 0
     first_step: int = 0
     last_step: int = 0
-    last_value: float = 0.0
+    last_value: float = 0.0  # NaN and ±Inf included (stored by `codec.encode_last`)
     next_seq: int = 0
     pending_seq: int = 0
     pending_rows: int = 0
@@ -43,10 +43,11 @@ def load_series(conn: Connection, run_id: str, rank: int) -> dict[SeriesKey, Ser
     """Every series of one run and rank, keyed by (metric, scope, entity)."""
     c = series.c
     rows = conn.execute(select(c.id, c.metric, c.scope, c.entity, c.n, c.first_step, c.last_step, c.last_value,
-                               c.next_seq, c.pending_seq, c.pending_rows)
+                               c.last_nonfinite, c.next_seq, c.pending_seq, c.pending_rows)
                         .where(c.run_id == run_id, c.rank == rank)).all()
     return {(r.metric, r.scope, r.entity): SeriesState(r.id, r.metric, r.scope, r.entity, r.n, r.first_step, r.last_step,
-                                              r.last_value, r.next_seq, r.pending_seq, r.pending_rows)
+                                              codec.decode_last(r.last_value, r.last_nonfinite), r.next_seq,
+                                              r.pending_seq, r.pending_rows)
             for r in rows}
 
 
@@ -99,10 +100,15 @@ def append_rows(conn: Connection, run_id: str, rank: int, cache: dict[SeriesKey,
     c = series.c
     conn.execute(update(series).where(c.id == bindparam("sid")).values(
         n=bindparam("n_"), first_step=bindparam("first_"), last_step=bindparam("last_"),
-        last_value=bindparam("value_"), next_seq=bindparam("next_"), pending_seq=bindparam("pseq_"),
-        pending_rows=bindparam("prows_")), [
-        {"sid": st.id, "n_": st.n, "first_": st.first_step, "last_": st.last_step, "value_": st.last_value,
-         "next_": st.next_seq, "pseq_": st.pending_seq, "prows_": st.pending_rows} for st, _, _ in new])
+        last_value=bindparam("value_"), last_nonfinite=bindparam("nonfinite_"), next_seq=bindparam("next_"),
+        pending_seq=bindparam("pseq_"), pending_rows=bindparam("prows_")), [_bookkeeping(st) for st, _, _ in new])
+
+
+def _bookkeeping(st: SeriesState) -> dict:
+    """Parameters of the series row update: the cached state, the last value by `codec.encode_last`."""
+    value, nonfinite = codec.encode_last(st.last_value)
+    return {"sid": st.id, "n_": st.n, "first_": st.first_step, "last_": st.last_step, "value_": value,
+            "nonfinite_": nonfinite, "next_": st.next_seq, "pseq_": st.pending_seq, "prows_": st.pending_rows}
 
 
 def _chunk(st: SeriesState, seq: int, steps: np.ndarray, values: np.ndarray) -> dict:

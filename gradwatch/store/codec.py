@@ -1,18 +1,24 @@
-"""Packing of one chunk of a series: steps and float32 values as compact blobs.
+"""Packing of what the store keeps: chunks of a series, a series' last value, JSON fields.
 
-Values are byte-shuffled (all first bytes, then all second bytes, ...) before zlib, which
-groups the slowly varying sign/exponent bytes and lets them compress. Steps are stored as
+Chunk values are float32 blobs, so NaN and ±Inf are kept bit for bit. They are byte-shuffled
+(all first bytes, then all second bytes, ...) before zlib, which groups the slowly varying
+sign/exponent bytes and lets them compress. Steps are stored as
 an empty blob when they are the contiguous range `first..first+n-1` (the common case: a
 metric measured every step), otherwise as zlib-compressed int64 deltas.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import zlib
+from typing import Any
 
 import numpy as np
 
 ZLIB_LEVEL = 1
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}  # gw_series.last_nonfinite -> value
+_JSON_FLOAT = "$float"  # {"$float": "nan"}: a non-finite float in a JSON field
 
 
 def encode_steps(steps: np.ndarray) -> bytes:
@@ -43,3 +49,48 @@ def decode_values(blob: bytes, n: int) -> np.ndarray:
     """Inverse of `encode_values`."""
     planes = np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(4, n)
     return np.ascontiguousarray(planes.T).view("<f4").reshape(n)
+
+
+def encode_last(value: float) -> tuple[float | None, str | None]:
+    """(`last_value`, `last_nonfinite`) columns for a series' last value.
+
+    A SQL float cannot hold NaN on SQLite (it becomes NULL), so a non-finite value is
+    stored as its name ("nan", "inf", "-inf") with a NULL `last_value`, on every backend.
+    """
+    if math.isfinite(value):
+        return value, None
+    return None, "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+
+
+def decode_last(value: float | None, nonfinite: str | None) -> float:
+    """Inverse of `encode_last` (a NULL value without a name is a NaN that SQLite nulled in schema v1)."""
+    if nonfinite is not None:
+        return NONFINITE[nonfinite]
+    return math.nan if value is None else float(value)
+
+
+def encode_json(obj: Any) -> str:
+    """JSON text for a JSON column; non-finite floats become `{"$float": "nan" | "inf" | "-inf"}`
+    (PostgreSQL's json type refuses the NaN and Infinity tokens)."""
+    return json.dumps(_tag(obj), allow_nan=False)
+
+
+def decode_json(text: str) -> Any:
+    """Inverse of `encode_json`; also reads NaN / Infinity tokens (SQLite stores of schema v1)."""
+    return json.loads(text, object_hook=_untag)
+
+
+def _tag(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {_JSON_FLOAT: encode_last(obj)[1]}
+    if isinstance(obj, dict):
+        return {k: _tag(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tag(v) for v in obj]
+    return obj
+
+
+def _untag(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and obj.get(_JSON_FLOAT) in NONFINITE:
+        return NONFINITE[obj[_JSON_FLOAT]]
+    return obj

@@ -1,7 +1,9 @@
-"""Opening a store: the engine with its pragmas, and the schema version check."""
+"""Opening a store: the engine with its pragmas, the schema version check, and the upgrade of
+an older store (Alembic, `gradwatch.store.migrations`) in one locked write transaction."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from sqlalchemy.exc import (
 )
 
 from gradwatch.agent.runlog import default_home
-from gradwatch.store import schema
+from gradwatch.store import codec, schema
 from gradwatch.store.errors import (
     BadStoreURL,
     NotAStoreError,
@@ -29,6 +31,9 @@ from gradwatch.store.errors import (
 
 DB_FILE = "gradwatch.db"
 BUSY_TIMEOUT_S = 30.0
+PG_LOCK_KEY = 7347001  # advisory lock that serialises creating and upgrading a PostgreSQL store
+
+log = logging.getLogger(__name__)
 
 
 def default_url(home: Path | None = None) -> str:
@@ -54,7 +59,8 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def create_store_engine(url: str) -> Engine:
-    """An engine for a store URL, with WAL, a busy timeout and foreign keys on SQLite."""
+    """An engine for a store URL, with WAL, a busy timeout and foreign keys on SQLite, and JSON
+    fields that keep NaN and ±Inf (`codec.encode_json`)."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -62,7 +68,7 @@ def create_store_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     try:
-        engine = create_engine(parsed)
+        engine = create_engine(parsed, json_serializer=codec.encode_json, json_deserializer=codec.decode_json)
     except (NoSuchModuleError, ImportError) as exc:
         raise StoreError(f"no database driver for {parsed.render_as_string(hide_password=True)}: {exc}") from None
     except (ArgumentError, ValueError, TypeError) as exc:  # e.g. a query option with a value of the wrong type
@@ -85,10 +91,17 @@ def writing(engine: Engine) -> Iterator[Connection]:
             conn.info["write"] = False
 
 
+def _serialise(conn: Connection) -> None:
+    """Make concurrent creators / upgraders wait for each other (SQLite: BEGIN IMMEDIATE does)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})"))
+
+
 def _create(engine: Engine) -> None:
+    from gradwatch.store import migrations
+
     with writing(engine) as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(7347001)"))  # serialise concurrent creators
+        _serialise(conn)
         if schema.meta.name in inspect(conn).get_table_names():
             return
         schema.metadata.create_all(conn)
@@ -97,13 +110,15 @@ def _create(engine: Engine) -> None:
             {"key": "schema_version", "value": str(schema.SCHEMA_VERSION)},
             {"key": "created_at", "value": repr(time.time())},
         ])
+        migrations.stamp(conn, schema.SCHEMA_VERSION)
 
 
 def prepare_schema(engine: Engine) -> None:
-    """Create the tables in an empty database, or check the version of an existing store.
+    """Create the tables in an empty database, upgrade an older store, check an existing one.
 
     Raises NotAStoreError for a database that holds other tables or is not a database,
-    and SchemaVersionError for a store written with another schema version.
+    SchemaVersionError for a store of a newer schema version, and StoreError when an older
+    store cannot be upgraded (it is then left as it was).
     """
     where = engine.url.render_as_string(hide_password=True)
     try:
@@ -115,7 +130,7 @@ def prepare_schema(engine: Engine) -> None:
                 return
             if schema.meta.name not in names:
                 raise NotAStoreError(f"{where} is not a gradwatch store (it holds other tables)")
-            values = dict(conn.execute(select(schema.meta.c.key, schema.meta.c.value)).all())
+            values = _meta_values(conn)
     except OperationalError as exc:  # unreachable, not openable (read-only, a directory): say so, not "not a store"
         raise StoreError(f"cannot open the store {where}: {_first_line(exc.orig)}") from None
     except DBAPIError as exc:
@@ -124,13 +139,20 @@ def prepare_schema(engine: Engine) -> None:
         raise StoreError(f"cannot open {where}: {_first_line(exc)}") from None
     if values.get("application") != schema.APPLICATION:
         raise NotAStoreError(f"{where} is not a gradwatch store (no gradwatch marker)")
-    _check_version(where, values.get("schema_version"))
+    if _check_version(where, values.get("schema_version")) < schema.SCHEMA_VERSION:
+        migrate(engine, schema.SCHEMA_VERSION)
+        prepare_schema(engine)
+        return
     missing = set(schema.metadata.tables) - names
     if missing:
         raise NotAStoreError(f"{where} is a damaged gradwatch store: missing tables {', '.join(sorted(missing))}")
 
 
-def _check_version(where: str, raw: str | None) -> None:
+def _meta_values(conn: Connection) -> dict[str, str]:
+    return {str(k): str(v) for k, v in conn.execute(select(schema.meta.c.key, schema.meta.c.value))}
+
+
+def _check_version(where: str, raw: str | None) -> int:
     try:
         version = int(raw or "")
     except ValueError:
@@ -139,10 +161,43 @@ def _check_version(where: str, raw: str | None) -> None:
         raise SchemaVersionError(
             f"{where} has schema version {version}, newer than this gradwatch supports "
             f"({schema.SCHEMA_VERSION}): upgrade gradwatch")
-    if version < schema.SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{where} has schema version {version}, older than {schema.SCHEMA_VERSION}, and cannot be "
-            "migrated: export what you need with the older gradwatch, then move the file away")
+    if version < 1:
+        raise NotAStoreError(f"{where} has an impossible schema version {version}")
+    return version
+
+
+def migrate(engine: Engine, target: int) -> int:
+    """Bring the store to schema version `target`, up or down, in one write transaction; returns
+    the version it was at.
+
+    The version is read under the write lock (BEGIN IMMEDIATE on SQLite, an advisory lock on
+    PostgreSQL): of several processes opening the same old store at once, the first migrates
+    and the others find it done. On failure the store is left as it was.
+    """
+    from alembic.util import CommandError
+
+    from gradwatch.store import migrations  # Alembic is loaded only to create or migrate a store
+
+    where = engine.url.render_as_string(hide_password=True)
+    now = target
+    try:
+        with writing(engine) as conn:
+            _serialise(conn)
+            if schema.meta.name not in inspect(conn).get_table_names():
+                raise NotAStoreError(f"{where} is not a gradwatch store")
+            now = _check_version(where, _meta_values(conn).get("schema_version"))
+            if now == target:
+                return now  # e.g. another process upgraded it while this one waited for the lock
+            (migrations.upgrade if target > now else migrations.downgrade)(conn, target)
+            done = _meta_values(conn).get("schema_version")
+            if done != str(target):  # raising rolls the transaction back
+                raise StoreError(f"cannot migrate the store {where}: the migrations ended at schema version {done}")
+    except (SQLAlchemyError, CommandError) as exc:
+        reason = _first_line(exc.orig) if isinstance(exc, DBAPIError) else _first_line(exc)
+        raise StoreError(f"cannot {'upgrade' if target > now else 'downgrade'} the store {where} "
+                         f"from schema version {now} to {target}: {reason}") from None
+    log.info("migrated the store %s from schema version %d to %d", where, now, target)
+    return now
 
 
 def _first_line(exc: BaseException | None) -> str:

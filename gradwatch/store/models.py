@@ -72,12 +72,13 @@ class RunSummary:
     device: str | None
     config: dict[str, Any]
     model: dict[str, Any]
+    optimizer: dict[str, Any]  # {"class": "SGD", "wrappers": [outermost first]}; {} for runs without one
     groups: list[dict[str, Any]]
     init_check: list[dict[str, Any]]
     num_params: int
     num_layers: int
     metrics: dict[str, str]  # metric name -> scope
-    latest: dict[str, tuple[int, float]]  # run-level metric -> (step, value), rank 0
+    latest: dict[str, tuple[int, float]]  # run-level metric -> (step, value), rank 0; NaN / ±Inf are values
     event_counts: dict[str, int]
     active_alerts: int
     logs: list[LogInfo]
@@ -92,11 +93,14 @@ class Series(NamedTuple):
 
 @dataclass(frozen=True)
 class LayerTable:
-    """All layers at one step: `values[metric][i]` belongs to `layers[i]` (NaN: not measured)."""
+    """All layers at one step: `values[metric][i]` belongs to `layers[i]`; `measured[metric][i]`
+    is False where that layer was not measured at the step (its value is then NaN), True for
+    every measured value, NaN and ±Inf included."""
 
     step: int | None
     layers: list[LayerInfo]
     values: dict[str, np.ndarray] = field(default_factory=dict)
+    measured: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,9 @@ class AlertInfo:
 
 @dataclass(frozen=True)
 class LatestValue:
-    """The latest stored value of one series; `entity` is the param / layer name, or the
-    group index as a string for `group` scope, or "" for run-level metrics."""
+    """The latest stored value of one series (NaN and ±Inf are values: a series exists only
+    once it has one); `entity` is the param / layer name, or the group index as a string for
+    `group` scope, or "" for run-level metrics."""
 
     run_id: str
     rank: int

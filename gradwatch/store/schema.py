@@ -2,11 +2,16 @@
 
 Measurements are stored as *series*: one row per (run, rank, metric, scope, entity), where the
 entity is the param, layer or param-group index (0 for run-level metrics). A series row
-also holds its latest step and value, which is what the exporter reads at scrape time.
+also holds its latest step and value, which is what the exporter reads at scrape time: a
+finite value in `last_value`, a NaN or ±Inf as its name in `last_nonfinite` (see
+`codec.encode_last`). A series exists only once it has values, so there is always one.
 Its values live in *chunks*: one row per run of consecutive steps, holding the steps and
 float32 values as packed blobs (see `codec`). Full chunks hold `CHUNK_ROWS` rows; the
 rows after the last full chunk sit in small *pending* chunks that ingestion merges once
 they add up to a full one, so the disk footprint stays close to the raw float32 size.
+
+Schema changes are Alembic migrations in `migrations/versions/` (revision `v<N>` makes schema
+version N); a new store is created from these tables and stamped with the newest revision.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import BigInteger
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # also `gw_meta.schema_version` and Alembic revision f"v{SCHEMA_VERSION}"
 APPLICATION = "gradwatch"
 CHUNK_ROWS = 4096  # rows of a full chunk
 MAX_PENDING_CHUNKS = 32  # pending chunks of a series merged into one beyond this
@@ -61,6 +66,8 @@ runs = Table(
     Column("model", JSON),
     Column("groups", JSON),
     Column("init_check", JSON),
+    # schema v2 (added last, as the migration does, so new and upgraded stores are alike):
+    Column("optimizer", JSON),  # {"class": ..., "wrappers": [outermost first]}
     Index("ix_gw_runs_project_started", "project", "started_at"),
     Index("ix_gw_runs_name", "name"),
 )
@@ -99,10 +106,11 @@ series = Table(
     Column("n", BigInteger, nullable=False),
     Column("first_step", BigInteger, nullable=False),
     Column("last_step", BigInteger, nullable=False),
-    Column("last_value", Float),
+    Column("last_value", Float),  # NULL when the last value is not finite
     Column("next_seq", Integer, nullable=False),
     Column("pending_seq", Integer, nullable=False),  # first chunk after the full ones
     Column("pending_rows", Integer, nullable=False),
+    Column("last_nonfinite", String(4)),  # v2: nan | inf | -inf when the last value is one, else NULL
     Index("ux_gw_series_key", "run_id", "rank", "metric", "scope", "entity", unique=True),
 )
 

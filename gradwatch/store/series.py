@@ -68,15 +68,15 @@ def _window(s: Series, start: int | None, end: int | None) -> Series:
     return Series(s.steps[lo:hi], s.values[lo:hi])
 
 
-def value_at(s: Series, step: int) -> float:
-    """The value at exactly `step`, NaN when the series has none there."""
+def value_at(s: Series, step: int) -> float | None:
+    """The value at exactly `step` (NaN and ±Inf are values), None when not measured there."""
     i = int(np.searchsorted(s.steps, step))
-    return float(s.values[i]) if i < s.steps.shape[0] and s.steps[i] == step else float("nan")
+    return float(s.values[i]) if i < s.steps.shape[0] and s.steps[i] == step else None
 
 
 def l2_combine(parts: list[Series]) -> Series:
     """Per step, the L2 norm over the parts that have a value there (a layer's grad_norm
-    from its params' grad_norm)."""
+    from its params' grad_norm); a NaN or Inf part makes that step's norm NaN or Inf."""
     parts = [p for p in parts if p.steps.shape[0]]
     if not parts:
         return EMPTY

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, upda
 from sqlalchemy.exc import SQLAlchemyError
 
 from gradwatch.agent.runlog import logs_dir
+from gradwatch.store import codec
 from gradwatch.store import schema as s
 from gradwatch.store.engine import create_store_engine, default_url, prepare_schema, writing
 from gradwatch.store.errors import AmbiguousRun, RunNotFound, StoreError, UnknownEntity, UnknownMetric
@@ -158,9 +159,9 @@ class Store:
             num_layers = conn.execute(select(func.count()).where(s.layers.c.run_id == run_id)).scalar_one()
             metrics = dict(conn.execute(select(s.series.c.metric, s.series.c.scope).distinct()
                                         .where(s.series.c.run_id == run_id)).all())
-            latest = {m: (int(st), float(v)) for m, st, v in conn.execute(
-                select(s.series.c.metric, s.series.c.last_step, s.series.c.last_value).where(
-                    s.series.c.run_id == run_id, s.series.c.rank == 0, s.series.c.scope == "run"))}
+            latest = {m: (int(st), codec.decode_last(v, nf)) for m, st, v, nf in conn.execute(
+                select(s.series.c.metric, s.series.c.last_step, s.series.c.last_value, s.series.c.last_nonfinite)
+                .where(s.series.c.run_id == run_id, s.series.c.rank == 0, s.series.c.scope == "run"))}
             events = dict(conn.execute(select(s.events.c.kind, func.count()).where(s.events.c.run_id == run_id)
                                        .group_by(s.events.c.kind)).all())
             active = conn.execute(select(func.count()).where(
@@ -170,7 +171,8 @@ class Store:
         return RunSummary(
             run=_run_info(row), torch_version=row.torch_version, gradwatch_version=row.gradwatch_version,
             python_version=row.python_version, device=row.device, config=row.config or {},
-            model=row.model or {}, groups=row.groups or [], init_check=row.init_check or [],
+            model=row.model or {}, optimizer=row.optimizer or {}, groups=row.groups or [],
+            init_check=row.init_check or [],
             num_params=num_params, num_layers=num_layers, metrics=metrics, latest=latest,
             event_counts={k: int(v) for k, v in events.items()}, active_alerts=int(active), logs=logs)
 
@@ -245,7 +247,8 @@ class Store:
         """Every layer's values at one step (default: the last step with layer measurements).
 
         `metrics` defaults to every layer metric plus `grad_norm`; a layer not measured at
-        that step (or not of the right family) gets NaN.
+        that step (or not of the right family) gets NaN in `values` and False in `measured`
+        (a measured NaN is True there).
         """
         ser = s.series
         with self._read() as conn:
@@ -265,23 +268,27 @@ class Store:
                 if step is None and "grad_norm" in metrics:
                     step = conn.execute(select(func.max(ser.c.last_step)).where(
                         ser.c.run_id == run_id, ser.c.rank == rank, ser.c.metric == "grad_norm")).scalar()
-            values: dict[str, Any] = {}
+            values: dict[str, dict[int, float]] = {}
             if step is not None:
                 for m in metrics:
                     values[m] = self._layer_column(conn, run_id, rank, m, int(step), layer_list)
         return LayerTable(None if step is None else int(step), layer_list,
-                          {m: np.asarray(v, dtype=np.float64) for m, v in values.items()})
+                          {m: np.array([at.get(la.index, math.nan) for la in layer_list], dtype=np.float64)
+                           for m, at in values.items()},
+                          {m: np.array([la.index in at for la in layer_list], dtype=bool) for m, at in values.items()})
 
     def _layer_column(self, conn: Connection, run_id: str, rank: int, metric: str, step: int,
-                      layer_list: list[LayerInfo]) -> list[float]:
+                      layer_list: list[LayerInfo]) -> dict[int, float]:
+        """layer index -> value at `step`, for the layers measured there."""
         scope = "param" if metric == "grad_norm" else "layer"
         at = _values_at(conn, run_id, rank, metric, scope, step)
         if metric != "grad_norm":
-            return [at.get(layer.index, float("nan")) for layer in layer_list]
-        out = []
+            return at
+        out = {}
         for layer in layer_list:
-            vals = [at[p] for p in layer.params if p in at and not math.isnan(at[p])]
-            out.append(math.sqrt(sum(v * v for v in vals)) if vals else float("nan"))
+            vals = [at[p] for p in layer.params if p in at]
+            if vals:
+                out[layer.index] = math.sqrt(sum(v * v for v in vals))
         return out
 
     def _series_id(self, conn: Connection, run_id: str, rank: int, metric: str,
@@ -309,7 +316,7 @@ class Store:
         `grad_norm` (L2 of its params' latest grad_norm at their common latest step)."""
         ser = s.series
         q = select(ser.c.run_id, ser.c.rank, ser.c.metric, ser.c.scope, ser.c.entity,
-                   ser.c.last_step, ser.c.last_value)
+                   ser.c.last_step, ser.c.last_value, ser.c.last_nonfinite)
         pq, lq = select(s.params.c.run_id, s.params.c.idx, s.params.c.name, s.params.c.layer), \
             select(s.layers.c.run_id, s.layers.c.idx, s.layers.c.name)
         if run_ids is not None:
@@ -322,16 +329,17 @@ class Store:
             lnames = {(r[0], r[1]): r[2] for r in conn.execute(lq)}
         out: list[LatestValue] = []
         layer_grads: dict[tuple[str, int, int], list[tuple[int, float]]] = defaultdict(list)
-        for run_id, rank, metric, scope, entity, step, value in rows:
+        for run_id, rank, metric, scope, entity, step, stored, nonfinite in rows:
+            value = codec.decode_last(stored, nonfinite)
             if scope == "param":
                 name, layer = pnames.get((run_id, entity), (str(entity), None))
                 if metric == "grad_norm" and layer is not None:
-                    layer_grads[(run_id, rank, layer)].append((int(step), float(value)))
+                    layer_grads[(run_id, rank, layer)].append((int(step), value))
             elif scope == "layer":
                 name = lnames.get((run_id, entity), str(entity))
             else:
                 name = str(entity) if scope == "group" else ""
-            out.append(LatestValue(run_id, int(rank), metric, scope, name, int(step), float(value)))
+            out.append(LatestValue(run_id, int(rank), metric, scope, name, int(step), value))
         for (run_id, rank, layer), vals in layer_grads.items():
             last = max(st for st, _ in vals)
             norm = math.sqrt(sum(v * v for st, v in vals if st == last))
@@ -397,7 +405,8 @@ class Store:
         run = summary.run
         yield {"record": "run", **run.__dict__, "torch_version": summary.torch_version,
                "gradwatch_version": summary.gradwatch_version, "config": summary.config,
-               "model": summary.model, "groups": summary.groups, "init_check": summary.init_check}
+               "model": summary.model, "optimizer": summary.optimizer, "groups": summary.groups,
+               "init_check": summary.init_check}
         params, layers = self.params(run_id), self.layers(run_id)
         for p in params:
             yield {"record": "param", **p.__dict__, "shape": list(p.shape)}
@@ -482,7 +491,7 @@ _RUN_COLS = (s.runs.c.id, s.runs.c.name, s.runs.c.project, s.runs.c.status, s.ru
              s.runs.c.started_at, s.runs.c.ended_at, s.runs.c.last_step, s.runs.c.host, s.runs.c.pid,
              s.runs.c.world_size)
 _RUN_DETAIL = (s.runs.c.torch_version, s.runs.c.gradwatch_version, s.runs.c.python_version, s.runs.c.device,
-               s.runs.c.config, s.runs.c.model, s.runs.c.groups, s.runs.c.init_check)
+               s.runs.c.config, s.runs.c.model, s.runs.c.optimizer, s.runs.c.groups, s.runs.c.init_check)
 _LOG_COLS = (s.logs.c.name, s.logs.c.path, s.logs.c.run_id, s.logs.c.rank, s.logs.c.offset, s.logs.c.state,
              s.logs.c.state_at, s.logs.c.last_step, s.logs.c.close_stats)
 _ALERT_COLS = (s.alerts.c.id, s.alerts.c.run_id, s.alerts.c.rule, s.alerts.c.severity, s.alerts.c.step,
@@ -543,16 +552,16 @@ def _layer_info(conn: Connection, run_id: str, layer: str | int) -> LayerInfo:
 
 
 def _values_at(conn: Connection, run_id: str, rank: int, metric: str, scope: str, step: int) -> dict[int, float]:
-    """entity -> value at exactly `step`; the latest value comes from the series row, older
-    ones from the chunk that covers the step."""
+    """entity -> value at exactly `step`, for the entities measured there (NaN and ±Inf included);
+    the latest value comes from the series row, older ones from the chunk that covers the step."""
     ser = s.series.c
-    rows = conn.execute(select(ser.entity, ser.id, ser.last_step, ser.last_value).where(
+    rows = conn.execute(select(ser.entity, ser.id, ser.last_step, ser.last_value, ser.last_nonfinite).where(
         ser.run_id == run_id, ser.rank == rank, ser.metric == metric, ser.scope == scope)).all()
-    out = {int(r.entity): float(r.last_value) for r in rows if r.last_step == step}
+    out = {int(r.entity): codec.decode_last(r.last_value, r.last_nonfinite) for r in rows if r.last_step == step}
     older = {int(r.id): int(r.entity) for r in rows if r.last_step > step}
     for sid, got in read_many(conn, older, step, step).items():
         value = value_at(got, step)
-        if not math.isnan(value):
+        if value is not None:
             out[older[sid]] = value
     return out
 
