@@ -119,10 +119,11 @@ def loss_plot(ax: Axes, steps: np.ndarray, loss: np.ndarray, nonfinite_steps: np
     ax.legend(loc="best", fontsize=7)
 
 
-def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.ndarray,
-                           dead: np.ndarray, limit: float = 0.5, nonfinite: np.ndarray | None = None) -> None:
+def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.ndarray, dead: np.ndarray,
+                           limit: float = 0.5, nonfinite_from: Sequence[int | None] | None = None) -> None:
     """Per layer, the saturation ratio (bounded activations) and dead ratio (ReLU family), 0..1;
-    layers whose outputs were ever NaN/Inf (`nonfinite`, a bool per layer) banded in red."""
+    layers whose outputs were NaN/Inf (`nonfinite_from`: per layer, the first such step or None)
+    banded in red and labelled with that step."""
     y = np.arange(len(layer_names))
     ax.barh(y - 0.2, np.nan_to_num(saturation), height=0.4, color="tab:orange", label="saturation ratio")
     ax.barh(y + 0.2, np.nan_to_num(dead), height=0.4, color="tab:purple", label="dead ratio")
@@ -130,9 +131,11 @@ def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.
         for yi, v in zip(y + offset, values):
             if np.isfinite(v):
                 ax.text(min(float(v), 0.9) + 0.01, yi, f"{v:.0%}", va="center", fontsize=6)
-    rows = np.flatnonzero(np.asarray(nonfinite, dtype=bool)) if nonfinite is not None else []
-    for i, row in enumerate(rows):
+    rows = [(row, step) for row, step in enumerate(nonfinite_from or ()) if step is not None]
+    for i, (row, step) in enumerate(rows):
         ax.axhspan(row - 0.5, row + 0.5, label="NaN/Inf outputs" if i == 0 else None, **BAND)
+        ax.text(0.99, row, f"NaN/Inf outputs from step {step}", ha="right", va="center", fontsize=7,
+                color=NONFINITE_COLOUR)
     ax.axvline(limit, color="tab:red", ls="--", lw=1, label=f"diagnosis limit {limit:g}")
     ax.set_yticks(y, labels=list(layer_names), fontsize=7)
     ax.invert_yaxis()
@@ -161,6 +164,14 @@ def _rows(series: Series | None, count: int) -> np.ndarray:
     if series is None:
         return np.full(count, np.nan)
     return np.asarray(nanmedian(series.window().values, axis=1))
+
+
+def _first_nonfinite_output(counts: Series | None, count: int) -> list[int | None]:
+    """Per layer, the first step whose `act_nonfinite` count is above zero (None: never)."""
+    if counts is None:
+        return [None] * count
+    bad = counts.measured & ~(counts.values <= 0)
+    return [int(counts.steps[np.argmax(row)]) if row.any() else None for row in bad]
 
 
 def run_figure(data: RunData) -> Figure:
@@ -195,13 +206,11 @@ def run_figure(data: RunData) -> Figure:
         loss_plot(axes[2], loss.steps, loss.values, bad_steps)
     sat, dead = data.layer.get("saturation_ratio"), data.layer.get("dead_ratio")
     s_rows, d_rows = _rows(sat, len(data.layers)), _rows(dead, len(data.layers))
-    act_bad = data.layer.get("act_nonfinite")
-    bad_rows = ((act_bad.measured & ~(act_bad.values <= 0)).any(axis=1) if act_bad is not None
-                else np.zeros(len(data.layers), dtype=bool))
-    shown = np.flatnonzero(np.isfinite(s_rows) | np.isfinite(d_rows) | bad_rows)
+    bad_from = _first_nonfinite_output(data.layer.get("act_nonfinite"), len(data.layers))
+    shown = np.flatnonzero(np.isfinite(s_rows) | np.isfinite(d_rows) | np.array([b is not None for b in bad_from]))
     if len(shown):
         activation_health_plot(act_ax, data.layer_names(shown), s_rows[shown], d_rows[shown],
-                               nonfinite=bad_rows[shown])
+                               nonfinite_from=[bad_from[i] for i in shown])
     else:
         act_ax.text(0.5, 0.5, "no bounded or ReLU-family activations measured", ha="center", va="center")
         act_ax.set_axis_off()

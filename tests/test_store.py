@@ -14,14 +14,13 @@ from sqlalchemy import create_engine, func, select, text
 
 from tests.fixtures.pg import store_url  # noqa: F401 - fixture
 from tests.fixtures.runlogs import LAYER_METRICS, PARAM_METRICS, RUN_METRICS, SyntheticRun
-from gradwatch.agent.runlog import Event
+from gradwatch.agent import runlog
+from gradwatch.agent.runlog import Close, Event
 from gradwatch.ingest import ingest_pending
 from gradwatch.store import (
-    SCHEMA_VERSION,
     AmbiguousRun,
     NotAStoreError,
     RunNotFound,
-    SchemaVersionError,
     Store,
     StoreError,
     UnknownEntity,
@@ -56,18 +55,6 @@ def test_open_creates_then_reopens_the_same_store(store_url: str) -> None:  # no
         st.add_alert("r", "warning", "kept")
     with Store.open(store_url) as st:
         assert [a.message for a in st.alerts()] == ["kept"]
-
-
-@pytest.mark.parametrize("version,match", [(SCHEMA_VERSION + 1, "newer"), (SCHEMA_VERSION - 1, "older")],
-                         ids=["newer", "older"])
-def test_other_schema_version_is_refused(store_url: str, version: int, match: str) -> None:  # noqa: F811
-    Store.open(store_url).close()
-    engine = create_engine(store_url)
-    with engine.begin() as conn:
-        conn.execute(schema.meta.update().where(schema.meta.c.key == "schema_version").values(value=str(version)))
-    engine.dispose()
-    with pytest.raises(SchemaVersionError, match=match):
-        Store.open(store_url)
 
 
 def test_foreign_database_is_not_a_store(store_url: str) -> None:  # noqa: F811
@@ -236,6 +223,87 @@ def test_latest_values(store: Store, run: SyntheticRun) -> None:
     assert latest[("grad_norm", "layer", "net.0")][1] == pytest.approx(math.hypot(
         float(run.value("grad_norm", last, 0)[0]), float(run.value("grad_norm", last, 1)[0])))
     assert store.latest(["other"]) == []
+
+
+NAN, INF = math.nan, math.inf
+
+
+def _write_nonfinite_run(home: Path, optimizer: object) -> SyntheticRun:
+    """A 3-step run whose last values are NaN, +Inf and -Inf in every scope; layer net.1 is not
+    measured at the last step (present False), which is not a value."""
+    r = SyntheticRun(run_id="nf", started_at=1.0)
+    header = r.header()
+    header.info["optimizer"] = optimizer
+    steps = np.arange(3, dtype=np.int64)
+    m = r.metrics
+    run_vals = {"loss": NAN, "grad_norm_total": INF, "clip_coef": -INF}
+    blocks = [(m[name].id, steps, np.array([[1.0], [2.0], [last]], np.float32)) for name, last in run_vals.items()]
+    grad = np.ones((3, 6), np.float32)
+    grad[2, :4] = [NAN, 3.0, INF, -INF]
+    blocks.append((m["grad_norm"].id, steps, grad))
+    act_layers = m["act_mean"].indices
+    act = np.ones((3, len(act_layers)), np.float32)
+    act[2, 0] = NAN
+    present = np.ones_like(act, dtype=bool)
+    present[2, 1] = False
+    blocks.append((m["act_mean"].id, steps, act, present))
+    path = r.path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(runlog.encode_header(header) + runlog.encode_frame(blocks)
+                     + runlog.encode_event(Event("nonfinite", 2, 5.0, {"params": ["net.0.weight"], "total": NAN,
+                                                                        "limit": INF, "low": -INF}))
+                     + runlog.encode_close(Close(6.0, 2, {})))
+    return r
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, NaN equal to NaN."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_nan_and_inf_last_values_are_values_on_every_reader(store: Store, tmp_path: Path) -> None:
+    _write_nonfinite_run(tmp_path, {"class": "SGD", "wrappers": ["AcceleratedOptimizer"]})
+    ingest_pending(store, tmp_path)
+    latest = store.run_summary("nf").latest
+    assert all(_same(latest[k], v) for k, v in {"loss": (2, NAN), "grad_norm_total": (2, INF),
+                                                "clip_coef": (2, -INF)}.items()), latest
+    got = {(v.metric, v.scope, v.entity): v.value for v in store.latest(["nf"])}
+    want = {("loss", "run", ""): NAN, ("grad_norm_total", "run", ""): INF, ("clip_coef", "run", ""): -INF,
+            ("grad_norm", "param", "net.0.weight"): NAN, ("grad_norm", "param", "net.0.bias"): 3.0,
+            ("grad_norm", "param", "net.2.weight"): INF, ("grad_norm", "param", "net.2.bias"): -INF,
+            ("grad_norm", "layer", "net.0"): NAN, ("grad_norm", "layer", "net.2"): INF,
+            ("grad_norm", "layer", "net.4"): math.sqrt(2.0), ("act_mean", "layer", "net.0"): NAN,
+            ("act_mean", "layer", "net.1"): 1.0}
+    assert all(_same(got[k], v) for k, v in want.items()), {k: got[k] for k in want}
+    table = store.layers_at_step("nf", 2, ["grad_norm", "act_mean"])
+    assert [(bool(ok), float(v)) for ok, v in zip(table.measured["grad_norm"], table.values["grad_norm"])][:3] \
+        == [(True, pytest.approx(NAN, nan_ok=True)), (False, pytest.approx(NAN, nan_ok=True)), (True, INF)]
+    assert table.measured["act_mean"][:2].tolist() == [True, False] and math.isnan(table.values["act_mean"][0])
+    steps, values = store.param_history("nf", "net.0.weight", "grad_norm")
+    assert steps.tolist() == [0, 1, 2] and math.isnan(values[2])
+    steps, values = store.layer_history("nf", "net.1", "act_mean")
+    assert steps.tolist() == [0, 1]  # not measured at step 2: no row, not a NaN
+    exported = {(r["metric"], r["entity"], r["step"]): r["value"] for r in store.export_records("nf")
+                if r["record"] == "value"}
+    assert math.isnan(exported[("loss", "", 2)]) and exported[("clip_coef", "", 2)] == -INF
+    (event,) = store.events("nf")
+    assert math.isnan(event.data["total"]) and (event.data["limit"], event.data["low"]) == (INF, -INF)
+    with store.engine.connect() as conn:
+        stored = dict(conn.execute(select(schema.series.c.metric, schema.series.c.last_nonfinite).where(
+            schema.series.c.run_id == "nf", schema.series.c.scope == "run")).all())
+    assert stored == {"loss": "nan", "grad_norm_total": "inf", "clip_coef": "-inf"}
+
+
+@pytest.mark.parametrize("optimizer,stored", [
+    ({"class": "SGD", "wrappers": ["AcceleratedOptimizer"]}, {"class": "SGD", "wrappers": ["AcceleratedOptimizer"]}),
+    ("SGD", {}),
+], ids=["dict", "malformed"])
+def test_the_optimizer_of_the_header_is_stored(store: Store, tmp_path: Path, optimizer: object,
+                                               stored: dict) -> None:
+    _write_nonfinite_run(tmp_path, optimizer)
+    ingest_pending(store, tmp_path)
+    assert store.run_summary("nf").optimizer == stored
+    assert next(store.export_records("nf"))["optimizer"] == stored
 
 
 def test_events(store: Store, run: SyntheticRun) -> None:

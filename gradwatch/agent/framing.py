@@ -187,14 +187,21 @@ def valid_starts(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
         return p.astype(np.int64)
     windows = np.ndarray((size - PREFIX.size + 1,), dtype=f"V{PREFIX.size}", buffer=arr, strides=(1,))
     heads = windows[p].view(np.uint8).reshape(-1, PREFIX.size)  # one row of 15 bytes per candidate
-    fields = np.ascontiguousarray(heads[:, len(MAGIC):]).view("<u4")  # length, crc32(body), check
-    sane = (fields[:, 0] > 0) & (fields[:, 0] <= MAX_RECORD_BYTES)
-    p, heads, check = p[sane], heads[sane], fields[sane, 2]
+    cols = np.ascontiguousarray(heads[:, len(MAGIC):].T)  # (12, k): the bytes of length, crc32(body), check
+    length, check = _u32(cols[0:4]), _u32(cols[8:12])
     base, tables = _prefix_crc_tables()
-    crc = np.full(p.shape[0], base, dtype=np.uint32)
-    for j, table in enumerate(tables):
-        crc ^= table[heads[:, len(MAGIC) + j]]
-    return p[crc == check].astype(np.int64)
+    crc = tables[0][cols[0]] ^ np.uint32(base)
+    for j in range(1, len(tables)):
+        crc ^= tables[j][cols[j]]
+    return p[(crc == check) & (length > 0) & (length <= MAX_RECORD_BYTES)].astype(np.int64)
+
+
+def _u32(rows: np.ndarray) -> np.ndarray:
+    """Little-endian u32 from 4 rows of bytes."""
+    out = rows[0].astype(np.uint32)
+    for k in range(1, 4):
+        out |= rows[k].astype(np.uint32) << np.uint32(8 * k)
+    return out
 
 
 @cache

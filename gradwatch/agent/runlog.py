@@ -1,22 +1,22 @@
 """The run log: the only interface between the agent and the service (DESIGN.md).
 
-One append-only file per run and rank. Every record is framed as::
-
-    MAGIC (3 bytes, b"GW\\x01") | length (u32) | crc32 of the body (u32) | body (length bytes)
-    body = kind (1 byte) | payload
-
-so a torn tail (a record cut short by a crash) is detected and left unread until it is
-complete, and a corrupt record in the middle is reported with its offset and skipped by
-resynchronising on the next magic whose checksum holds. Payloads are JSON for the rare
-records (header, metric definitions, events, close) and packed little-endian arrays for
-frames, which carry the measurements.
+One append-only file per run and rank, a sequence of records, each framed by
+`gradwatch.agent.framing`: a self-checksummed prefix (magic, length, crc32 of the body) and a
+body = kind (1 byte) | payload. A torn tail (a record cut short by a crash, or still being
+written) is left unread until it is complete; a damaged record in the middle is reported
+with its offset and skipped, and loses nothing else. Payloads are JSON for the rare records
+(header, metric definitions, events, close) and packed little-endian arrays for frames, which
+carry the measurements. The header and every metric definition are written twice, back to
+back, so a damaged copy loses nothing; readers keep the first intact copy and drop the other.
 
 A frame is a list of blocks; a block is one metric's rows: ``steps`` (int64, n),
 ``values`` (float32, n x width), where width is the metric's number of columns (1 for a
 run-level value, one per param group, per param or per applicable layer), and ``present``
 (bool, n x width), False where a column was not measured at that step. NaN, +Inf and -Inf
-are values like any other (format v2; in v1 logs NaN meant "not measured"). This module
-imports only the standard library and numpy.
+are values like any other (format v2; in v1 logs NaN meant "not measured"). Every block
+carries its length, so a block that cannot be decoded (its metric undefined) is skipped
+alone. This module imports only the standard library and numpy. docs/runlog.md has the
+byte layout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,16 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
+from gradwatch.agent import framing
+
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MAGIC = b"GW\x02"
-MAGIC_V1 = b"GW\x01"
+MAGIC = framing.MAGIC
+MAGIC_V1 = framing.MAGIC_V1
 LOG_SUFFIX = ".gwlog"
-MAX_RECORD_BYTES = 256 * 1024 * 1024
+MAX_RECORD_BYTES = framing.MAX_RECORD_BYTES
+COPIES = 2  # the header and every metric definition are written this many times, back to back
 
-_PREFIX = struct.Struct("<3sII")  # magic, body length, crc32(body)
 _BLOCK_HEAD_V1 = struct.Struct("<II")  # metric id, row count
 _BLOCK_HEAD = struct.Struct("<IIII")  # block length (after this field), metric id, row count, flags
 _HAS_MASK = 1  # block flag: a presence bitmask follows the steps
@@ -155,7 +156,8 @@ class Close:
 
 @dataclass
 class Corrupt:
-    """A record that failed its checksum or framing; `offset` is where it starts."""
+    """A damaged stretch of the log (failed framing or checksum), or a record that could not
+    be decoded in whole or in part; `offset` is where it starts."""
 
     offset: int
     reason: str
@@ -167,9 +169,8 @@ Record = Header | MetricDef | Frame | Event | Close | Corrupt
 # ---------------------------------------------------------------- encoding
 
 
-def _frame_bytes(kind: int, payload: bytes) -> bytes:
-    body = bytes((kind,)) + payload
-    return _PREFIX.pack(MAGIC, len(body), zlib.crc32(body)) + body
+def _record(kind: int, payload: bytes) -> bytes:
+    return framing.frame(bytes((kind,)) + payload)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -177,13 +178,15 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def encode_header(header: Header) -> bytes:
+    """The header record, `COPIES` times: a reader keeps the first intact copy."""
     payload = {"format_version": FORMAT_VERSION, "info": header.info,
                "metrics": [m.to_json() for m in header.metrics]}
-    return _frame_bytes(KIND_HEADER, _json_bytes(payload))
+    return _record(KIND_HEADER, _json_bytes(payload)) * COPIES
 
 
 def encode_metric(metric: MetricDef) -> bytes:
-    return _frame_bytes(KIND_METRIC, _json_bytes(metric.to_json()))
+    """A metric definition record, `COPIES` times: a reader keeps the first intact copy."""
+    return _record(KIND_METRIC, _json_bytes(metric.to_json())) * COPIES
 
 
 def encode_frame(blocks: Sequence[tuple[Any, ...]]) -> bytes:
@@ -207,16 +210,16 @@ def encode_frame(blocks: Sequence[tuple[Any, ...]]) -> bytes:
         body = steps.tobytes() + mask + values.tobytes()
         parts.append(_BLOCK_HEAD.pack(len(body) + 12, metric_id, steps.shape[0], _HAS_MASK if mask else 0))
         parts.append(body)
-    return _frame_bytes(KIND_FRAME, b"".join(parts))
+    return _record(KIND_FRAME, b"".join(parts))
 
 
 def encode_event(event: Event) -> bytes:
-    return _frame_bytes(KIND_EVENT, _json_bytes(
+    return _record(KIND_EVENT, _json_bytes(
         {"kind": event.kind, "step": event.step, "time": event.time, "data": event.data}))
 
 
 def encode_close(close: Close) -> bytes:
-    return _frame_bytes(KIND_CLOSE, _json_bytes(
+    return _record(KIND_CLOSE, _json_bytes(
         {"time": close.time, "step": close.step, "stats": close.stats}))
 
 
@@ -244,12 +247,14 @@ def _decode_frame_v1(payload: memoryview, metrics: dict[int, MetricDef]) -> Fram
     return Frame(blocks)
 
 
-def _decode_frame(payload: memoryview, metrics: dict[int, MetricDef]) -> Frame:
-    """A v2 frame: every block carries its length, so one block that cannot be decoded
-    (its metric undefined, or a width that does not match) does not hide the others."""
+def _decode_frame(payload: memoryview, metrics: dict[int, MetricDef]) -> tuple[Frame, dict[int, str]]:
+    """A v2 frame, and {metric id: why} for the blocks skipped: every block carries its
+    length, so one that cannot be decoded (its metric undefined, or a size that does not
+    match its definition) does not hide the others."""
     (count,) = struct.unpack_from("<I", payload, 0)
     pos = 4
     blocks = []
+    skipped: dict[int, str] = {}
     for _ in range(count):
         block_len, metric_id, rows, flags = _BLOCK_HEAD.unpack_from(payload, pos)
         start, end = pos + 4, pos + 4 + block_len
@@ -258,11 +263,13 @@ def _decode_frame(payload: memoryview, metrics: dict[int, MetricDef]) -> Frame:
             raise ValueError(f"block of metric {metric_id} runs past the frame")
         metric = metrics.get(metric_id)
         if metric is None:
+            skipped[metric_id] = "is not defined"
             pos = end
             continue
         width = metric.width
         mask_len = (rows * width + 7) // 8 if flags & _HAS_MASK else 0
         if end - start != 12 + 8 * rows + mask_len + 4 * rows * width:
+            skipped[metric_id] = f"has a block of {block_len} bytes, which does not fit {rows} rows of {width}"
             pos = end
             continue
         steps = np.frombuffer(payload, dtype="<i8", count=rows, offset=pos)
@@ -278,144 +285,119 @@ def _decode_frame(payload: memoryview, metrics: dict[int, MetricDef]) -> Frame:
         blocks.append(Block(metric, steps, values, present))
     if pos != len(payload):
         raise ValueError(f"frame has {len(payload) - pos} trailing bytes")
-    return Frame(blocks)
+    return Frame(blocks), skipped
 
 
-def _decode(kind: int, payload: memoryview, metrics: dict[int, MetricDef], version: int) -> Record:
-    if kind == KIND_FRAME:
-        return _decode_frame(payload, metrics) if version >= 2 else _decode_frame_v1(payload, metrics)
-    obj = json.loads(bytes(payload))
-    if kind == KIND_HEADER:
-        if obj.get("format_version") not in READABLE_VERSIONS:
-            raise ValueError(f"unsupported run log format version {obj.get('format_version')!r}")
-        header = Header(obj["info"], [MetricDef.from_json(m) for m in obj["metrics"]])
-        metrics.update({m.id: m for m in header.metrics})
-        return header
-    if kind == KIND_METRIC:
-        metric = MetricDef.from_json(obj)
-        metrics[metric.id] = metric
-        return metric
-    if kind == KIND_EVENT:
-        return Event(obj["kind"], int(obj["step"]), float(obj["time"]), obj.get("data", {}))
-    if kind == KIND_CLOSE:
-        return Close(float(obj["time"]), int(obj["step"]), obj.get("stats", {}))
-    raise ValueError(f"unknown record kind {kind}")
+def _header_of(obj: Any) -> Header:
+    if obj.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported run log format version {obj.get('format_version')!r}")
+    return Header(obj["info"], [MetricDef.from_json(m) for m in obj["metrics"]])
 
 
-@dataclass
+_DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, struct.error)
+
+
 class LogReader:
     """Reads a run log incrementally from a byte offset.
 
     `read()` returns every complete record after `offset` as ``(end_offset, record)``
     pairs and advances `offset` past them; a torn tail stays unread (and `torn_tail` is
-    set) until it is completed. A corrupt record yields a `Corrupt` and reading goes on
-    at the next valid record. Resuming at a nonzero offset first re-reads the header and
-    metric definitions before it, which is cheap: frames are skipped by their length.
+    set) until it is completed. A damaged stretch yields one `Corrupt` and reading goes on
+    at the next intact record. Copies of the header and of metric definitions are read
+    once: `header` and `metrics` come from the first intact copy, the others are dropped
+    (a copy that differs yields a `Corrupt`). A frame block of an undefined metric is
+    skipped and reported once per metric id. Resuming at a nonzero offset first re-reads
+    the header and definitions before it, whichever copies of them are intact.
     """
 
-    path: Path
-    offset: int = 0
-    header: Header | None = None
-    metrics: dict[int, MetricDef] = field(default_factory=dict)
-    torn_tail: bool = False
-    version: int = FORMAT_VERSION  # of the log, from its first record's magic
-
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        if self.offset > 0:
-            self._load_definitions(self.offset)
+    def __init__(self, path: str | os.PathLike[str], offset: int = 0) -> None:
+        self.path = Path(path)
+        self.offset = offset
+        self.header: Header | None = None
+        self.metrics: dict[int, MetricDef] = {}
+        self.torn_tail = False
+        self.version = FORMAT_VERSION  # of the log, from its first magic
+        self._header_payload: bytes | None = None
+        self._reported: set[int] = set()  # metric ids whose skipped blocks were reported
+        if offset > 0:
+            self._load_definitions(offset)
 
     def _load_definitions(self, until: int) -> None:
         with open(self.path, "rb") as f:
             data = f.read(until)
-        self.version = _version_of(data)
-        for _, record in _scan(data, 0, self.metrics, self.version, kinds={KIND_HEADER, KIND_METRIC}):
-            if isinstance(record, Header):
-                self.header = record
+        self.version = framing.version_of(data)
+        for _ in self._records(data, 0, kinds={KIND_HEADER, KIND_METRIC}):
+            pass
 
     def read(self, max_bytes: int | None = None) -> list[tuple[int, Record]]:
+        """Every complete record from `offset` on (at most `max_bytes` read), as (end offset, record)."""
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read() if max_bytes is None else f.read(max_bytes)
         if self.offset == 0:
-            self.version = _version_of(data)
+            self.version = framing.version_of(data)
         out: list[tuple[int, Record]] = []
         consumed = 0
-        for end, record in _scan(data, 0, self.metrics, self.version):
-            if isinstance(record, Header):
-                self.header = record
-            out.append((self.offset + end, record))
+        for end, record in self._records(data, self.offset):
             consumed = end
+            if record is not None:
+                out.append((self.offset + end, record))
         self.torn_tail = consumed < len(data)
         self.offset += consumed
         return out
 
+    def _records(self, data: bytes, base: int, kinds: set[int] | None = None) -> Iterator[tuple[int, Record | None]]:
+        """(end in data, record) for each piece of data read from offset `base`; None for a
+        piece that holds nothing new (a copy, or a kind not in `kinds`)."""
+        skip = framing.prefix_size(self.version)
+        view = memoryview(data)
+        for start, end, reason in framing.scan(data, self.version):
+            if reason is not None:
+                yield end, Corrupt(base + start, reason)
+                continue
+            kind = data[start + skip]
+            if kinds is not None and kind not in kinds:
+                yield end, None
+                continue
+            try:
+                records = self._decode(kind, view[start + skip + 1:end], base + start)
+            except _DECODE_ERRORS as exc:
+                records = [Corrupt(base + start, f"undecodable record: {exc}")]
+            for record in records or [None]:
+                yield end, record
 
-def _version_of(data: bytes) -> int:
-    """The format version of a log from its first bytes (v2 until they say v1)."""
-    return 1 if data[:len(MAGIC_V1)] == MAGIC_V1 else FORMAT_VERSION
-
-
-def _scan(data: bytes, pos: int, metrics: dict[int, MetricDef], version: int,
-          kinds: set[int] | None = None) -> Iterator[tuple[int, Record]]:
-    """Yield (end offset, record) for each complete record in data from pos on.
-
-    Stops at an incomplete tail. With `kinds`, records of other kinds are skipped undecoded.
-    """
-    view = memoryview(data)
-    size = len(data)
-    expected = MAGIC_V1 if version == 1 else MAGIC
-    while pos + _PREFIX.size <= size:
-        magic, length, crc = _PREFIX.unpack_from(data, pos)
-        end = pos + _PREFIX.size + length
-        if magic != expected or length == 0 or length > MAX_RECORD_BYTES:
-            reason = "bad record framing"
-        elif end > size:
-            # Incomplete: a tail still being written, unless a whole record follows the cut.
-            nxt = _find_magic(data, pos + 1, expected, complete_only=True)
-            if nxt >= size:
-                return
-            yield (nxt, Corrupt(pos, "truncated record"))
-            pos = nxt
-            continue
-        elif zlib.crc32(view[pos + _PREFIX.size:end]) != crc:
-            if end == size:
-                return  # the tail may still be in the middle of its write: wait for it
-            reason = "checksum mismatch"
-        else:
-            kind = data[pos + _PREFIX.size]
-            if kinds is None or kind in kinds:
-                try:
-                    record: Record = _decode(kind, view[pos + _PREFIX.size + 1:end], metrics, version)
-                except (ValueError, KeyError, TypeError, struct.error) as exc:
-                    record = Corrupt(pos, f"undecodable record: {exc}")
-                yield (end, record)
-            pos = end
-            continue
-        nxt = _find_magic(data, pos + 1, expected, complete_only=False)
-        yield (nxt, Corrupt(pos, reason))
-        pos = nxt
-
-
-def _find_magic(data: bytes, start: int, magic: bytes, complete_only: bool) -> int:
-    """Offset of the next plausible record start at or after start, or len(data).
-
-    Plausible: the magic, a sane length, and a matching checksum, or (unless
-    `complete_only`) a record that runs past the end and so cannot be checked yet.
-    """
-    size = len(data)
-    while True:
-        i = data.find(magic, start)
-        if i < 0 or i + _PREFIX.size > size:
-            return size
-        _, length, crc = _PREFIX.unpack_from(data, i)
-        end = i + _PREFIX.size + length
-        if 0 < length <= MAX_RECORD_BYTES:
-            if end > size and not complete_only:
-                return i
-            if end <= size and zlib.crc32(memoryview(data)[i + _PREFIX.size:end]) == crc:
-                return i
-        start = i + 1
+    def _decode(self, kind: int, payload: memoryview, offset: int) -> list[Record]:
+        """The records of one intact record body: none for a copy already read; a frame
+        with a `Corrupt` after it when some of its blocks were skipped."""
+        if kind == KIND_FRAME:
+            if self.version == 1:
+                return [_decode_frame_v1(payload, self.metrics)]
+            frame, skipped = _decode_frame(payload, self.metrics)
+            new = {mid: why for mid, why in skipped.items() if mid not in self._reported}
+            self._reported.update(new)
+            notes = "; ".join(f"metric id {mid} {why}" for mid, why in sorted(new.items()))
+            return [frame, Corrupt(offset, f"frame blocks skipped: {notes}")] if new else [frame]
+        if kind == KIND_HEADER:
+            raw = bytes(payload)
+            if self._header_payload is not None:
+                return [] if raw == self._header_payload else [Corrupt(offset, "a second header, unlike the first")]
+            header = _header_of(json.loads(raw))
+            self.header, self._header_payload = header, raw
+            for metric in header.metrics:
+                self.metrics.setdefault(metric.id, metric)
+            return [header]
+        obj = json.loads(bytes(payload))
+        if kind == KIND_METRIC:
+            metric = MetricDef.from_json(obj)
+            known = self.metrics.setdefault(metric.id, metric)
+            if known is metric:
+                return [metric]
+            return [] if known == metric else [Corrupt(offset, f"metric id {metric.id} defined again, differently")]
+        if kind == KIND_EVENT:
+            return [Event(obj["kind"], int(obj["step"]), float(obj["time"]), obj.get("data", {}))]
+        if kind == KIND_CLOSE:
+            return [Close(float(obj["time"]), int(obj["step"]), obj.get("stats", {}))]
+        raise ValueError(f"unknown record kind {kind}")
 
 
 def read_log(path: str | os.PathLike[str]) -> list[Record]:

@@ -422,12 +422,13 @@ class Watcher:
             if not np.isfinite(value):
                 g = grads[k].coalesce().values() if grads[k].is_sparse else grads[k]
                 value = torch.linalg.vector_norm(g, dtype=torch.float64).item()
-                norms[k] = value
-                host[row, layout.grad_norm + i] = value
+                with np.errstate(over="ignore"):
+                    narrow = float(np.float32(value))  # +inf beyond float32: an overflow
+                norms[k] = host[row, layout.grad_norm + i] = narrow
                 host[row, layout.grad_bad + i] = 0.0 if np.isfinite(value) else 1.0
             wide.append(value)
         with np.errstate(over="ignore", invalid="ignore"):
-            host[row, layout.run] = np.sqrt(np.sum(np.square(np.asarray(wide, dtype=np.float64))))
+            host[row, layout.run] = np.float32(np.sqrt(np.sum(np.square(np.asarray(wide, dtype=np.float64)))))
 
     @torch.no_grad()
     def _measure_after_step(self) -> None:
@@ -482,7 +483,7 @@ class Watcher:
 
         def grad_hook(grad: torch.Tensor) -> None:
             try:
-                self._stage(grad_col, torch.linalg.vector_norm(grad, dtype=torch.float32), "norm")
+                self._stage(grad_col, _norm32(grad), "norm")
                 self._host.act_grad_count[self.step % self._flush_every, slot] += 1
             except Exception as exc:
                 self._count_error("activation_grad", exc)
@@ -869,6 +870,14 @@ def _refuse_sparse_clipping(model: nn.Module, mode: str) -> None:
         if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             raise ValueError(f"gradwatch: clip mode {mode!r} cannot clip the sparse gradient of "
                              f"{(name + '.') if name else ''}weight; use mode 'norm' or sparse=False")
+
+
+def _norm32(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm as a 0-d float32 tensor: accumulated in float32 for 16-bit floats, in their own
+    precision for float64 (which `dtype=float32` would refuse as narrowing)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t).to(torch.float32)
+    return torch.linalg.vector_norm(t, dtype=torch.float32)
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:

@@ -16,32 +16,39 @@ if TYPE_CHECKING:
     from gradwatch.store import Store
 
 
-def steady(values: Any) -> float:
-    """Median of the last half of a history (the steady part of a run); NaN when empty."""
+def steady(values: Any) -> float | None:
+    """Median of the last half of a history (the steady part of a run), NaN values left out;
+    NaN when every one is NaN, None when nothing was measured."""
     import numpy as np
 
     from gradwatch.diagnose.rundata import nanmedian
 
     v = np.asarray(values, dtype=np.float64)
-    return float(nanmedian(v[len(v) // 2:])) if len(v) else float("nan")
+    return float(nanmedian(v[len(v) // 2:])) if len(v) else None
 
 
 def run_side(store: Store, run_id: str) -> dict[str, Any]:
-    """Run-level numbers compared: steps, status, final loss, total norm (median, max), clip rate."""
+    """Run-level numbers compared: steps, status, final loss, total norm (median and max, NaN
+    steps left out), clip rate, and exact counts of the steps whose loss / total norm is NaN or ±Inf."""
     import numpy as np
 
     info, names = store.run(run_id), store.metric_names(run_id)
 
     def series(metric: str) -> Any:
-        return store.run_series(run_id, metric).values if names.get(metric) == "run" else np.array([])
+        return store.run_series(run_id, metric).values if names.get(metric) == "run" else None
+
+    def nonfinite(values: Any) -> int | None:
+        return None if values is None else int(np.count_nonzero(~np.isfinite(values)))
 
     loss, norms, coef = series("loss"), series("grad_norm_total"), series("clip_coef")
+    ordered = norms[~np.isnan(norms)] if norms is not None else np.array([])
     return {"id": run_id, "name": info.name, "status": info.status,
             "steps": None if info.last_step is None else info.last_step + 1,
-            "final_loss": float(loss[-1]) if len(loss) else None,
-            "median_grad_norm_total": float(np.median(norms)) if len(norms) else None,
-            "max_grad_norm_total": float(norms.max()) if len(norms) else None,
-            "clip_rate": float(np.mean(coef < 1 - 1e-6)) if len(coef) else None}
+            "final_loss": float(loss[-1]) if loss is not None and len(loss) else None,
+            "median_grad_norm_total": float(np.median(ordered)) if len(ordered) else None,
+            "max_grad_norm_total": float(ordered.max()) if len(ordered) else None,
+            "clip_rate": float(np.mean(coef < 1 - 1e-6)) if coef is not None and len(coef) else None,
+            "nonfinite_loss_steps": nonfinite(loss), "nonfinite_grad_norm_steps": nonfinite(norms)}
 
 
 def layer_diffs(store: Store, run_a: str, run_b: str, metric: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
@@ -58,19 +65,19 @@ def layer_diffs(store: Store, run_a: str, run_b: str, metric: str) -> tuple[list
             b = steady(store.layer_history(run_b, name, metric).values)
         except (UnknownMetric, UnknownEntity):
             continue
-        if math.isnan(a) and math.isnan(b):
+        if a is None and b is None:
             continue
-        ratio = b / a if a > 0 and math.isfinite(b) and math.isfinite(a) else float("nan")
+        ratio = b / a if a is not None and b is not None and a > 0 and math.isfinite(a) and math.isfinite(b) else None
         rows.append({"layer": name, "a": a, "b": b, "ratio": ratio,
-                     "log10_ratio": math.log10(ratio) if ratio > 0 else float("nan")})
-    rows.sort(key=lambda r: -abs(r["log10_ratio"]) if not math.isnan(r["log10_ratio"]) else math.inf)
+                     "log10_ratio": math.log10(ratio) if ratio is not None and ratio > 0 else None})
+    rows.sort(key=lambda r: -abs(r["log10_ratio"]) if r["log10_ratio"] is not None else math.inf)
     only_a = [n for n in names_a if n not in set(names_b)]
     only_b = [n for n in names_b if n not in set(names_a)]
     return rows, only_a, only_b
 
 
-def _factor(ratio: float) -> str:
-    if math.isnan(ratio):
+def _factor(ratio: float | None) -> str:
+    if ratio is None:
         return "-"
     return f"x{ratio:.3g}" if ratio >= 1 else f"/{1 / ratio:.3g}" if ratio > 0 else "x0"
 
@@ -78,7 +85,8 @@ def _factor(ratio: float) -> str:
 def _render(d: dict[str, Any]) -> str:
     a, b = d["a"], d["b"]
     keys = (("status", str), ("steps", fmt.num), ("final_loss", fmt.num), ("median_grad_norm_total", fmt.num),
-            ("max_grad_norm_total", fmt.num), ("clip_rate", fmt.pct))
+            ("max_grad_norm_total", fmt.num), ("clip_rate", fmt.pct), ("nonfinite_loss_steps", fmt.num),
+            ("nonfinite_grad_norm_steps", fmt.num))
     lines = [fmt.table(("", f"A: {a['name']} ({a['id']})", f"B: {b['name']} ({b['id']})"),
                        [(k, f(a[k]), f(b[k])) for k, f in keys]), "",
              f"{d['metric']} per layer (median over the last half of each run), largest difference first"]

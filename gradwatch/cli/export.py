@@ -22,11 +22,11 @@ CSV_COLUMNS = ("record", "rank", "metric", "scope", "entity", "step", "value", "
 
 
 def csv_rows(records: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
-    """One CSV row per record: value records in columns, the others as JSON in the `data` column."""
+    """One CSV row per record: value records in columns (NaN, +Inf, -Inf as nan, inf, -inf, which
+    `float()` reads back), the others as JSON in the `data` column."""
     for r in records:
         if r["record"] == "value":
-            v = jsonable(r["value"])
-            yield ["value", r["rank"], r["metric"], r["scope"], r["entity"], r["step"], "" if v is None else v, ""]
+            yield ["value", r["rank"], r["metric"], r["scope"], r["entity"], r["step"], jsonable(r["value"]), ""]
         else:
             rest = {k: v for k, v in r.items() if k not in ("record", "rank", "step")}
             yield [r["record"], r.get("rank", ""), "", "", "", r.get("step", ""), "",
@@ -65,7 +65,8 @@ Example:
 def export(store: Store, run: str, fmt: str, out: Path | None) -> None:
     """Export every record of a run (run, params, layers, events, alerts, then every value), streamed.
 
-    NaN is written as an empty cell / null, infinities as "inf" / "-inf".
+    A step that was not measured has no value record; NaN and infinities are written as nan, inf
+    and -inf (JSON strings "nan", "inf", "-inf").
     """
     run_id = resolve_run(store, run)
     records = store.export_records(run_id)

@@ -40,19 +40,25 @@ def read_series(store: Store, run_id: str, metric: str, layer: str | None, param
 def _render(d: dict[str, Any]) -> str:
     import numpy as np
 
+    from gradwatch.diagnose.nonfinite import nonfinite_counts, ranges_text
+
     steps, values = np.asarray(d["steps"]), np.asarray(d["values"], dtype=np.float64)
     target = f" of {d['scope']} {d['entity']}" if d["entity"] else ""
     head = f"{d['metric']}{target}, run {d['run']['name']} ({d['run']['id']})"
     if not len(steps):
         return f"{head}\nno values in this step range"
+    ordered = values[~np.isnan(values)]  # +-Inf order with the rest; NaN has no place
     finite = values[np.isfinite(values)]
-    stats = (f"{len(steps)} values, steps {steps[0]}..{steps[-1]}; min {fmt.num(finite.min() if len(finite) else None)}"
-             f", median {fmt.num(float(np.median(finite)) if len(finite) else None)}, "
-             f"max {fmt.num(values.max() if len(finite) == len(values) else float('inf'))}, last {fmt.num(values[-1])}")
+    spread = []
+    if len(ordered):
+        spread.append(f"min {fmt.num(ordered.min())}, median {fmt.num(float(np.median(ordered)))}, "
+                      f"max {fmt.num(ordered.max())}" + (" (NaN left out)" if len(ordered) < len(values) else ""))
+    stats = f"{len(steps)} values, steps {steps[0]}..{steps[-1]}; " + ", ".join([*spread, f"last {fmt.num(values[-1])}"])
     spark = fmt.sparkline(values, width=d["width"])
     scale = " (log scale)" if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min() else ""
-    nonfinite = int(len(values) - len(finite))
-    tail = [f"{nonfinite} non-finite values (!)"] if nonfinite else []
+    kinds = nonfinite_counts(steps, values)
+    tail = ["non-finite values (! above): " + "; ".join(f"{name} on {n} step{'s' * (n != 1)} ({ranges_text(r)})"
+                                                    for name, n, r in kinds)] if kinds else []
     return "\n".join([head, spark, f"{str(steps[0]).ljust(max(1, len(spark) - len(str(steps[-1]))))}{steps[-1]}",
                       stats + scale, *tail])
 

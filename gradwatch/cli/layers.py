@@ -13,11 +13,12 @@ from gradwatch.cli._options import CONTEXT, json_option, parse_steps, resolve_ru
 if TYPE_CHECKING:
     import numpy as np
 
-    from gradwatch.store import LayerInfo, Store
+    from gradwatch.store import LayerInfo, LayerTable, Store
 
 AGGREGATES = ("median", "mean", "min", "max", "last")
 #: Column order: gradient flow first, then activation health.
-PREFERRED = ("grad_norm", "act_grad_norm", "saturation_ratio", "dead_ratio", "zero_ratio", "act_mean", "act_std")
+PREFERRED = ("grad_norm", "act_grad_norm", "saturation_ratio", "dead_ratio", "zero_ratio", "act_nonfinite", "act_mean",
+             "act_std")
 
 
 def layer_metrics(store: Store, run_id: str) -> list[str]:
@@ -27,35 +28,52 @@ def layer_metrics(store: Store, run_id: str) -> list[str]:
     return sorted(have, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
 
 
-def _aggregate(values: np.ndarray, how: str) -> float:
+def _aggregate(values: np.ndarray, how: str) -> float | None:
+    """A layer's values over a range combined: None when none was measured; NaN values left out
+    of median, mean, min and max (NaN when every value is NaN); `last` as it is."""
+    import warnings
+
     import numpy as np
 
     from gradwatch.diagnose.rundata import nanmedian
 
     if not len(values):
-        return float("nan")
+        return None
     funcs = {"median": nanmedian, "mean": np.nanmean, "min": np.nanmin, "max": np.nanmax}
     if how == "last":
         return float(values[-1])
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN
         return float(funcs[how](values))
 
 
 def over_range(store: Store, run_id: str, layers: list[LayerInfo], metrics: list[str], start: int | None,
-               end: int | None, how: str) -> dict[str, list[float]]:
-    """Each metric aggregated per layer over steps start..end (NaN where a layer has no such series)."""
+               end: int | None, how: str) -> tuple[dict[str, list[float | None]], dict[str, list[int]]]:
+    """Each metric aggregated per layer over steps start..end (None where a layer has no value
+    there), and per layer how many of those values were NaN."""
+    import numpy as np
+
     from gradwatch.store import UnknownEntity, UnknownMetric
 
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float | None]] = {}
+    nans: dict[str, list[int]] = {}
     for m in metrics:
-        col = []
+        col: list[float | None] = []
+        counts: list[int] = []
         for ly in layers:
             try:
-                col.append(_aggregate(store.layer_history(run_id, ly.index, m, start, end).values, how))
+                values = store.layer_history(run_id, ly.index, m, start, end).values
             except (UnknownMetric, UnknownEntity):
-                col.append(float("nan"))
-        out[m] = col
-    return out
+                values = np.array([])
+            col.append(_aggregate(values, how))
+            counts.append(int(np.count_nonzero(np.isnan(values))))
+        out[m], nans[m] = col, counts
+    return out, nans
+
+
+def at_step(table: LayerTable, metrics: list[str]) -> dict[str, list[float | None]]:
+    """A layer table's columns with None where a layer was not measured (NaN stays a value)."""
+    return {m: [float(v) if ok else None for v, ok in zip(table.values[m], table.measured[m])] for m in metrics}
 
 
 def _render(d: dict[str, Any]) -> str:
@@ -65,9 +83,13 @@ def _render(d: dict[str, Any]) -> str:
     where = f"step {d['step']}" if d["step"] is not None else f"steps {first}..{last} ({d['aggregate']})"
     rows = [(r["index"], r["layer"], r["type"], r["family"] or "-",
              *(fmt.pct(r[m]) if m.endswith("_ratio") else fmt.num(r[m]) for m in metrics)) for r in d["layers"]]
-    return f"{d['run']['name']} ({d['run']['id']}), {where}\n" + fmt.table(
+    text = f"{d['run']['name']} ({d['run']['id']}), {where}\n" + fmt.table(
         ("#", "LAYER", "TYPE", "FAMILY", *(m.upper() for m in metrics)), rows,
         right=[0, *range(4, 4 + len(metrics))])
+    nans = [f"{r['layer']} {m} on {n} step{'s' * (n != 1)}" for r in d["layers"] for m, n in r.get("nan_steps", {}).items()]
+    if nans and d["aggregate"] != "last":
+        text += f"\nNaN values left out of the {d['aggregate']}: " + ", ".join(nans)
+    return text
 
 
 @click.command(context_settings=CONTEXT, epilog="""\b
@@ -99,25 +121,29 @@ def layers(store: Store, run: str, step: int | None, step_range: str | None, agg
     if step_range is not None:
         start, end = parse_steps(step_range)
         layer_list = store.layers(run_id)
-        values = over_range(store, run_id, layer_list, metrics, start, end, aggregate)
+        values, nans = over_range(store, run_id, layer_list, metrics, start, end, aggregate)
         shown_step = None
     else:
         if step is not None and info.last_step is not None and step > info.last_step:
             raise BadInput(f"step {step} is after the run's last step {info.last_step}")
         table = store.layers_at_step(run_id, step, metrics or None)
         layer_list, shown_step = table.layers, table.step
-        values = {m: table.values[m].tolist() for m in metrics}
+        values, nans = at_step(table, metrics), {}
         start = end = None
-    if metrics and all(math.isnan(v) for m in metrics for v in values[m]):
+    if metrics and all(v is None for m in metrics for v in values[m]):
         what = f"at step {shown_step}" if step_range is None else f"in steps {step_range}"
         raise BadInput(f"no layer measurements {what}; activations are measured every few steps "
                        f"(see gradwatch show {run})")
     rows = [{"index": ly.index, "layer": ly.name, "type": ly.type, "family": ly.family,
              **{m: values[m][i] for m in metrics}} for i, ly in enumerate(layer_list)]
-    if sort_by is not None:
-        present = [r for r in rows if not math.isnan(r[sort_by])]
-        present.sort(key=lambda r: r[sort_by], reverse=not asc)
-        rows = present + [r for r in rows if math.isnan(r[sort_by])]
+    if step_range is not None:
+        for i, r in enumerate(rows):
+            r["nan_steps"] = {m: nans[m][i] for m in metrics if nans[m][i]}
+    if sort_by is not None:  # NaN has no order: after the numbers, before the layers not measured
+        ordered = [r for r in rows if r[sort_by] is not None and not math.isnan(r[sort_by])]
+        ordered.sort(key=lambda r: r[sort_by], reverse=not asc)
+        rows = ordered + [r for r in rows if r[sort_by] is not None and math.isnan(r[sort_by])] + \
+            [r for r in rows if r[sort_by] is None]
     data = {"run": {"id": run_id, "name": info.name}, "step": shown_step, "start": start, "end": end,
             "aggregate": aggregate if step_range is not None else None, "metrics": metrics, "layers": rows}
     fmt.emit(data, as_json, _render)

@@ -15,17 +15,21 @@ if TYPE_CHECKING:
 
 
 def run_row(store: Store, run: RunInfo) -> dict[str, Any]:
-    """One run's listing: its metadata, duration, total-norm range and clip rate (stable keys)."""
+    """One run's listing: its metadata, duration, total-norm range (NaN left out, +Inf kept),
+    clip rate and the number of steps whose total norm or loss is NaN/Inf (stable keys)."""
     import numpy as np
 
     metrics = store.metric_names(run.id)
     norm_min = norm_max = clip_rate = None
-    if metrics.get("grad_norm_total") == "run":
-        norms = store.run_series(run.id, "grad_norm_total").values
-        finite = norms[np.isfinite(norms)]
+    read = {m: store.run_series(run.id, m) for m in ("grad_norm_total", "loss") if metrics.get(m) == "run"}
+    bad_steps = np.unique(np.concatenate([np.array([], dtype=np.int64)]
+                                         + [s.steps[~np.isfinite(s.values)] for s in read.values()]))
+    if "grad_norm_total" in read:
+        norms = read["grad_norm_total"].values
+        finite, ordered = norms[np.isfinite(norms)], norms[~np.isnan(norms)]
         if len(norms):
             norm_min = float(finite.min()) if len(finite) else None
-            norm_max = float(norms.max()) if not np.isnan(norms).all() else None
+            norm_max = float(ordered.max()) if len(ordered) else None
     if metrics.get("clip_coef") == "run":
         coef = store.run_series(run.id, "clip_coef").values
         if len(coef):
@@ -36,7 +40,7 @@ def run_row(store: Store, run: RunInfo) -> dict[str, Any]:
             "started_at": run.started_at, "ended_at": run.ended_at, "steps": steps,
             "duration_s": None if run.started_at is None else max(0.0, end - run.started_at),
             "grad_norm_total_min": norm_min, "grad_norm_total_max": norm_max, "clip_rate": clip_rate,
-            "host": run.host, "world_size": run.world_size}
+            "nonfinite_steps": int(len(bad_steps)), "host": run.host, "world_size": run.world_size}
 
 
 def _render(rows: list[dict[str, Any]]) -> str:
@@ -48,9 +52,10 @@ def _render(rows: list[dict[str, Any]]) -> str:
         return "-" if lo is None and hi is None else f"{fmt.num(lo)}..{fmt.num(hi)}"
 
     body = [(r["id"], r["name"], r["project"], r["status"], fmt.num(r["steps"]), fmt.when(r["started_at"]),
-             fmt.duration(r["duration_s"]), norm_range(r), fmt.pct(r["clip_rate"])) for r in rows]
-    return fmt.table(("ID", "NAME", "PROJECT", "STATUS", "STEPS", "STARTED", "DURATION", "TOTAL NORM", "CLIPPED"),
-                     body, right=(4, 6, 8))
+             fmt.duration(r["duration_s"]), norm_range(r), fmt.pct(r["clip_rate"]), r["nonfinite_steps"] or "-")
+            for r in rows]
+    return fmt.table(("ID", "NAME", "PROJECT", "STATUS", "STEPS", "STARTED", "DURATION", "TOTAL NORM", "CLIPPED",
+                      "NAN/INF"), body, right=(4, 6, 8, 9))
 
 
 @click.command(context_settings=CONTEXT, epilog="""\b
@@ -67,7 +72,8 @@ Example:
 @with_store
 def runs(store: Store, project: str | None, name_glob: str | None, status: str | None, since: str | None,
          until: str | None, limit: int, as_json: bool) -> None:
-    """List runs, newest first, with status, steps, duration, total-norm range and clip rate."""
+    """List runs, newest first, with status, steps, duration, total-norm range, clip rate and the steps
+    whose total norm or loss is NaN/Inf."""
     since_t = parse_time(since) if since else None
     until_t = parse_time(until) if until else None
     found = store.list_runs(project=project, name=name_glob, status=status, since=since_t, until=until_t)

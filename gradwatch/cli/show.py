@@ -1,4 +1,5 @@
-"""`gradwatch show RUN`: one run's summary: config, status, steps, init check, guard events, layers at risk."""
+"""`gradwatch show RUN`: one run's summary: config, status, steps, non-finite values, init check, guard
+events, layers at risk."""
 
 from __future__ import annotations
 
@@ -21,6 +22,34 @@ AT_RISK = 3
 EVENTS_SHOWN = 10
 
 
+#: Run-level counts of bad params (NaN/Inf gradient elements, a norm that overflowed float32):
+#: a value above zero marks a bad step.
+COUNTS = ("nonfinite_params", "overflow_params")
+
+
+def nonfinite_summary(store: Store, run_id: str, metrics: dict[str, str]) -> list[dict[str, Any]]:
+    """Per run-level metric (rank 0) with NaN/Inf values, or a count of bad params above zero: how
+    many steps of each kind, the first step and the step ranges (exact: every stored step)."""
+    import numpy as np
+
+    from gradwatch.diagnose.nonfinite import step_ranges
+
+    out = []
+    for metric in sorted(m for m, scope in metrics.items() if scope == "run"):
+        steps, values = store.run_series(run_id, metric)
+        if metric in COUNTS:
+            bad = np.nan_to_num(values, nan=1.0) > 0
+            kinds: dict[str, int] = {}
+        else:
+            bad = ~np.isfinite(values)
+            kinds = {"nan": int(np.isnan(values).sum()), "inf": int(np.isposinf(values).sum()),
+                     "-inf": int(np.isneginf(values).sum())}
+        if bad.any():
+            out.append({"metric": metric, "steps": int(bad.sum()), **kinds, "first_step": int(steps[bad][0]),
+                        "ranges": step_ranges(steps, bad)})
+    return out
+
+
 def _ranked(table: LayerTable, metric: str, largest: bool) -> list[dict[str, Any]]:
     import numpy as np
 
@@ -34,13 +63,27 @@ def _ranked(table: LayerTable, metric: str, largest: bool) -> list[dict[str, Any
             for i in rows[:AT_RISK]]
 
 
+def _nonfinite_layers(table: LayerTable) -> list[dict[str, Any]]:
+    """Layers with a NaN/Inf measurement at the table's step, or NaN/Inf outputs (act_nonfinite > 0)."""
+    import math
+
+    out = []
+    for i, ly in enumerate(table.layers):
+        bad = [m for m, values in table.values.items() if table.measured[m][i]
+               and (not math.isfinite(values[i]) or (m == "act_nonfinite" and values[i] > 0))]
+        if bad:
+            out.append({"layer": ly.name, "type": ly.type, "metrics": bad})
+    return out
+
+
 def at_risk(table: LayerTable) -> dict[str, Any]:
-    """The layers most at risk at the table's step: smallest and largest gradient flow, most saturated, most dead."""
+    """The layers most at risk at the table's step: smallest and largest gradient flow, most saturated,
+    most dead, and those with NaN/Inf values or outputs."""
     flow = "act_grad_norm" if "act_grad_norm" in table.values else "grad_norm"
     return {"step": table.step, "flow_metric": flow,
             "smallest_flow": _ranked(table, flow, largest=False), "largest_flow": _ranked(table, flow, largest=True),
             "most_saturated": _ranked(table, "saturation_ratio", largest=True),
-            "most_dead": _ranked(table, "dead_ratio", largest=True)}
+            "most_dead": _ranked(table, "dead_ratio", largest=True), "nonfinite": _nonfinite_layers(table)}
 
 
 def summarise(store: Store, run_id: str) -> dict[str, Any]:
@@ -51,9 +94,10 @@ def summarise(store: Store, run_id: str) -> dict[str, Any]:
     return {
         "run": run_row(store, s.run),
         "versions": {"torch": s.torch_version, "gradwatch": s.gradwatch_version, "python": s.python_version},
-        "device": s.device, "model": s.model, "num_params": s.num_params, "num_layers": s.num_layers,
-        "groups": s.groups, "config": s.config, "metrics": s.metrics,
+        "device": s.device, "model": s.model, "optimizer": s.optimizer, "num_params": s.num_params,
+        "num_layers": s.num_layers, "groups": s.groups, "config": s.config, "metrics": s.metrics,
         "latest": {m: {"step": st, "value": v} for m, (st, v) in sorted(s.latest.items())},
+        "nonfinite": nonfinite_summary(store, run_id, s.metrics),
         "init_check": s.init_check,
         "event_counts": s.event_counts,
         "events": [{"kind": e.kind, "step": e.step, "rank": e.rank, "time": e.time, "data": e.data}
@@ -71,6 +115,30 @@ def _event_text(data: dict[str, Any]) -> str:
             v = ", ".join(map(str, v[:4])) + (" ..." if len(v) > 4 else "") if isinstance(v, list) else fmt.num(v)
             parts.append(f"{key} {v}")
     return "; ".join(parts)
+
+
+def _optimizer_text(optimizer: dict[str, Any]) -> str:
+    """'SGD (via AcceleratedOptimizer); ' from the run header's optimizer, '' when it has none."""
+    if not optimizer.get("class"):
+        return ""
+    wrappers = optimizer.get("wrappers") or []
+    return optimizer["class"] + (f" (via {', '.join(wrappers)})" if wrappers else "") + "; "
+
+
+def _nonfinite_lines(entries: list[dict[str, Any]]) -> list[str]:
+    from gradwatch.diagnose.nonfinite import ranges_text
+
+    def steps(n: int) -> str:
+        return f"{n} step{'s' * (n != 1)}"
+
+    width = max((len(e["metric"]) for e in entries), default=0)
+    lines = []
+    for e in entries:
+        kinds = [f"{name} on {steps(e[key])}" for key, name in (("nan", "NaN"), ("inf", "+Inf"), ("-inf", "-Inf"))
+                 if e.get(key)]
+        what = ", ".join(kinds) or f"above 0 on {steps(e['steps'])}"
+        lines.append(f"  {e['metric'].ljust(width)}  {what}: {ranges_text([tuple(r) for r in e['ranges']])}")
+    return lines
 
 
 def _clip_text(clip: dict[str, Any]) -> str:
@@ -91,7 +159,8 @@ def _render(d: dict[str, Any]) -> str:
         f"started {fmt.when(r['started_at'])} on {r['host'] or '-'}",
         f"model      {d['model'].get('class', '-')}, {d['num_params']} params, {d['num_layers']} layers, "
         f"device {d['device'] or '-'}",
-        "optimizer  " + ", ".join(f"group {g.get('index')}: lr {fmt.num(g.get('lr'))}" for g in d["groups"]),
+        "optimizer  " + _optimizer_text(d["optimizer"])
+        + ", ".join(f"group {g.get('index')}: lr {fmt.num(g.get('lr'))}" for g in d["groups"]),
         f"clipping   {_clip_text(cfg.get('clip', {}))}",
         f"measure    activations every {measure.get('activation_every', '-')} steps, params every "
         f"{measure.get('param_every', '-')}, flush every {measure.get('flush_every', '-')}",
@@ -99,6 +168,9 @@ def _render(d: dict[str, Any]) -> str:
         f"python {d['versions']['python']}",
         "latest     " + ", ".join(f"{m} {fmt.num(v['value'])}" for m, v in d["latest"].items()
                                   if m in ("loss", "grad_norm_total", "grad_norm_total_clipped", "clip_coef")),
+        "",
+        "non-finite values",
+        *(_nonfinite_lines(d["nonfinite"]) or ["  none"]),
         "",
         "init check",
     ]
@@ -121,12 +193,12 @@ def _render(d: dict[str, Any]) -> str:
     labels = (("smallest_flow", f"smallest {risk['flow_metric']}", risk["flow_metric"]),
               ("largest_flow", f"largest {risk['flow_metric']}", risk["flow_metric"]),
               ("most_saturated", "most saturated", "saturation_ratio"), ("most_dead", "most dead", "dead_ratio"))
-    width = max(len(label) for _, label, _ in labels)
-    for key, label, metric in labels:
-        entries = risk[key]
-        text = ", ".join(f"{e['layer']} ({e['type']}) {fmt.pct(e[metric]) if metric.endswith('ratio') else fmt.num(e[metric])}"
-                         for e in entries) or "-"
-        lines.append(f"  {label.ljust(width)}  {text}")
+    rows = [(label, ", ".join(f"{e['layer']} ({e['type']}) "
+                              f"{fmt.pct(e[metric]) if metric.endswith('ratio') else fmt.num(e[metric])}"
+                              for e in risk[key])) for key, label, metric in labels]
+    rows.append(("NaN/Inf", ", ".join(f"{e['layer']} ({e['type']}) {'/'.join(e['metrics'])}" for e in risk["nonfinite"])))
+    width = max(len(label) for label, _ in rows)
+    lines += [f"  {label.ljust(width)}  {text or '-'}" for label, text in rows]
     if d["active_alerts"]:
         lines.append(f"\n{d['active_alerts']} active alerts")
     return "\n".join(lines)
@@ -140,6 +212,6 @@ Example:
 @json_option
 @with_store
 def show(store: Store, run: str, as_json: bool) -> None:
-    """Summarise one run: config, status, steps, the init check, guard events and the layers most at
-    risk (smallest and largest gradient flow, most saturated, most dead)."""
+    """Summarise one run: config, status, steps, NaN/Inf values, the init check, guard events and the
+    layers most at risk (smallest and largest gradient flow, most saturated, most dead, NaN/Inf)."""
     fmt.emit(summarise(store, resolve_run(store, run)), as_json, _render)

@@ -50,11 +50,14 @@ def log_row(conn: Connection, name: str) -> Any:
 
 
 def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[int, Record]], end: int,
-                now: float, grew_at: float | None = None) -> IngestReport:
+                now: float, grew_at: float | None = None, tail: bool = False) -> IngestReport:
     """Store `records` (read from `start` to `end`) and move the log's offset to `end`.
 
     `grew_at` is when the log last grew (its mtime), default `now`: a log first read days
-    after its writer stopped must not look as if it had been written just now.
+    after its writer stopped must not look as if it had been written just now. `tail` says
+    that bytes after `end` are not a whole record yet (they may be a header copy still being
+    written). A log is broken when a frame, event or close comes before any intact header,
+    or when it holds nothing but damage and no tail.
     """
     grew_at = now if grew_at is None else grew_at
     report = IngestReport(logs=1, bytes=end - start, records=len(records))
@@ -78,10 +81,12 @@ def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[
         if isinstance(rec, Header):
             if st.run_id is None:
                 _register(conn, st, rec, now)
+        elif isinstance(rec, Corrupt):  # before the header too: an intact copy of it may follow
+            errors.append(_error(st, rec.offset, rec.reason, now))
+        elif isinstance(rec, MetricDef):
+            pass  # the reader keeps the definitions; series appear with their first values
         elif st.run_id is None:
-            reason = rec.reason if isinstance(rec, Corrupt) else f"first record is a {type(rec).__name__}"
-            offset = rec.offset if isinstance(rec, Corrupt) else start
-            errors.append(_error(st, offset, f"no valid header: {reason}", now))
+            errors = [_no_header(st, errors, start, f"first record is a {type(rec).__name__}", now)]
             state = "broken"
             break
         elif isinstance(rec, Frame):
@@ -91,9 +96,9 @@ def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[
                            "kind": rec.kind, "data": _of_type(rec.data, dict)})
         elif isinstance(rec, Close):
             closed = rec
-        elif isinstance(rec, Corrupt):
-            errors.append(_error(st, rec.offset, rec.reason, now))
-        # MetricDef: the reader keeps the definitions; series appear with their first values
+    if st.run_id is None and state != "broken" and not tail:
+        errors = [_no_header(st, errors, start, "no intact copy of it", now)]
+        state = "broken"
     last_step = None
     if frames and st.run_id is not None:
         if st.series is None:
@@ -131,6 +136,13 @@ def apply_batch(conn: Connection, st: LogState, start: int, records: list[tuple[
 
 def _error(st: LogState, offset: int, reason: str, now: float) -> dict[str, Any]:
     return {"log": st.name, "path": str(st.path), "offset": offset, "reason": reason, "at": now}
+
+
+def _no_header(st: LogState, errors: list[dict[str, Any]], start: int, why: str, now: float) -> dict[str, Any]:
+    """The one error of a log broken for want of a header: at its first damage if any."""
+    if errors:
+        return _error(st, errors[0]["offset"], f"no valid header: {errors[0]['reason']}", now)
+    return _error(st, start, f"no valid header: {why}", now)
 
 
 def _store_frames(conn: Connection, st: LogState, frames: list[Frame]) -> tuple[int, int | None]:

@@ -132,7 +132,8 @@ class Ingester:
                     records = st.reader.read()  # one record (or a damaged stretch) larger than a batch
                 if not records:
                     return False
-                rep = apply_batch(conn, st, offset, records, st.reader.offset, self.clock(), grew_at)
+                rep = apply_batch(conn, st, offset, records, st.reader.offset, self.clock(), grew_at,
+                                  tail=st.reader.torn_tail)
         except OffsetConflict:
             st.reset()
             return True

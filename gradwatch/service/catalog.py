@@ -45,6 +45,9 @@ RUN_GAUGES: dict[str, MetricSpec] = {
                          "Norm threshold clipping used at the last step (fixed or adaptive)"),
     "nonfinite_params": _g("gradwatch_nonfinite_params", RUN_LABELS,
                            "Number of params whose gradient held NaN/Inf at the last step"),
+    "overflow_params": _g("gradwatch_overflow_params", RUN_LABELS,
+                          "Number of params whose gradient norm overflowed float32 at the last step while "
+                          "every element was finite"),
     "loss": _g("gradwatch_loss", RUN_LABELS, "Last loss given to watcher.log()"),
 }
 # Run-level counters: metric name of the count in the snapshot -> exported counter.
@@ -55,6 +58,10 @@ RUN_COUNTERS: dict[str, MetricSpec] = {
                         "Optimizer steps not applied (guard skip or AMP scaler skip)"),
     "nonfinite_steps": _c("gradwatch_nonfinite_steps_total", RUN_LABELS,
                           "Optimizer steps with at least one NaN/Inf gradient"),
+    "overflow_steps": _c("gradwatch_overflow_steps_total", RUN_LABELS,
+                         "Optimizer steps where a gradient norm overflowed float32 with every element finite"),
+    "nonfinite_loss_steps": _c("gradwatch_nonfinite_loss_steps_total", RUN_LABELS,
+                               "Steps whose logged loss was NaN or +-Inf"),
 }
 STEP = _g("gradwatch_step", RUN_LABELS, "Last optimizer step recorded for the run and rank")
 SCALAR = _g("gradwatch_scalar", RUN_LABELS + ("scalar",),
@@ -74,6 +81,8 @@ LAYER_GAUGES: dict[str, MetricSpec] = {
                      "Fraction of a ReLU-family layer's units that output zero for the whole batch"),
     "zero_ratio": _g("gradwatch_layer_zero_ratio", LAYER_LABELS,
                      "Fraction of a ReLU-family layer's outputs equal to zero"),
+    "act_nonfinite": _g("gradwatch_layer_activation_nonfinite", LAYER_LABELS,
+                        "Number of NaN/Inf outputs of an activation layer at its last measured step"),
 }
 # Per-layer aggregates of per-param metrics.
 LAYER_GRAD_NORM = _g("gradwatch_layer_grad_norm", LAYER_LABELS,

@@ -3,7 +3,9 @@
 `GradwatchCollector.collect()` asks its source for one `Snapshot` (one store read per
 scrape) and turns it into metric families. Runs that ended more than `grace` seconds ago
 are left out, so a finished run's series disappear and cardinality stays bounded. The
-metrics themselves are declared in `catalog` and documented in docs/metrics.md.
+metrics themselves are declared in `catalog` and documented in docs/metrics.md. A NaN or ±Inf
+value is exported as such (the exposition formats spell them NaN, +Inf, -Inf), so alert rules
+see a non-finite loss or norm for what it is.
 """
 
 from __future__ import annotations
@@ -200,15 +202,15 @@ def layer_update_ratio(ratios: list[float], param_norms: list[float]) -> float |
     """||delta theta_layer|| / ||theta_layer|| from per-param ratios and norms.
 
     ||delta theta_p|| = ratio_p * ||theta_p||, so the layer ratio is
-    sqrt(sum (ratio_p * norm_p)^2) / sqrt(sum norm_p^2). None when no norm is known.
+    sqrt(sum (ratio_p * norm_p)^2) / sqrt(sum norm_p^2). None when no norm is known or they are
+    all zero; NaN when a norm or ratio is NaN (a measured value, not a gap to skip).
     """
-    pairs = [(r, n) for r, n in zip(ratios, param_norms) if not math.isnan(n)]
-    if not pairs:
+    if not param_norms:
         return None
-    denominator = l2(n for _, n in pairs)
+    denominator = l2(param_norms)
     if denominator == 0:
         return None
-    return l2(r * n for r, n in pairs) / denominator
+    return l2(r * n for r, n in zip(ratios, param_norms)) / denominator
 
 
 class GradwatchCollector(Collector):

@@ -2,7 +2,8 @@
 
 `StoreSource()` makes one `list_runs` and one `latest` call per scrape. What never changes
 for a run (its versions, device, which layer each param belongs to) is read once and
-cached. The step counters (clipped, skipped, non-finite steps) are kept incrementally: a
+cached. The step counters (clipped, skipped, non-finite and overflowed gradients, non-finite
+loss) are kept incrementally: a
 scrape reads only the rows stored since the previous one, and nothing for a run whose
 latest step did not move (finished runs in their grace period cost no extra query).
 """
@@ -20,11 +21,14 @@ import numpy as np
 from gradwatch.service.exporter import RunLatest, Snapshot, visible
 from gradwatch.store import LatestValue, RunInfo, Store, UnknownEntity, UnknownMetric
 
-# counter name -> (stored run-level metric, how many of its rows count)
+# counter name -> (stored run-level metric, how many of its rows count); every stored row is a
+# measured step, and a NaN value counts only where the counter is about NaN (the loss)
 COUNTERS: dict[str, tuple[str, Callable[[np.ndarray], int]]] = {
     "clipped_steps": ("clip_coef", lambda v: int(np.count_nonzero(v < 1.0))),
     "skipped_steps": ("skipped", lambda v: int(np.count_nonzero(v >= 0.5))),
     "nonfinite_steps": ("nonfinite_params", lambda v: int(np.count_nonzero(v > 0))),
+    "overflow_steps": ("overflow_params", lambda v: int(np.count_nonzero(v > 0))),
+    "nonfinite_loss_steps": ("loss", lambda v: int(np.count_nonzero(~np.isfinite(v)))),
 }
 
 _BY_METRIC = {metric: (counter, count) for counter, (metric, count) in COUNTERS.items()}
@@ -97,7 +101,7 @@ class StoreSource:
                 except (UnknownMetric, UnknownEntity):
                     continue  # removed between the two reads
                 if series.steps.size:
-                    total += count(series.values[~np.isnan(series.values)])
+                    total += count(series.values)
                     last = int(series.steps[-1])
                 self._counts[key] = (last, total)
             out[(rank, counter)] = float(total)

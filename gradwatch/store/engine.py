@@ -179,7 +179,9 @@ def migrate(engine: Engine, target: int) -> int:
     from gradwatch.store import migrations  # Alembic is loaded only to create or migrate a store
 
     where = engine.url.render_as_string(hide_password=True)
-    now = target
+    if not 1 <= target <= schema.SCHEMA_VERSION:
+        raise StoreError(f"no schema version {target}: this gradwatch knows versions 1 to {schema.SCHEMA_VERSION}")
+    now: int | None = None
     try:
         with writing(engine) as conn:
             _serialise(conn)
@@ -194,8 +196,8 @@ def migrate(engine: Engine, target: int) -> int:
                 raise StoreError(f"cannot migrate the store {where}: the migrations ended at schema version {done}")
     except (SQLAlchemyError, CommandError) as exc:
         reason = _first_line(exc.orig) if isinstance(exc, DBAPIError) else _first_line(exc)
-        raise StoreError(f"cannot {'upgrade' if target > now else 'downgrade'} the store {where} "
-                         f"from schema version {now} to {target}: {reason}") from None
+        since = "" if now is None else f" from schema version {now}"
+        raise StoreError(f"cannot migrate the store {where}{since} to schema version {target}: {reason}") from None
     log.info("migrated the store %s from schema version %d to %d", where, now, target)
     return now
 

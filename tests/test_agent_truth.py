@@ -1,0 +1,419 @@
+"""What the agent records at the moments that matter: non-finite values kept as values, an
+overflowed norm told from NaN elements, closure steps, optimizer wrappers, micro-batch
+scalars, sparse, meta, float64 and complex models, and a stable `act_std`. Each reference is
+plain torch on the same tensors."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.agent import runlog
+
+EVERY_STEP = {"measure": {"flush_every": 4, "param_every": 1, "update_ratio_every": 1, "activation_every": 1}}
+
+
+def records(watcher: gradwatch.Watcher) -> list[runlog.Record]:
+    return runlog.read_log(watcher.path)
+
+
+def series(watcher: gradwatch.Watcher, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, values, present) of one metric, every frame of the log together."""
+    blocks = [b for r in records(watcher) if isinstance(r, runlog.Frame) for b in r.blocks if b.metric.name == metric]
+    assert blocks, f"{metric} not in the run log"
+    return (np.concatenate([b.steps for b in blocks]), np.concatenate([b.values for b in blocks]),
+            np.concatenate([b.present for b in blocks]))
+
+
+def events(watcher: gradwatch.Watcher, kind: str) -> list[runlog.Event]:
+    return [r for r in records(watcher) if isinstance(r, runlog.Event) and r.kind == kind]
+
+
+def column(watcher: gradwatch.Watcher, metric: str, name: str) -> dict[int, float]:
+    """step -> value of the column of `metric` for the param or layer called `name`, where measured."""
+    header = records(watcher)[0]
+    assert isinstance(header, runlog.Header)
+    table = header.info["params"] if metric in ("grad_norm", "param_norm", "update_ratio") else header.info["layers"]
+    index = next(e["index"] for e in table if e["name"] == name)
+    steps, values, present = series(watcher, metric)
+    j = list(next(b.metric for r in records(watcher) if isinstance(r, runlog.Frame) for b in r.blocks
+                  if b.metric.name == metric).indices).index(index)
+    return {int(s): float(v) for s, v, p in zip(steps, values[:, j], present[:, j]) if p}
+
+
+# ------------------------------------------------------------------------ non-finite values
+
+
+class Scaled(nn.Module):
+    """A Linear whose gradient the test sets directly, to make it huge, overflowing or NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(10, 100, bias=False)
+        self.small = nn.Linear(100, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(torch.relu(self.big(x)))
+
+
+@pytest.mark.parametrize("element, kind", [(3.4e19, "finite"), (1e38, "overflow"), (math.nan, "nan"),
+                                           (math.inf, "inf")], ids=["huge", "overflow", "nan", "inf"])
+def test_a_norm_that_overflows_float32_is_told_from_nonfinite_elements(element, kind):
+    model = Scaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, config={"measure": {"flush_every": 2}}) as watcher:
+        for step in range(4):
+            model(torch.randn(8, 10)).sum().backward()
+            if step == 2:
+                model.big.weight.grad.fill_(element)
+                reference = torch.linalg.vector_norm(model.big.weight.grad, dtype=torch.float64).item()
+            opt.step()
+            opt.zero_grad()
+    recorded = column(watcher, "grad_norm", "big.weight")[2]
+    nonfinite = dict(zip(*series(watcher, "nonfinite_params")[:2]))
+    overflow = dict(zip(*series(watcher, "overflow_params")[:2]))
+    if kind == "finite":  # 3.4e19 squared overflows float32, the norm itself does not: recorded exactly
+        assert recorded == pytest.approx(reference, rel=1e-6) and math.isfinite(recorded)
+        assert (nonfinite[2], overflow[2]) == (0, 0)
+        assert not events(watcher, "nonfinite") and not events(watcher, "overflow")
+    elif kind == "overflow":  # elements finite, the norm beyond float32: +inf, counted as an overflow
+        assert recorded == math.inf and math.isfinite(reference)
+        assert (nonfinite[2], overflow[2]) == (0, 1)
+        [event] = events(watcher, "overflow")
+        assert event.step == 2 and event.data["params"] == ["big.weight"] and event.data["layers"] == ["big"]
+        assert not events(watcher, "nonfinite")
+    else:  # NaN or Inf elements: the norm is that value, stored as a value
+        assert (math.isnan(recorded) if kind == "nan" else recorded == math.inf)
+        assert (nonfinite[2], overflow[2]) == (1, 0)
+        [event] = events(watcher, "nonfinite")
+        assert event.step == 2 and event.data["params"] == ["big.weight"] and event.data["count"] == 1
+        assert not events(watcher, "overflow")
+    steps, totals, present = series(watcher, "grad_norm_total")
+    assert present.all() and list(steps) == [0, 1, 2, 3]
+    assert (math.isnan(totals[2, 0]) if kind == "nan" else totals[2, 0] >= recorded)
+
+
+def test_nan_loss_is_recorded_as_nan_on_every_step():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt) as watcher:
+        for step in range(30):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if 10 <= step < 25:  # the loss goes NaN (its gradient does not: the weights stay finite)
+                loss = loss + math.nan
+            if step == 27:
+                loss = loss + math.inf
+            watcher.log(loss=loss)
+        snap = watcher.snapshot()
+    steps, values, present = series(watcher, "loss")
+    assert list(steps) == list(range(30)) and present.all()
+    assert [int(s) for s in steps[np.isnan(values[:, 0])]] == list(range(10, 25))
+    assert [int(s) for s in steps[np.isinf(values[:, 0])]] == [27]
+    assert math.isfinite(snap["scalars"]["loss"]) and snap["errors"] == {}
+
+
+def test_snapshot_gives_nan_for_nan_and_none_for_not_measured():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt) as watcher:
+        (model(torch.randn(8, 4)).sum() * math.nan).backward()
+        opt.step()
+        watcher.log(loss=math.nan)
+        snap = watcher.snapshot()
+    assert math.isnan(snap["grad_norm_total"]["before_clip"]) and math.isnan(snap["scalars"]["loss"])
+    assert snap["params"]["0.weight"]["nonfinite"] is True
+    assert snap["params"]["0.weight"]["param_norm"] is not None  # step 0 measures param norms
+    assert snap["clip_threshold"] is None  # no threshold without norm clipping: not measured
+
+
+# ------------------------------------------------------------------------------- activations
+
+
+class NanAfterReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 1)
+        self.poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.poison:
+            h = h * math.nan
+        return self.head(self.act(h))
+
+
+def test_nan_activations_are_counted_as_nonfinite_never_as_dead_or_zero():
+    model = NanAfterReLU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, config=EVERY_STEP) as watcher:
+        for step in range(4):
+            model.poison = step == 2
+            model(torch.randn(5, 6)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert column(watcher, "act_nonfinite", "act")[2] == 5 * 8
+    assert column(watcher, "act_nonfinite", "act")[1] == 0
+    assert column(watcher, "dead_ratio", "act")[2] == 0.0
+    assert column(watcher, "zero_ratio", "act")[2] == 0.0
+    assert math.isnan(column(watcher, "act_mean", "act")[2])
+
+
+def test_act_std_is_exact_on_a_saturated_sigmoid():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 256), nn.Sigmoid(), nn.Linear(256, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+        model[0].bias.fill_(3.0)  # sigmoid(3 + small) ~ 0.95, spread ~1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    outputs: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    with gradwatch.watch(model, opt, config=EVERY_STEP) as watcher:
+        for _ in range(3):
+            model(torch.randn(64, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    std, mean = column(watcher, "act_std", "1"), column(watcher, "act_mean", "1")
+    for step, y in enumerate(outputs):
+        assert 0.9 < y.mean() < 0.99
+        assert std[step] == pytest.approx(torch.std(y.double(), correction=0).item(), rel=1e-3)
+        assert mean[step] == pytest.approx(y.double().mean().item(), rel=1e-6)
+
+
+def test_act_std_over_micro_batches_is_that_of_the_whole_step():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    outputs: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    with gradwatch.watch(model, opt, config=EVERY_STEP) as watcher:
+        for shift in (0.0, 2.0, -1.0):  # micro-batches whose outputs differ in mean
+            model(torch.randn(16, 8) + shift).sum().backward()
+        opt.step()
+    whole = torch.cat(outputs).double()
+    assert column(watcher, "act_std", "1")[0] == pytest.approx(torch.std(whole, correction=0).item(), rel=1e-4)
+    assert column(watcher, "act_mean", "1")[0] == pytest.approx(whole.mean().item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------- closures
+
+
+def _closure_for(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 seen: list[float]):
+    """A Lightning-style closure: zero_grad, forward, backward; records the pre-clip total norm."""
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return loss
+    return closure
+
+
+def test_closure_steps_measure_and_clip_the_gradients_the_step_applies():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    seen: list[float] = []
+    config = {"clip": {"mode": "norm", "max_norm": 1e-4}}
+    with gradwatch.watch(model, opt, config=config) as watcher:
+        for _ in range(6):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step(_closure_for(model, opt, torch.randn(32, 6), torch.randn(32, 1) * 10, seen))
+            moved = torch.linalg.vector_norm(torch.stack([(p - b).norm() for p, b in zip(model.parameters(), before)]))
+            assert moved.item() <= 1e-4 * 1.0001  # lr 1 times the clipped total norm
+    steps, totals, _ = series(watcher, "grad_norm_total")
+    assert list(steps) == list(range(6))
+    np.testing.assert_allclose(totals[:, 0], seen, rtol=1e-5)  # this step's gradients, not the last step's
+    _, clipped, _ = series(watcher, "grad_norm_total_clipped")
+    np.testing.assert_allclose(clipped[:, 0], 1e-4, rtol=1e-3)
+
+
+def test_closure_passed_by_keyword_is_measured_too():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    seen: list[float] = []
+    with gradwatch.watch(model, opt) as watcher:
+        for _ in range(3):
+            opt.step(closure=_closure_for(model, opt, torch.randn(8, 3), torch.randn(8, 1), seen))
+    np.testing.assert_allclose(series(watcher, "grad_norm_total")[1][:, 0], seen, rtol=1e-5)
+
+
+def test_lbfgs_clips_every_evaluation_and_records_the_last():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    seen: list[float] = []
+    closure = _closure_for(model, opt, x, y, seen)
+    with gradwatch.watch(model, opt, config={"clip": {"mode": "norm", "max_norm": 0.01}}) as watcher:
+        for step in range(3):
+            evaluated = len(seen)
+            opt.step(closure)
+            assert len(seen) > evaluated + 1  # LBFGS evaluated the closure several times
+            after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+            assert after.item() <= 0.01 * 1.0001  # the gradients LBFGS used were clipped
+    totals = dict(zip(*series(watcher, "grad_norm_total")[:2]))
+    assert sorted(totals) == [0, 1, 2] and totals[2][0] == pytest.approx(seen[-1], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------- wrappers
+
+
+class AcceleratedLikeOptimizer(torch.optim.Optimizer):
+    """Shaped like accelerate's AcceleratedOptimizer: an Optimizer subclass that never calls
+    Optimizer.__init__ and steps the real optimizer it keeps as `.optimizer`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: D107 - no super().__init__, on purpose
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+
+class LightningLikeOptimizer:
+    """Shaped like Lightning's LightningOptimizer: not an Optimizer, the real one as `.optimizer`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+def test_optimizer_wrappers_are_unwrapped_and_named_in_the_header():
+    model = nn.Linear(4, 2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = LightningLikeOptimizer(AcceleratedLikeOptimizer(inner))
+    with gradwatch.watch(model, wrapped) as watcher:  # type: ignore[arg-type]
+        for _ in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            wrapped.step()
+            inner.zero_grad()
+    header = records(watcher)[0]
+    assert isinstance(header, runlog.Header)
+    assert header.info["optimizer"] == {"class": "SGD",
+                                        "wrappers": ["LightningLikeOptimizer", "AcceleratedLikeOptimizer"]}
+    assert list(series(watcher, "grad_norm_total")[0]) == [0, 1, 2]
+
+
+def test_a_refused_watch_writes_no_run(gradwatch_home: Path):
+    model = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match="`optimizer` must be a torch.optim.Optimizer.*Got object"):
+        gradwatch.watch(model, object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="invalid gradwatch config"):
+        gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), config={"clip": {"mode": "bogus"}})
+    assert not list((gradwatch_home / "logs").glob("*")) if (gradwatch_home / "logs").exists() else True
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+
+def test_scalars_logged_per_micro_batch_are_averaged_under_their_step():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = []
+    with gradwatch.watch(model, opt, config={"measure": {"flush_every": 3}}) as watcher:
+        for step in range(7):
+            losses = []
+            for _ in range(4):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                (loss / 4).backward()
+                watcher.log(loss=loss)  # before the step: the step in progress
+                losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+            watcher.log(lr=0.01)  # after the step: the step just done
+            expected.append(float(np.mean(losses)))
+    steps, values, _ = series(watcher, "loss")
+    assert list(steps) == list(range(7))
+    np.testing.assert_allclose(values[:, 0], expected, rtol=1e-6)
+    steps, lr, _ = series(watcher, "lr")
+    assert list(steps) == list(range(7))
+
+
+# --------------------------------------------------------------------- sparse, meta, dtypes
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 8, sparse=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(idx).mean(dim=1))
+
+
+def test_sparse_gradients_are_measured_and_clipped():
+    torch.manual_seed(0)
+    model = Bag()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    refs: list[float] = []
+    with gradwatch.watch(model, opt, config={"clip": {"mode": "norm", "max_norm": 1e-3}}) as watcher:
+        for _ in range(4):
+            (model(torch.randint(0, 100, (16, 5))).sum() * 100).backward()
+            refs.append(torch.linalg.vector_norm(model.embed.weight.grad.coalesce().values()).item())
+            before = model.embed.weight.detach().clone()
+            opt.step()
+            assert (model.embed.weight - before).norm().item() <= 1e-3 * 1.0001
+            opt.zero_grad()
+        assert watcher.snapshot()["errors"] == {}
+    norms = column(watcher, "grad_norm", "embed.weight")
+    np.testing.assert_allclose([norms[s] for s in range(4)], refs, rtol=1e-5)
+
+
+def test_sparse_gradients_are_refused_by_clip_modes_that_cannot_clip_them():
+    with pytest.raises(ValueError, match=r"clip mode 'value' cannot clip the sparse gradient of embed\.weight"):
+        gradwatch.watch(Bag(), torch.optim.SGD(Bag().parameters(), lr=0.1),
+                        config={"clip": {"mode": "value", "max_value": 1.0}})
+
+
+def test_meta_device_models_are_refused_in_one_line(gradwatch_home: Path):
+    with torch.device("meta"):
+        model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"parameter 'weight' is on the meta device; call watch\(\) after"):
+        gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not (gradwatch_home / "logs").exists() or not list((gradwatch_home / "logs").iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64], ids=["float64", "complex64"])
+def test_float64_and_complex_models_run_without_errors(dtype, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh() if dtype.is_floating_point else nn.Identity(),
+                          nn.Linear(8, 1)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    refs = []
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        with gradwatch.watch(model, opt, config=EVERY_STEP) as watcher:
+            for _ in range(5):
+                model(torch.randn(4, 6, dtype=dtype)).abs().sum().backward()
+                refs.append(model[0].weight.grad.norm().item())
+                opt.step()
+                opt.zero_grad()
+            snap = watcher.snapshot()
+    assert snap["errors"] == {} and not [r for r in caplog.records if r.name == "gradwatch.agent"]
+    norms = column(watcher, "grad_norm", "0.weight")
+    np.testing.assert_allclose([norms[s] for s in range(5)], refs, rtol=1e-5)
+    if dtype == torch.float64:
+        assert len(column(watcher, "act_std", "1")) == 5
