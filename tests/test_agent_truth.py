@@ -417,3 +417,16 @@ def test_float64_and_complex_models_run_without_errors(dtype, caplog):
     np.testing.assert_allclose([norms[s] for s in range(5)], refs, rtol=1e-5)
     if dtype == torch.float64:
         assert len(column(watcher, "act_std", "1")) == 5
+
+
+def test_raise_guard_names_an_overflowed_norm_as_such():
+    model = Scaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, config={"guards": {"nonfinite": "raise"}}) as watcher:
+        model(torch.randn(8, 10)).sum().backward()
+        model.big.weight.grad.fill_(1e38)
+        with pytest.raises(gradwatch.GradientGuardError,
+                           match=r"gradient norm overflowed float32 \(elements finite\) at step 0 in params big\.weight"):
+            opt.step()
+    [event] = events(watcher, "overflow")
+    assert event.data["params"] == ["big.weight"] and event.data["count"] == 1

@@ -181,7 +181,7 @@ def test_raise_stops_at_the_bad_step_naming_the_params_and_layers(poison, names)
     batches = gated_batches(bad_step=None if poison else BAD_STEP)
     before: dict[str, torch.Tensor] = {}
     with gradwatch.watch(model, opt, config={"guards": {"nonfinite": "raise"}}) as watcher:
-        with pytest.raises(GradientGuardError, match=rf"non-finite gradients at step {BAD_STEP} in {names}"):
+        with pytest.raises(GradientGuardError, match=rf"NaN/Inf gradient elements at step {BAD_STEP} in {names}"):
             for step, (x, y) in enumerate(batches):
                 if step == BAD_STEP and poison is not None:
                     poison(model)

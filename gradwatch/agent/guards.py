@@ -52,8 +52,13 @@ class Guards:
         self._count_error = count_error
         self._warned: set[str] = set()
 
-    def blocks_step(self, step: int, norms: torch.Tensor, total: torch.Tensor, present: list[int]) -> bool:
-        """True when a `skip` guard fires; raises `GradientGuardError` for `raise`. One host sync."""
+    def blocks_step(self, step: int, norms: torch.Tensor, total: torch.Tensor, present: list[int],
+                    bad: torch.Tensor) -> bool:
+        """True when a `skip` guard fires; raises `GradientGuardError` for `raise`. One host sync.
+
+        `bad` flags (per param, all of them) the gradients whose elements are NaN/Inf: a
+        non-finite total without any is an `overflow` of the norm, not of the gradients.
+        """
         cfg = self.config
         limit = cfg.max_total_norm if cfg.max_total_norm is not None else float("inf")
         nonfinite, over = torch.stack((~torch.isfinite(total), total > limit)).tolist()
@@ -63,14 +68,21 @@ class Guards:
                 continue
             grad = np.full(self._layout.n_params, NO_GRAD)
             grad[present] = norms.tolist()
-            names, layers = self._offenders(kind, grad)
+            flagged = np.asarray(bad.tolist()) > 0
+            if kind == "nonfinite":
+                if not flagged.any():
+                    kind, flagged = "overflow", np.isinf(grad)
+                names, layers = self._offenders(kind, grad, flagged)
+            else:
+                names, layers = self._offenders(kind, grad)
             total_value = float(total)
             event = runlog.Event(kind, step, time.time(), {"params": names, "layers": layers, "action": action,
-                                                           "limit": cfg.max_total_norm, "total": total_value})
+                                                           "limit": cfg.max_total_norm, "total": total_value,
+                                                           "count": int(flagged.sum()) if kind != "norm_limit" else None})
             self._record(event)
             if action == "raise":
-                what = ("non-finite gradients" if kind == "nonfinite"
-                        else f"total gradient norm {total_value:.4g} above {limit}")
+                what = (f"total gradient norm {total_value:.4g} above {limit}" if kind == "norm_limit"
+                        else _WHAT[kind])
                 raise GradientGuardError(f"gradwatch: {what} at step {step} in params {', '.join(names)}"
                                          + (f" (layers {', '.join(layers)})" if layers else ""))
             return True

@@ -374,7 +374,7 @@ class Watcher:
             if self._buf_host is not None and not np.isfinite(self._buf_host[row, self.layout.run]):
                 self._resolve_nonfinite(row, present, grads, norms)
 
-        if self._guards.synchronous and self._guards.blocks_step(step, norms, total, present):
+        if self._guards.synchronous and self._guards.blocks_step(step, norms, total, present, views.bad):
             host.skipped[row] = 1.0
             for t in self._param_tensors:
                 t.grad = None
