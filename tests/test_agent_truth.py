@@ -397,6 +397,7 @@ def test_meta_device_models_are_refused_in_one_line(gradwatch_home: Path):
     assert not (gradwatch_home / "logs").exists() or not list((gradwatch_home / "logs").iterdir())
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64], ids=["float64", "complex64"])
 def test_float64_and_complex_models_run_without_errors(dtype, caplog):
     torch.manual_seed(0)

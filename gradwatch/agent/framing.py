@@ -29,6 +29,7 @@ import numpy as np
 MAGIC = b"GW\x02"
 MAGIC_V1 = b"GW\x01"
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+COPIES = 3  # times the header and each metric definition are written, back to back (see `rebuild`)
 
 PREFIX = struct.Struct("<3sIII")  # magic, body length, crc32(body), crc32(magic, length, crc32(body))
 PREFIX_V1 = struct.Struct("<3sII")  # magic, body length, crc32(body)
@@ -130,6 +131,28 @@ def _record_at(data: bytes, pos: int) -> tuple[int, int]:
     if magic != MAGIC or not 0 < length <= MAX_RECORD_BYTES or crc32(data[pos:pos + _CHECKED]) != check:
         return -1, 0
     return pos + PREFIX.size + length, body_crc
+
+
+def rebuild(data: bytes, start: int, end: int) -> bytes | None:
+    """The body of a record written `COPIES` times back to back from `start`, when every copy
+    is damaged and the damaged stretch [start, end) covers them: rebuilt byte by byte by
+    majority vote, kept only if its prefix and body checksums hold. None when there is no
+    such record. Costs O(end - start)."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    sizes = {PREFIX.size + PREFIX.unpack_from(data, start)[1]} if start + PREFIX.size <= end else set()
+    for t in valid_starts(arr, start, end)[:COPIES]:  # an intact prefix of a later copy gives the size too
+        size = PREFIX.size + PREFIX.unpack_from(data, int(t))[1]
+        if (int(t) - start) % size == 0:
+            sizes.add(size)
+    for size in sorted(sizes):
+        if start + COPIES * size > end:
+            continue
+        first, second, third = arr[start:start + COPIES * size].reshape(COPIES, size)
+        record = np.where(first == second, first, third).tobytes()  # two agreeing copies outvote the third
+        rec_end, body_crc = _record_at(record, 0)
+        if rec_end == size and crc32(record[PREFIX.size:]) == body_crc:
+            return record[PREFIX.size:]
+    return None
 
 
 def _may_start(data: bytes, pos: int) -> bool:

@@ -62,7 +62,7 @@ def check_init(layers: list[Layer], params: list[Param]) -> list[dict[str, Any]]
         layer = layers[layer_index]
         for pi in layer.params:
             param = params[pi]
-            if param.tensor.dim() < 2:
+            if param.tensor.dim() < 2 or param.tensor.is_complex():  # the schemes are for real weights
                 continue
             fan_in, fan_out = fans(layer.module, param.tensor)
             expected = expected_stds(fan_in, fan_out)

@@ -39,7 +39,7 @@ MAGIC = framing.MAGIC
 MAGIC_V1 = framing.MAGIC_V1
 LOG_SUFFIX = ".gwlog"
 MAX_RECORD_BYTES = framing.MAX_RECORD_BYTES
-COPIES = 2  # the header and every metric definition are written this many times, back to back
+COPIES = framing.COPIES  # the header and every metric definition are written this many times, back to back
 
 _BLOCK_HEAD_V1 = struct.Struct("<II")  # metric id, row count
 _BLOCK_HEAD = struct.Struct("<IIII")  # block length (after this field), metric id, row count, flags

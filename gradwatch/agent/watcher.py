@@ -266,7 +266,9 @@ class Watcher:
     # ------------------------------------------------------------------ hooks
 
     def _on_forward(self, module: nn.Module, inputs: Any) -> None:
-        """A forward pass of the next step: the last step's `log()` calls are done."""
+        """A training forward pass of the next step: the last step's `log()` calls are done."""
+        if not torch.is_grad_enabled():
+            return  # evaluation: its scalars still belong to the last step
         self._forward_since_step = True
         try:
             self._maybe_flush()
@@ -378,7 +380,6 @@ class Watcher:
             host.skipped[row] = 1.0
             for t in self._param_tensors:
                 t.grad = None
-            views.clip.fill_(float("nan"))
             return
         if self._clipper is not None:
             result = self._clipper.clip_(params, grads, norms, total)
@@ -828,7 +829,6 @@ class _RowViews:
         self.grad = row[layout.grad_norm:layout.grad_norm + layout.n_params]
         self.bad = row[layout.grad_bad:layout.grad_bad + layout.n_params]
         self.total = row[layout.run]
-        self.run = row[layout.run:layout.run + 4]  # total, total after clipping, coef, threshold
         self.clip = row[layout.run + 1:layout.run + 4]
 
     def blank(self) -> None:
