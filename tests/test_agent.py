@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import numpy as np
 import pytest
@@ -368,7 +369,14 @@ def test_second_attach_is_refused_with_a_clear_error():
     ({"clip": {"mode": "norm"}}, "needs max_norm"),
     ({"clip": {"mode": "nope"}}, "clip.mode"),
     ({"measure": {"flush_every": 0}}, "measure.flush_every"),
-], ids=["missing-threshold", "unknown-mode", "bad-interval"])
+    ({"measure": {"flush_every": 10**12}}, r"measure.flush_every: Input should be less than or equal to 10000"),
+    ({"measure": {"flush_every": 10**6}}, "measure.flush_every"),
+    ({"measure": {"max_flush_interval": 0}}, "measure.max_flush_interval"),
+    ({"clip": {"mode": "auto_percentile", "history": 10**12}}, "clip.history"),
+    ({"clip": {"mode": "norm", "max_norm": True}}, r"clip.max_norm: Value error, must be a number, not a boolean"),
+    ({"queue_size": 10**9}, "queue_size"),
+], ids=["missing-threshold", "unknown-mode", "bad-interval", "huge-window", "large-window", "zero-flush-interval",
+        "huge-history", "bool-threshold", "huge-queue"])
 def test_bad_config_is_one_clear_error(config, message):
     model = mlp()
     with pytest.raises(ConfigError, match=message):
@@ -382,3 +390,38 @@ def test_config_from_toml_file(tmp_path):
     with gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), config=path) as watcher:
         assert watcher.config.clip.max_norm == 2.0 and watcher.config.measure.flush_every == 7
         assert watcher.config.project == "vision"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", r"gradwatch config .*gw.toml is not valid TOML: not UTF-8 text"),
+    (b"[clip]\nmode = 'norm'\nmax_norm = true\n", r"invalid gradwatch config .*gw.toml at clip.max_norm: .*boolean"),
+    (b"[clip\n", r"gradwatch config .*gw.toml is not valid TOML"),
+], ids=["binary", "bool", "syntax"])
+def test_bad_config_file_is_one_error_naming_file_and_field(tmp_path, content, message):
+    path = tmp_path / "gw.toml"
+    path.write_bytes(content)
+    model = mlp()
+    with pytest.raises(ConfigError, match=message):
+        gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), config=path)
+
+
+def test_slow_steps_reach_the_log_within_the_flush_interval():
+    """At a step every 50 ms and `max_flush_interval` 10 ms, each step is in the log right after
+    its `log()` call, not `flush_every` (here 1000) steps later."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = {"measure": {"flush_every": 1000, "max_flush_interval": 0.01}}
+    with gradwatch.watch(model, opt, config=config) as watcher:
+        for step in range(3):
+            train(model, opt, "mlp", steps=1, watcher=watcher)
+            deadline = time.monotonic() + 30  # only guards against a hang; nothing is asserted on time
+            while _logged_steps(watcher) != list(range(step + 1)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _logged_steps(watcher) == list(range(step + 1))
+            time.sleep(0.05)
+
+
+def _logged_steps(watcher: gradwatch.Watcher) -> list[int]:
+    blocks = [b for r in runlog.read_log(watcher.path) if isinstance(r, runlog.Frame) for b in r.blocks
+              if b.metric.name == "loss"]
+    return [int(s) for b in blocks for s in b.steps]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,6 +21,17 @@ GuardAction = Literal["warn", "skip", "raise", "ignore"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`max_norm = true` is a mistake, not 1.0: booleans are refused where a number is due."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+            if bool not in options and any(o in (int, float) for o in options):
+                raise ValueError("must be a number, not a boolean")
+        return value
 
 
 class ClipConfig(_Section):
@@ -40,10 +52,10 @@ class ClipConfig(_Section):
     eps: float = Field(default=1e-3, gt=0)
     agc_exclude_last_layer: bool = True
     percentile: float = Field(default=10.0, gt=0, le=100)
-    history: int = Field(default=1000, ge=1)
+    history: int = Field(default=1000, ge=1, le=100_000)
     alpha: float = Field(default=0.97, gt=0, lt=1)
     z_threshold: float = Field(default=2.5, gt=0)
-    warmup: int = Field(default=25, ge=2)
+    warmup: int = Field(default=25, ge=2, le=1_000_000)
 
     @model_validator(mode="after")
     def _needs_threshold(self) -> ClipConfig:
@@ -83,13 +95,16 @@ class MeasureConfig(_Section):
     """How often each measurement is taken. 0 turns a measurement off.
 
     Gradient norms, clipping and guards run at every optimizer step; the costlier
-    measurements every few steps. Statistics reach the host every `flush_every` steps.
+    measurements every few steps. Statistics reach the host every `flush_every` steps, and
+    at most `max_flush_interval` seconds after their step whatever the step rate, so a crash
+    loses at most that much.
     """
 
-    flush_every: int = Field(default=20, ge=1)
-    param_every: int = Field(default=10, ge=0)
-    update_ratio_every: int = Field(default=10, ge=0)
-    activation_every: int = Field(default=10, ge=0)
+    flush_every: int = Field(default=20, ge=1, le=10_000)
+    max_flush_interval: float = Field(default=1.0, ge=0.01, le=3600)
+    param_every: int = Field(default=10, ge=0, le=1_000_000)
+    update_ratio_every: int = Field(default=10, ge=0, le=1_000_000)
+    activation_every: int = Field(default=10, ge=0, le=1_000_000)
     saturation_eps: float = Field(default=0.01, gt=0, lt=0.5)
 
 
@@ -101,7 +116,7 @@ class AgentConfig(_Section):
     clip: ClipConfig = ClipConfig()
     guards: GuardConfig = GuardConfig()
     measure: MeasureConfig = MeasureConfig()
-    queue_size: int = Field(default=64, ge=1)
+    queue_size: int = Field(default=64, ge=1, le=10_000)
 
 
 class ConfigError(ValueError):
@@ -116,15 +131,18 @@ def load_config(config: AgentConfig | dict[str, Any] | str | Path | None) -> Age
         return config
     if isinstance(config, (str, Path)):
         path = Path(config)
+        source = f"gradwatch config {path}"
         try:
-            data: Any = tomllib.loads(path.read_text())
+            data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot read gradwatch config {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source} is not valid TOML: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"gradwatch config {path} is not valid TOML: {exc}") from None
+            raise ConfigError(f"{source} is not valid TOML: {exc}") from None
         data = data.get("gradwatch", data)
     elif isinstance(config, dict):
-        data = config
+        source, data = "gradwatch config", config
     else:
         raise ConfigError(f"config must be an AgentConfig, a dict or a TOML path. Got {type(config).__name__}")
     try:
@@ -132,4 +150,4 @@ def load_config(config: AgentConfig | dict[str, Any] | str | Path | None) -> Age
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"invalid gradwatch config at {where}: {first['msg']} (got {first.get('input')!r})") from None
+        raise ConfigError(f"invalid {source} at {where}: {first['msg']} (got {first.get('input')!r})") from None

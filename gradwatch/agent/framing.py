@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from zlib import crc32
 
@@ -36,9 +37,19 @@ PREFIX_V1 = struct.Struct("<3sII")  # magic, body length, crc32(body)
 _CHECKED = PREFIX_V1.size  # the v2 prefix checksum covers the bytes before it
 _CHUNK = 1 << 20  # bytes searched for candidate record starts per vectorised pass
 
-# A piece of a scanned byte string: (start, end, None) for an intact record, whose body is
-# data[start + prefix size:end]; (start, end, reason) for a damaged stretch.
-Piece = tuple[int, int, str | None]
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of a scanned byte string: an intact record (`reason` None), a damaged
+    stretch (`body` None), or a record rebuilt from its damaged copies (both set)."""
+
+    start: int
+    end: int
+    reason: str | None
+    body: bytes | memoryview | None
+
+
+_Raw = tuple[int, int, str | None]  # (start, end, reason) of one record or damaged stretch
 
 
 def frame(body: bytes) -> bytes:
@@ -53,45 +64,69 @@ def version_of(data: bytes) -> int:
     return 1 if v1 >= 0 and (v2 < 0 or v1 < v2) else 2
 
 
-def prefix_size(version: int) -> int:
-    """Bytes before the body of a record of that format version."""
-    return PREFIX_V1.size if version == 1 else PREFIX.size
-
-
 def scan(data: bytes, version: int) -> Iterator[Piece]:
     """Yield the pieces of `data` in order, consecutive damaged stretches merged into one.
 
     Stops before a torn tail: a last record not yet complete (or whose checksum fails
     while it ends exactly at the end of `data`, so it may still be being written), which a
-    later scan of the grown log reads. Everything before the first yielded piece's start
-    and after the last one's end is left unread.
+    later scan of the grown log reads. Everything after the last piece's end is left unread.
     """
-    pieces = _scan_v2(data) if version >= 2 else _scan_v1(data)
-    pending: list[int | str] | None = None  # [start, end, reason, count]
-    for start, end, reason in pieces:
-        if reason is not None and pending is not None and pending[1] == start:
-            pending[1] = end
-            pending[3] = int(pending[3]) + 1
+    view = memoryview(data)
+    skip = PREFIX_V1.size if version == 1 else PREFIX.size
+    damaged: list[_Raw] = []
+    for start, end, reason in _scan_v2(data) if version >= 2 else _scan_v1(data):
+        if reason is not None and (not damaged or damaged[-1][1] == start):
+            damaged.append((start, end, reason))
             continue
-        if pending is not None:
-            yield _merged(pending)
-            pending = None
+        if damaged:
+            yield from _stretch(data, damaged, version)
+            damaged = []
         if reason is None:
-            yield start, end, None
+            yield Piece(start, end, None, view[start + skip:end])
         else:
-            pending = [start, end, reason, 1]
-    if pending is not None:
-        yield _merged(pending)
+            damaged.append((start, end, reason))
+    if damaged:
+        yield from _stretch(data, damaged, version)
 
 
-def _merged(p: list[int | str]) -> Piece:
-    start, end, reason, count = int(p[0]), int(p[1]), str(p[2]), int(p[3])
-    if count > 1:
-        reason = f"{reason} (and {count - 1} more damaged records up to offset {end})"
-    return start, end, reason
+def _stretch(data: bytes, pieces: list[_Raw], version: int) -> Iterator[Piece]:
+    """One damaged stretch made of consecutive damaged pieces; when it begins with the
+    damaged copies of one record, that record rebuilt first."""
+    start, end = pieces[0][0], pieces[-1][1]
+    body = rebuild(data, start, end, {e - s for s, e, _ in pieces[:COPIES]}) if version >= 2 else None
+    if body is not None:
+        cut = start + COPIES * (PREFIX.size + len(body))
+        yield Piece(start, cut, f"{pieces[0][2]}: every copy of a record damaged, rebuilt from them", body)
+        pieces = [(max(s, cut), e, r) for s, e, r in pieces if e > cut]
+        if not pieces:
+            return
+        start = pieces[0][0]
+    reason = pieces[0][2]
+    if len(pieces) > 1:
+        reason = f"{reason} (and {len(pieces) - 1} more damaged records up to offset {end})"
+    yield Piece(start, end, reason, None)
 
 
-def _scan_v2(data: bytes) -> Iterator[Piece]:
+def rebuild(data: bytes, start: int, end: int, sizes: set[int]) -> bytes | None:
+    """The body of a record written `COPIES` times back to back from `start`, all of them
+    damaged within [start, end): rebuilt byte by byte by majority vote and kept only if its
+    prefix and body checksums hold. `sizes` are guesses of the record's size (the first
+    pieces of the damaged stretch); its own length field is tried too. O(end - start)."""
+    if start + PREFIX.size <= end:
+        sizes = sizes | {PREFIX.size + PREFIX.unpack_from(data, start)[1]}
+    arr = np.frombuffer(data, dtype=np.uint8)
+    for size in sorted(sizes):
+        if size <= PREFIX.size or start + COPIES * size > end:
+            continue
+        first, second, third = arr[start:start + COPIES * size].reshape(COPIES, size)
+        record = np.where(first == second, first, third).tobytes()  # two agreeing copies outvote the third
+        rec_end, body_crc = _record_at(record, 0)
+        if rec_end == size and crc32(record[PREFIX.size:]) == body_crc:
+            return record[PREFIX.size:]
+    return None
+
+
+def _scan_v2(data: bytes) -> Iterator[_Raw]:
     size = len(data)
     view = memoryview(data)
     starts = _Starts(data)
@@ -131,28 +166,6 @@ def _record_at(data: bytes, pos: int) -> tuple[int, int]:
     if magic != MAGIC or not 0 < length <= MAX_RECORD_BYTES or crc32(data[pos:pos + _CHECKED]) != check:
         return -1, 0
     return pos + PREFIX.size + length, body_crc
-
-
-def rebuild(data: bytes, start: int, end: int) -> bytes | None:
-    """The body of a record written `COPIES` times back to back from `start`, when every copy
-    is damaged and the damaged stretch [start, end) covers them: rebuilt byte by byte by
-    majority vote, kept only if its prefix and body checksums hold. None when there is no
-    such record. Costs O(end - start)."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    sizes = {PREFIX.size + PREFIX.unpack_from(data, start)[1]} if start + PREFIX.size <= end else set()
-    for t in valid_starts(arr, start, end)[:COPIES]:  # an intact prefix of a later copy gives the size too
-        size = PREFIX.size + PREFIX.unpack_from(data, int(t))[1]
-        if (int(t) - start) % size == 0:
-            sizes.add(size)
-    for size in sorted(sizes):
-        if start + COPIES * size > end:
-            continue
-        first, second, third = arr[start:start + COPIES * size].reshape(COPIES, size)
-        record = np.where(first == second, first, third).tobytes()  # two agreeing copies outvote the third
-        rec_end, body_crc = _record_at(record, 0)
-        if rec_end == size and crc32(record[PREFIX.size:]) == body_crc:
-            return record[PREFIX.size:]
-    return None
 
 
 def _may_start(data: bytes, pos: int) -> bool:
@@ -237,7 +250,7 @@ def _prefix_crc_tables() -> tuple[int, np.ndarray]:
     return base, tables
 
 
-def _scan_v1(data: bytes) -> Iterator[Piece]:
+def _scan_v1(data: bytes) -> Iterator[_Raw]:
     """Format v1: a damaged record is skipped by searching for the next magic whose body
     checksum holds (v1 prefixes carry no checksum of their own)."""
     view = memoryview(data)

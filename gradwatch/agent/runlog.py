@@ -226,7 +226,7 @@ def encode_close(close: Close) -> bytes:
 # ---------------------------------------------------------------- decoding
 
 
-def _decode_frame_v1(payload: memoryview, metrics: dict[int, MetricDef]) -> Frame:
+def _decode_frame_v1(payload: bytes | memoryview, metrics: dict[int, MetricDef]) -> Frame:
     """A v1 frame: no block lengths, and NaN stands for "not measured"."""
     (count,) = struct.unpack_from("<I", payload, 0)
     pos = 4
@@ -247,7 +247,7 @@ def _decode_frame_v1(payload: memoryview, metrics: dict[int, MetricDef]) -> Fram
     return Frame(blocks)
 
 
-def _decode_frame(payload: memoryview, metrics: dict[int, MetricDef]) -> tuple[Frame, dict[int, str]]:
+def _decode_frame(payload: bytes | memoryview, metrics: dict[int, MetricDef]) -> tuple[Frame, dict[int, str]]:
     """A v2 frame, and {metric id: why} for the blocks skipped: every block carries its
     length, so one that cannot be decoded (its metric undefined, or a size that does not
     match its definition) does not hide the others."""
@@ -349,24 +349,23 @@ class LogReader:
     def _records(self, data: bytes, base: int, kinds: set[int] | None = None) -> Iterator[tuple[int, Record | None]]:
         """(end in data, record) for each piece of data read from offset `base`; None for a
         piece that holds nothing new (a copy, or a kind not in `kinds`)."""
-        skip = framing.prefix_size(self.version)
-        view = memoryview(data)
-        for start, end, reason in framing.scan(data, self.version):
-            if reason is not None:
-                yield end, Corrupt(base + start, reason)
+        for piece in framing.scan(data, self.version):
+            if piece.reason is not None:
+                yield piece.end, Corrupt(base + piece.start, piece.reason)
+            if piece.body is None:
                 continue
-            kind = data[start + skip]
+            kind = piece.body[0]
             if kinds is not None and kind not in kinds:
-                yield end, None
+                yield piece.end, None
                 continue
             try:
-                records = self._decode(kind, view[start + skip + 1:end], base + start)
+                records = self._decode(kind, piece.body[1:], base + piece.start)
             except _DECODE_ERRORS as exc:
-                records = [Corrupt(base + start, f"undecodable record: {exc}")]
+                records = [Corrupt(base + piece.start, f"undecodable record: {exc}")]
             for record in records or [None]:
-                yield end, record
+                yield piece.end, record
 
-    def _decode(self, kind: int, payload: memoryview, offset: int) -> list[Record]:
+    def _decode(self, kind: int, payload: bytes | memoryview, offset: int) -> list[Record]:
         """The records of one intact record body: none for a copy already read; a frame
         with a `Corrupt` after it when some of its blocks were skipped."""
         if kind == KIND_FRAME:

@@ -134,6 +134,7 @@ class Watcher:
 
         self.step = 0  # index of the optimizer step in progress (0-based)
         self._unsent = 0  # first step not yet sent to the writer
+        self._flushed_at = time.monotonic()
         self._act_row = -1  # step whose activation columns are initialised
         self._staged = _StagedValues()
         self._update_prev: list[torch.Tensor] | None = None
@@ -632,8 +633,12 @@ class Watcher:
         self._stepped_since_log = True
 
     def _maybe_flush(self) -> None:
-        """Flush a full window before its first row is reused (after `log()` had its chance)."""
-        if self.step - self._unsent >= self._flush_every:
+        """Flush a full window before its first row is reused (after `log()` had its chance), and
+        finished steps once `max_flush_interval` has passed since the last flush, so that slow
+        steps reach the log at once and fast ones at least that often."""
+        pending = self.step - self._unsent
+        if pending >= self._flush_every or (
+                pending and time.monotonic() - self._flushed_at >= self.config.measure.max_flush_interval):
             self._flush()
 
     def _flush(self, on_done: Callable[[], None] | None = None) -> None:
@@ -646,6 +651,7 @@ class Watcher:
                 on_done()
             return
         self._unsent = last
+        self._flushed_at = time.monotonic()
         try:
             if not self._free_staging:
                 self._writer.dropped += 1
