@@ -425,3 +425,21 @@ def _logged_steps(watcher: gradwatch.Watcher) -> list[int]:
     blocks = [b for r in runlog.read_log(watcher.path) if isinstance(r, runlog.Frame) for b in r.blocks
               if b.metric.name == "loss"]
     return [int(s) for b in blocks for s in b.steps]
+
+
+@pytest.mark.parametrize("run_id", ["../../escaped", "sub/dir", "x" * 300, ".hidden", "a b", "new\nline"],
+                         ids=["parent", "subdir", "too-long", "dot-first", "space", "newline"])
+def test_a_bad_gradwatch_run_id_is_refused_and_writes_nothing(run_id, monkeypatch, gradwatch_home):
+    monkeypatch.setenv("GRADWATCH_RUN_ID", run_id)
+    model = mlp()
+    with pytest.raises(ValueError, match="GRADWATCH_RUN_ID must be 1-64 letters, digits"):
+        gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not gradwatch_home.exists() or not any(gradwatch_home.rglob("*.gwlog"))
+    assert not any(gradwatch_home.parent.rglob("escaped*"))
+
+
+def test_a_good_gradwatch_run_id_names_the_log(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_RUN_ID", "exp-7.seed_1")
+    model = mlp()
+    with gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1)) as watcher:
+        assert watcher.run_id == "exp-7.seed_1" and watcher.path.name == "exp-7.seed_1.rank0.gwlog"

@@ -219,6 +219,7 @@ def valid_starts(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
     p = np.flatnonzero(seg[:-2] == MAGIC[0])
     p = p[(seg[p + 1] == MAGIC[1]) & (seg[p + 2] == MAGIC[2])] + lo
     p = p[p <= size - PREFIX.size]
+    p = p[arr[p + 6] <= MAX_RECORD_BYTES >> 24]  # the length's high byte: a cheap first cut of insane lengths
     if not p.shape[0]:
         return p.astype(np.int64)
     windows = np.ndarray((size - PREFIX.size + 1,), dtype=f"V{PREFIX.size}", buffer=arr, strides=(1,))

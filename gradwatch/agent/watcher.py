@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import platform
+import re
 import socket
 import threading
 import time
@@ -903,9 +904,19 @@ def _after(callback: Callable[[], None]) -> list[bytes]:
     return []
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _run_identity() -> tuple[str, int, int]:
-    """(run id, rank, world size); ranks of a distributed job share rank 0's run id."""
+    """(run id, rank, world size); ranks of a distributed job share rank 0's run id.
+
+    `GRADWATCH_RUN_ID` becomes a file name: anything but 1-64 letters, digits, `.`, `_` and
+    `-` (starting with a letter or digit) is refused rather than written somewhere else.
+    """
     run_id = os.environ.get("GRADWATCH_RUN_ID") or uuid.uuid4().hex[:12]
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"gradwatch: GRADWATCH_RUN_ID must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                         f"letter or digit. Got {run_id[:80]!r}")
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [run_id]
