@@ -431,3 +431,25 @@ def test_raise_guard_names_an_overflowed_norm_as_such():
             opt.step()
     [event] = events(watcher, "overflow")
     assert event.data["params"] == ["big.weight"] and event.data["count"] == 1
+
+
+def test_accelerate_prepared_optimizer_is_watched_through_its_wrapper():
+    import accelerate  # a test dependency: the real AcceleratedOptimizer, as Hugging Face's Trainer makes it
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    refs = []
+    with gradwatch.watch(model, opt, config={"clip": {"mode": "norm", "max_norm": 1e-3}}) as watcher:
+        for _ in range(3):
+            accelerator.backward(model(torch.randn(8, 4)).pow(2).mean() * 100)
+            refs.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+            opt.step()
+            opt.zero_grad()
+        assert watcher.snapshot()["errors"] == {}
+    header = records(watcher)[0]
+    assert isinstance(header, runlog.Header)
+    assert header.info["optimizer"] == {"class": "SGD", "wrappers": ["AcceleratedOptimizer"]}
+    np.testing.assert_allclose(series(watcher, "grad_norm_total")[1][:, 0], refs, rtol=1e-5)
+    np.testing.assert_allclose(series(watcher, "grad_norm_total_clipped")[1][:, 0], 1e-3, rtol=1e-3)
