@@ -413,12 +413,12 @@ def test_slow_steps_reach_the_log_within_the_flush_interval():
     config = {"measure": {"flush_every": 1000, "max_flush_interval": 0.01}}
     with gradwatch.watch(model, opt, config=config) as watcher:
         for step in range(3):
+            time.sleep(0.05)  # a slow step: longer than max_flush_interval since the last flush
             train(model, opt, "mlp", steps=1, watcher=watcher)
             deadline = time.monotonic() + 30  # only guards against a hang; nothing is asserted on time
             while _logged_steps(watcher) != list(range(step + 1)) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert _logged_steps(watcher) == list(range(step + 1))
-            time.sleep(0.05)
 
 
 def _logged_steps(watcher: gradwatch.Watcher) -> list[int]:
