@@ -14,6 +14,7 @@ what resynchronising costs on crafted input.
    middle is as many random bytes.
 
     python -m benchmarks.runlog_recovery [--steps 300] [--random 100] [--seed 0] [--mb 4]
+                                         [--write-docs docs/runlog.md]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import statistics
 import struct
 import tempfile
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,9 +110,9 @@ def write_real_log(home: Path, steps: int, seed: int = 0) -> Path:
 def spans(data: bytes) -> list[tuple[int, int, int]]:
     """(start, end, kind) of every record of an intact v2 log."""
     out = []
-    for start, end, reason in framing.scan(data, 2):
-        assert reason is None, f"the log is damaged at {start}: {reason}"
-        out.append((start, end, data[start + framing.PREFIX.size]))
+    for piece in framing.scan(data, 2):
+        assert piece.body is not None and piece.reason is None, f"the log is damaged at {piece.start}"
+        out.append((piece.start, piece.end, piece.body[0]))
     return out
 
 
@@ -121,8 +124,9 @@ def reference(path: Path, workdir: Path) -> Reference:
     """Ingest the intact log and list the values of each of its frames."""
     data = path.read_bytes()
     ref = Reference(path.name, data, np.empty(0, np.int64), np.empty(0, np.uint32), [])
-    ref.keys, ref.bits, dups, _ = ingest(ref, data, workdir)
-    assert dups == 0
+    stored = ingest(ref, data, workdir)
+    assert stored.duplicates == 0
+    ref.keys, ref.bits = stored.keys, stored.bits
     reader = runlog.LogReader(path)
     ends = {end: start for start, end, _ in spans(data)}
     for end, record in reader.read():
@@ -139,17 +143,28 @@ def reference(path: Path, workdir: Path) -> Reference:
     return ref
 
 
-def ingest(ref: Reference, data: bytes, workdir: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Ingest `data` as the log into a fresh SQLite store; returns the sorted keys and bit
-    patterns of the stored values, how many (series, step) were stored more than once, and
-    the number of ingest errors."""
+@dataclass
+class Stored:
+    """What one ingest stored: the sorted keys and bit patterns of its values."""
+
+    keys: np.ndarray
+    bits: np.ndarray
+    duplicates: int  # (series, step) stored more than once
+    errors: int  # ingest errors recorded
+    seconds: float  # taken by the ingest pass alone
+
+
+def ingest(ref: Reference, data: bytes, workdir: Path) -> Stored:
+    """Ingest `data` as the log into a fresh SQLite store, and read back what it stored."""
     home = Path(tempfile.mkdtemp(dir=workdir))
     try:
         path = runlog.logs_dir(home) / ref.name
         path.parent.mkdir(parents=True)
         path.write_bytes(data)
         with Store.open(home=home) as store:
+            t = time.perf_counter()
             ingest_pending(store, home)
+            seconds = time.perf_counter() - t
             with store.engine.connect() as conn:
                 names = {r.id: (r.metric, r.scope, int(r.entity)) for r in conn.execute(
                     select(s.series.c.id, s.series.c.metric, s.series.c.scope, s.series.c.entity))}
@@ -165,14 +180,16 @@ def ingest(ref: Reference, data: bytes, workdir: Path) -> tuple[np.ndarray, np.n
         bits.append(codec.decode_values(vals, n).view(np.uint32))
     k, b = np.concatenate(keys), np.concatenate(bits)
     order = np.argsort(k, kind="stable")
-    k, b = k[order], b[order]
-    return k, b, int(k.shape[0] - np.unique(k).shape[0]), errors
+    return Stored(k[order], b[order], int(k.shape[0] - np.unique(k).shape[0]), errors, seconds)
 
 
-def damaged_copies(data: bytes, n_random: int, seed: int) -> list[Damaged]:
-    """`n_random` copies with random bit flips, truncations or both (a third each), and
-    five targeted hits (magic, length, prefix checksum, kind, payload) on every copy of the
-    header and of each metric definition."""
+TARGETS = {"magic": 0, "length": 4, "prefix checksum": 12, "kind": framing.PREFIX.size, "payload": -1}  # -1: random
+
+
+def damaged_copies(data: bytes, n_random: int, seed: int, targets: Sequence[str] = tuple(TARGETS)) -> list[Damaged]:
+    """`n_random` copies with random bit flips (1 to 16), truncations or both (a third each),
+    and one copy per target (a byte of the prefix, the kind, a random payload byte) hit in
+    every copy of the header and of each metric definition."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_random):
@@ -184,8 +201,8 @@ def damaged_copies(data: bytes, n_random: int, seed: int) -> list[Damaged]:
         if kind_byte not in (runlog.KIND_HEADER, runlog.KIND_METRIC):
             continue
         what = "header" if kind_byte == runlog.KIND_HEADER else "definition"
-        payload = framing.PREFIX.size + 1
-        for at in (0, 4, 12, framing.PREFIX.size, int(rng.integers(payload, end - start))):
+        for target in targets:
+            at = TARGETS[target] if TARGETS[target] >= 0 else int(rng.integers(framing.PREFIX.size + 1, end - start))
             out.append(_flipped(f"targeted {what} copy", data, np.array([start + at]), rng, len(data)))
     return out
 
@@ -199,11 +216,11 @@ def _flipped(kind: str, data: bytes, offsets: np.ndarray, rng: np.random.Generat
 
 def score(ref: Reference, copy: Damaged, workdir: Path) -> Tally:
     """Ingest one damaged copy and tally what it gave back."""
-    keys, bits, dups, errors = ingest(ref, copy.data, workdir)
-    idx = np.minimum(np.searchsorted(ref.keys, keys), ref.keys.shape[0] - 1)
-    right = (ref.keys[idx] == keys) & (ref.bits[idx] == bits)
-    t = Tally(copies=1, wrong=int((~right).sum()) + dups, ingest_errors=errors)
-    good = keys[right]
+    got = ingest(ref, copy.data, workdir)
+    idx = np.minimum(np.searchsorted(ref.keys, got.keys), ref.keys.shape[0] - 1)
+    right = (ref.keys[idx] == got.keys) & (ref.bits[idx] == got.bits)
+    t = Tally(copies=1, wrong=int((~right).sum()) + got.duplicates, ingest_errors=got.errors)
+    good = got.keys[right]
     for start, end, frame_keys in ref.frames:
         touched = np.searchsorted(copy.changed, start) < np.searchsorted(copy.changed, end)
         if end <= copy.kept and not touched:
@@ -222,43 +239,84 @@ def recovery(ref: Reference, copies: list[Damaged], workdir: Path) -> dict[str, 
     return tallies
 
 
-def crafted(n_bytes: int, seed: int) -> bytes:
-    """Bytes made to defeat resynchronisation: magics every 15, 7 or 3 bytes followed by
-    lengths that fit in the log, lengths past its end and lengths over the maximum, with
-    checksums that do not hold."""
+def crafted(n_bytes: int, seed: int, patterns: Sequence[int] = (0, 1, 2, 3)) -> bytes:
+    """Bytes made to defeat resynchronisation, in runs of 64 alike, of these patterns:
+    0: magics followed by lengths that fit in the log, 1: by lengths past its end (a magic
+    every 7 bytes: the densest stream of candidates a cheap length cut lets through), 2: by
+    lengths over the maximum (magics back to back), all with prefix checksums that do not
+    hold; 3: forged prefixes whose checksums hold, each claiming 1 MB (so each holds the
+    next) over a body whose checksum does not."""
     rng = np.random.default_rng(seed)
-    units = []
-    size = 0
+    forged_head = framing.PREFIX_V1.pack(framing.MAGIC, 1 << 20, 0)
+    forged = forged_head + struct.pack("<I", zlib.crc32(forged_head)) + b"\x00"
+    runs, size = [], 0
     while size < n_bytes:
-        pattern = int(rng.integers(0, 3))
+        pattern = int(rng.choice(patterns))
         if pattern == 0:
             unit = framing.MAGIC + struct.pack("<III", int(rng.integers(1, 1 << 16)), int(rng.integers(0, 1 << 32)),
                                                int(rng.integers(0, 1 << 32)))
         elif pattern == 1:
             unit = framing.MAGIC + struct.pack("<I", int(rng.integers(n_bytes, framing.MAX_RECORD_BYTES)))
+        elif pattern == 2:
+            unit = framing.MAGIC
         else:
-            unit = framing.MAGIC * 64
-        units.append(unit * 64)
+            unit = forged
+        runs.append(unit * 64)
         size += len(unit) * 64
-    return b"".join(units)[:n_bytes]
+    return b"".join(runs)[:n_bytes]
 
 
-def resync_times(ref: Reference, n_bytes: int, workdir: Path, seed: int, repeats: int = 5) -> dict[str, float]:
-    """Median ingest seconds of the log's header and definitions followed by `n_bytes` of
-    crafted bytes, of random bytes, and (for scale) of the whole intact log."""
+def resync_times(ref: Reference, n_bytes: int, workdir: Path, seed: int, repeats: int = 9) -> dict[str, float]:
+    """Median seconds (runs interleaved) to ingest the log's header and definitions followed
+    by `n_bytes` crafted bytes (every pattern, or the densest alone), by `n_bytes` random
+    bytes, and the intact log (for scale); and to scan the crafted and the random logs alone
+    (`framing.scan`, no store)."""
     first_frame = min(start for start, _, _ in ref.frames)
     head = ref.data[:first_frame]
     rng = np.random.default_rng(seed)
-    logs = {"crafted": head + crafted(n_bytes, seed), "random": head + rng.bytes(n_bytes), "intact": ref.data}
-    out = {}
-    for name, data in logs.items():
-        times = []
-        for _ in range(repeats):
+    logs = {"crafted": head + crafted(n_bytes, seed), "densest": head + crafted(n_bytes, seed, patterns=(1,)),
+            "random": head + rng.bytes(n_bytes), "intact": ref.data}
+    times: dict[str, list[float]] = {name: [] for name in [*logs, "scan crafted", "scan random"]}
+    for _ in range(repeats):
+        for name, data in logs.items():
+            times[name].append(ingest(ref, data, workdir).seconds)
+        for name in ("crafted", "random"):
             t = time.perf_counter()
-            ingest(ref, data, workdir)
-            times.append(time.perf_counter() - t)
-        out[name] = statistics.median(times)
-    return out
+            for _ in framing.scan(logs[name], 2):
+                pass
+            times[f"scan {name}"].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """The benchmark's results, as lines of Markdown."""
+    ref = reference(write_real_log(workdir / "agent", args.steps, args.seed), workdir)
+    kinds = [k for _, _, k in spans(ref.data)]
+    lines = [f"Log: {len(ref.data):,} bytes, {len(kinds)} records ({kinds.count(runlog.KIND_FRAME)} frames, "
+             f"{kinds.count(runlog.KIND_HEADER)} header copies, {kinds.count(runlog.KIND_METRIC)} definition "
+             f"copies), {ref.keys.shape[0]:,} values.", "",
+             "| damage | copies | values of intact frames | recovered | share | wrong values stored | ingest errors |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, t in recovery(ref, damaged_copies(ref.data, args.random, args.seed), workdir).items():
+        share = t.recovered / t.expected if t.expected else 1.0
+        lines.append(f"| {kind} | {t.copies} | {t.expected:,} | {t.recovered:,} | {100 * share:.2f}% | {t.wrong} "
+                     f"| {t.ingest_errors} |")
+    ms = {k: v * 1e3 for k, v in resync_times(ref, int(args.mb * 1e6), workdir, args.seed).items()}
+    lines += ["", f"Ingest of the header and definitions followed by {args.mb:g} MB (median of 9, into a fresh "
+              f"SQLite store): crafted {ms['crafted']:.1f} ms, random {ms['random']:.1f} ms, ratio "
+              f"{ms['crafted'] / ms['random']:.2f}; crafted with the densest pattern alone {ms['densest']:.1f} ms, "
+              f"ratio {ms['densest'] / ms['random']:.2f}. Scanning alone: crafted {ms['scan crafted']:.1f} ms, "
+              f"random {ms['scan random']:.1f} ms. For scale, the intact {len(ref.data) / 1e6:.2f} MB log ingests "
+              f"in {ms['intact']:.1f} ms."]
+    return lines
+
+
+def write_docs(path: Path, lines: list[str]) -> None:
+    """Replace the text between the runlog-recovery markers of `path` with `lines`."""
+    text = path.read_text()
+    begin, end = "<!-- runlog-recovery:begin -->", "<!-- runlog-recovery:end -->"
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -267,29 +325,16 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=100, help="randomly damaged copies (plus the targeted ones)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mb", type=float, default=4.0, help="size of the crafted and random logs")
+    ap.add_argument("--write-docs", type=Path, default=None, help="put the results into this file (docs/runlog.md)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gwrecovery-"))
     try:
-        path = write_real_log(workdir / "agent", args.steps, args.seed)
-        ref = reference(path, workdir)
-        kinds = [k for _, _, k in spans(ref.data)]
-        print(f"log: {len(ref.data)} bytes, {len(kinds)} records ({kinds.count(runlog.KIND_FRAME)} frames, "
-              f"{kinds.count(runlog.KIND_METRIC)} definition copies, {kinds.count(runlog.KIND_HEADER)} header "
-              f"copies), {ref.keys.shape[0]} values")
-        copies = damaged_copies(ref.data, args.random, args.seed)
-        print("| damage | copies | values of intact frames | recovered | share | wrong values stored "
-              "| ingest errors |")
-        print("|---|---|---|---|---|---|---|")
-        for kind, t in recovery(ref, copies, workdir).items():
-            share = t.recovered / t.expected if t.expected else 1.0
-            print(f"| {kind} | {t.copies} | {t.expected} | {t.recovered} | {100 * share:.2f}% | {t.wrong} "
-                  f"| {t.ingest_errors} |")
-        times = resync_times(ref, int(args.mb * 1e6), workdir, args.seed)
-        print(f"ingest of the header + {args.mb:g} MB: crafted {times['crafted'] * 1e3:.1f} ms, random "
-              f"{times['random'] * 1e3:.1f} ms, ratio {times['crafted'] / times['random']:.2f} "
-              f"(the intact {len(ref.data) / 1e6:.2f} MB log: {times['intact'] * 1e3:.1f} ms)")
+        lines = report(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(lines))
+    if args.write_docs is not None:
+        write_docs(args.write_docs, lines)
 
 
 if __name__ == "__main__":

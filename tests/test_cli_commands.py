@@ -47,12 +47,16 @@ def test_runs_lists_newest_first_with_norm_range_and_clip_rate(home, store):
     for r in rows:
         job = next(j for j in demo.JOBS if j.name == r["name"])
         assert r["status"] == "finished" and r["steps"] == demo.job_steps(job, quick=True)
-        norms = store.run_series(r["id"], "grad_norm_total").values
+        steps, norms = store.run_series(r["id"], "grad_norm_total")
         assert r["grad_norm_total_min"] == pytest.approx(norms[np.isfinite(norms)].min())
+        assert r["grad_norm_total_max"] == pytest.approx(norms[~np.isnan(norms)].max())
         coef = store.run_series(r["id"], "clip_coef").values
         assert r["clip_rate"] == pytest.approx(np.mean(coef < 1 - 1e-6))
+        loss_steps, loss = store.run_series(r["id"], "loss")
+        bad = set(steps[~np.isfinite(norms)].tolist()) | set(loss_steps[~np.isfinite(loss)].tolist())
+        assert r["nonfinite_steps"] == len(bad)
     by_name = {r["name"]: r for r in rows}
-    assert by_name["demo-rnn-high-lr"]["grad_norm_total_max"] == "inf"
+    assert by_name["demo-rnn-high-lr"]["nonfinite_steps"] > 0
     assert by_name["demo-rnn-high-lr-clipped"]["clip_rate"] > 0.5
     assert by_name["demo-healthy"]["clip_rate"] == 0.0
 
@@ -60,7 +64,7 @@ def test_runs_lists_newest_first_with_norm_range_and_clip_rate(home, store):
 def test_runs_table(home):
     lines = ok("runs", "--home", home).splitlines()
     assert lines[0].split() == ["ID", "NAME", "PROJECT", "STATUS", "STEPS", "STARTED", "DURATION", "TOTAL",
-                                "NORM", "CLIPPED"]
+                                "NORM", "CLIPPED", "NAN/INF"]
     assert [line.split()[1] for line in lines[1:]] == NAMES_NEWEST_FIRST
     assert len({line.index("finished") for line in lines[1:]}) == 1  # aligned
 
@@ -124,6 +128,7 @@ def test_layers_at_the_last_step(home, store):
     assert d["step"] == table.step
     assert [r["layer"] for r in d["layers"]] == [ly.name for ly in table.layers]
     for m in d["metrics"]:
+        assert [r[m] is None for r in d["layers"]] == (~table.measured[m]).tolist(), m  # null: not measured
         got = np.array([np.nan if r[m] is None else r[m] for r in d["layers"]], dtype=float)
         np.testing.assert_allclose(got, table.values[m], equal_nan=True)
 
@@ -247,13 +252,14 @@ def test_export_csv_has_every_value(home, store, tmp_path):
     assert sum(r["record"] == "layer" for r in rows) == len(store.layers(run_id))
 
 
-def test_export_json_and_jsonl_agree_and_encode_inf(home, store):
+def test_export_json_and_jsonl_agree_and_encode_nan(home, store):
     array = json.loads(ok("export", "demo-rnn-high-lr", "--home", home, "--format", "json"))
     lines = [json.loads(line) for line in ok("export", "demo-rnn-high-lr", "--home", home,
                                              "--format", "jsonl").splitlines()]
     assert array == lines
     norms = [r["value"] for r in lines if r["record"] == "value" and r["metric"] == "grad_norm_total"]
-    assert "inf" in norms
+    stored = store.run_series(store.resolve_run("demo-rnn-high-lr"), "grad_norm_total").values
+    assert norms.count("nan") == np.isnan(stored).sum() > 0
     assert [r for r in lines if r["record"] == "event"][0]["kind"] == "nonfinite"
 
 

@@ -76,6 +76,11 @@ def test_high_lr_rnn_explodes_to_nonfinite(store):
     finite = norms[np.isfinite(norms)]
     assert exploding.evidence.values["max_norm"] == pytest.approx(finite.max())
     assert any("LSTM or GRU" in r for r in exploding.remedies)
+    steps, loss = store.run_series(run_id, "loss")
+    values = found["nonfinite_loss"].evidence.values  # every stored NaN/Inf step counted
+    assert values["nonfinite_steps"] == np.count_nonzero(~np.isfinite(loss)) > 0
+    assert values["nan_steps"] == np.count_nonzero(np.isnan(loss))
+    assert values["first_step"] == steps[~np.isfinite(loss)][0]
 
 
 def test_clipped_rnn_reports_its_clip_rate_and_a_threshold(store):

@@ -148,9 +148,55 @@ def test_layer_update_ratio_uses_params_measured_at_the_same_step() -> None:
 
 
 def test_layer_update_ratio_without_norms() -> None:
-    assert layer_update_ratio([0.1], [math.nan]) is None
     assert layer_update_ratio([], []) is None
+    assert layer_update_ratio([0.1], [0.0]) is None
     assert layer_update_ratio([0.5], [2.0]) == pytest.approx(0.5)
+    assert math.isnan(layer_update_ratio([0.1, 0.2], [math.nan, 2.0]))  # a NaN norm is a value, not a gap
+
+
+def _nonfinite_run() -> RunLatest:
+    """`_run()` at a step where the loss is NaN, the total norm overflowed and a layer output NaN/Inf."""
+    run = _run()
+    changed = {("loss", ""): math.nan, ("grad_norm_total", ""): math.inf, ("grad_norm", "fc.weight"): math.inf,
+               ("grad_norm", "fc"): math.inf, ("param_norm", "fc.bias"): math.nan, ("clip_coef", ""): -math.inf}
+    run.values = [LatestValue(v.run_id, v.rank, v.metric, v.scope, v.entity, v.step,
+                              changed.get((v.metric, v.entity), v.value)) for v in run.values]
+    run.values += [LatestValue("r1", 0, "overflow_params", "run", "", 7, 1.0),
+                   LatestValue("r1", 0, "act_nonfinite", "layer", "act", 5, 16.0)]
+    run.counts.update({(0, "overflow_steps"): 1.0, (0, "nonfinite_loss_steps"): 17.0})
+    return run
+
+
+def test_nonfinite_values_are_exported_as_nan_and_inf() -> None:
+    reg = _registry([_nonfinite_run()], per_param=True)
+    labels = {"run": "r1", "rank": "0"}
+    assert math.isnan(reg.get_sample_value("gradwatch_loss", labels))  # not the last finite loss
+    assert reg.get_sample_value("gradwatch_global_grad_norm", labels) == math.inf
+    assert reg.get_sample_value("gradwatch_clip_coefficient_ratio", labels) == -math.inf
+    assert reg.get_sample_value("gradwatch_overflow_params", labels) == 1.0
+    assert reg.get_sample_value("gradwatch_overflow_steps_total", labels) == 1.0
+    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 17.0
+    assert reg.get_sample_value("gradwatch_scalar", {**labels, "scalar": "overflow_params"}) is None
+    fc, act = {**labels, "layer": "fc"}, {**labels, "layer": "act"}
+    assert reg.get_sample_value("gradwatch_layer_grad_norm", fc) == math.inf
+    assert reg.get_sample_value("gradwatch_param_grad_norm", {**fc, "param": "fc.weight"}) == math.inf
+    assert math.isnan(reg.get_sample_value("gradwatch_layer_param_norm", fc))
+    assert math.isnan(reg.get_sample_value("gradwatch_layer_update_ratio", fc))
+    assert reg.get_sample_value("gradwatch_layer_activation_nonfinite", act) == 16.0
+    text = generate_latest(reg).decode()
+    assert 'gradwatch_loss{rank="0",run="r1"} NaN' in text.splitlines()
+    assert 'gradwatch_global_grad_norm{rank="0",run="r1"} +Inf' in text.splitlines()
+    assert 'gradwatch_clip_coefficient_ratio{rank="0",run="r1"} -Inf' in text.splitlines()
+
+
+def test_nonfinite_exposition_passes_promtool_and_openmetrics() -> None:
+    promtool = require_binary("promtool")
+    reg = _registry([_nonfinite_run()], per_param=True)
+    proc = subprocess.run([promtool, "check", "metrics"], input=generate_latest(reg), capture_output=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == b"" and proc.stderr.strip() == b"", proc
+    families = {f.name: f for f in parse_openmetrics(openmetrics_latest(reg).decode())}
+    (loss,) = families["gradwatch_loss"].samples
+    assert math.isnan(loss.value)
 
 
 def test_exposition_passes_promtool() -> None:

@@ -110,3 +110,51 @@ def test_unreadable_store_reports_down(tmp_path: Path) -> None:
     store.close()
     (tmp_path / "gradwatch.db").mkdir()  # now a directory: nothing can be read
     assert reg.get_sample_value("gradwatch_exporter_store_up") == 0
+
+
+def test_a_nan_loss_is_served_as_nan_and_counted_exactly(tmp_path: Path, store: Store) -> None:
+    """A real run whose loss is NaN from step 53 to its last step 59 (a batch holding NaN)."""
+    from tests.fixtures.cli_runs import train_nan_batch
+
+    trained = train_nan_batch(tmp_path, steps=60)
+    Ingester(store, tmp_path).poll_once()
+    reg = _registry(StoreSource(store, grace=1e9), grace=1e9)
+    labels = {"run": trained.run_id, "rank": "0"}
+    assert np.isnan(reg.get_sample_value("gradwatch_loss", labels))  # not the last finite loss
+    assert np.isnan(reg.get_sample_value("gradwatch_global_grad_norm", labels))
+    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 7
+    assert reg.get_sample_value("gradwatch_nonfinite_steps_total", labels) == 7
+    assert reg.get_sample_value("gradwatch_overflow_steps_total", labels) == 0
+    assert reg.get_sample_value("gradwatch_overflow_params", labels) == 0
+    relu = {**labels, "layer": "1"}
+    assert reg.get_sample_value("gradwatch_layer_activation_nonfinite", relu) == trained.nonfinite_outputs[59] == 8
+    assert np.isnan(reg.get_sample_value("gradwatch_layer_act_grad_norm", relu))
+    assert np.isnan(reg.get_sample_value("gradwatch_layer_grad_norm", {**labels, "layer": "0"}))
+
+
+def test_nonfinite_loss_steps_are_counted_across_scrapes(tmp_path: Path, store: Store) -> None:
+    """NaN on steps 53-69, written in two flushes that split the range: every NaN step counted once."""
+    from gradwatch.agent import runlog
+
+    run = SyntheticRun(run_id="nanloss1")
+    loss_id = run.metrics["loss"].id
+    path = run.path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def frame(first: int, last: int) -> bytes:
+        steps = np.arange(first, last + 1)
+        loss = np.where((steps >= 53) & (steps <= 69), np.nan, 1.0 / (1 + steps)).reshape(-1, 1)
+        return runlog.encode_frame([(loss_id, steps, loss, np.ones(loss.shape, bool))])
+
+    path.write_bytes(runlog.encode_header(run.header()) + frame(0, 59))
+    ingester = Ingester(store, tmp_path)
+    ingester.poll_once()
+    reg = _registry(StoreSource(store))
+    labels = {"run": "nanloss1", "rank": "0"}
+    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 7
+    assert np.isnan(reg.get_sample_value("gradwatch_loss", labels))
+    with path.open("ab") as f:
+        f.write(frame(60, 99))
+    ingester.poll_once()
+    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 17
+    assert reg.get_sample_value("gradwatch_loss", labels) == pytest.approx(1.0 / 100)

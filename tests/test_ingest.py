@@ -18,7 +18,7 @@ from torch import nn
 
 from tests.fixtures.pg import store_url  # noqa: F401 - fixture
 from tests.fixtures.runlogs import SyntheticRun
-from gradwatch.agent import runlog
+from gradwatch.agent import framing, runlog
 from gradwatch.ingest import Ingester, ingest_pending
 from gradwatch.store import Store
 
@@ -285,3 +285,93 @@ def test_real_agent_run_is_stored_as_measured(store: Store, tmp_path: Path) -> N
                 assert latest[(metric, "layer", name)].value == pytest.approx(value, rel=1e-5), (name, metric)
     steps, _ = store.run_series(run.id, "grad_norm_total")
     np.testing.assert_array_equal(steps, np.arange(steps[0], snap["step"] + 1))
+
+
+# ---------------------------------------------------------------- run log v2: damage and NaN
+
+def _copy_starts(data: bytes, kind: int) -> list[int]:
+    return [p.start for p in framing.scan(data, 2) if p.body is not None and p.body[0] == kind]
+
+
+def _flip(path: Path, *offsets: int) -> None:
+    buf = bytearray(path.read_bytes())
+    for off in offsets:
+        buf[off] ^= 0x04
+    path.write_bytes(bytes(buf))
+
+
+def test_a_damaged_header_copy_loses_nothing(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    path = r.write(tmp_path, 40)
+    _flip(path, 60)  # inside the first copy of the header
+    rep = ingest_pending(store, tmp_path)
+    assert rep.values == 40 * r.values_per_step() - _not_measured(r, 40) and rep.errors == 1
+    assert store.run(r.run_id).status == "finished"
+    (err,) = store.ingest_errors()
+    assert (err.offset, err.reason) == (0, "checksum mismatch")
+
+
+def _not_measured(r: SyntheticRun, steps: int) -> int:
+    return sum(int(np.isnan(r.value(m.name, np.arange(steps), e)).sum())
+               for m in r.metrics.values() for e in ([0] if m.scope == "run" else m.indices))
+
+
+def test_a_damaged_definition_copy_loses_no_frame(store: Store, tmp_path: Path) -> None:
+    """The `loss` definition comes after the header, as a user scalar's does; one of its
+    copies damaged, every later frame is still stored whole."""
+    r = SyntheticRun()
+    header = r.header()
+    header.metrics = [m for m in header.metrics if m.name != "loss"]
+    path = r.path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(runlog.encode_header(header) + runlog.encode_metric(r.metrics["loss"])
+                     + r.frame(0, 20) + r.frame(20, 20))
+    definition = _copy_starts(path.read_bytes(), runlog.KIND_METRIC)[0]
+    _flip(path, definition + 20)
+    ingest_pending(store, tmp_path)
+    steps, values = store.run_series(r.run_id, "loss")
+    np.testing.assert_array_equal(steps, np.arange(40))
+    np.testing.assert_array_equal(values, r.value("loss", np.arange(40), 0))
+    assert [e.offset for e in store.ingest_errors()] == [definition]
+
+
+def test_a_log_whose_header_no_copy_can_give_back_is_broken(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    path = r.write(tmp_path, 20)
+    first, second, third = _copy_starts(path.read_bytes(), runlog.KIND_HEADER)
+    _flip(path, first + 50, second + 50, third + 51)  # the same byte in two copies: no majority
+    ingest_pending(store, tmp_path)
+    assert store.list_runs() == [] and [lg.state for lg in store.logs()] == ["broken"]
+    (err,) = store.ingest_errors()
+    assert err.offset == 0 and err.reason.startswith("no valid header: checksum mismatch")
+
+
+def test_nan_and_inf_measured_are_stored_and_not_measured_is_not(store: Store, tmp_path: Path) -> None:
+    r = SyntheticRun()
+    path = r.write(tmp_path, 2, close=False)
+    loss = r.metrics["loss"].id
+    values = np.array([[np.nan], [np.inf], [np.nan], [-np.inf]], dtype=np.float32)
+    present = np.array([[True], [True], [False], [True]])
+    with open(path, "ab") as f:
+        f.write(runlog.encode_frame([(loss, np.arange(2, 6), values, present)]))
+    ingest_pending(store, tmp_path)
+    steps, stored = store.run_series(r.run_id, "loss")
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3, 5])
+    np.testing.assert_array_equal(stored[2:], [np.nan, np.inf, -np.inf])
+
+
+def test_a_v1_log_written_by_the_previous_release_still_ingests(store: Store, tmp_path: Path) -> None:
+    """tests/fixtures/v1_release.gwlog: 12 steps of a tiny MLP recorded by the release before
+    run log v2, whose own reader found 276 measured values in it (NaN = not measured)."""
+    path = runlog.logs_dir(tmp_path) / "33d28b8b7ecc.rank0.gwlog"
+    path.parent.mkdir(parents=True)
+    path.write_bytes((Path(__file__).parent / "fixtures" / "v1_release.gwlog").read_bytes())
+    rep = ingest_pending(store, tmp_path)
+    assert (rep.values, rep.errors) == (276, 0)
+    run = store.run("33d28b8b7ecc")
+    assert (run.name, run.status, run.last_step) == ("v1-release", "finished", 11)
+    steps, loss = store.run_series(run.id, "loss")
+    np.testing.assert_array_equal(steps, np.arange(12))
+    assert loss[[0, 11]].tolist() == pytest.approx([0.6988592147827148, 0.6388620138168335], rel=1e-7)
+    steps, _ = store.param_history(run.id, 0, "param_norm")
+    np.testing.assert_array_equal(steps, np.arange(0, 12, 2))

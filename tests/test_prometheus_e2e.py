@@ -164,3 +164,33 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_path: Path, serve_facto
     assert serve.stop() == 0
     assert "pw-e2e-secret" not in serve.log_path.read_text()
     assert base64.b64encode(b"prom:pw-e2e-secret").decode() not in serve.log_path.read_text()
+
+
+def test_a_nan_loss_reaches_prometheus_as_nan_and_fires_the_alert_rules(tmp_path: Path, serve_factory,  # noqa: F811
+                                                                         prometheus_factory) -> None:  # noqa: F811
+    """A real run whose batch holds NaN from step 53 to its last step 59: Prometheus scrapes NaN
+    for the loss and the total norm (not their last finite values), and the expressions of the
+    shipped alert rules for a non-finite loss, gradients and activations select the run."""
+    import yaml
+
+    from tests.fixtures.cli_runs import train_nan_batch
+
+    run = train_nan_batch(tmp_path, steps=60).run_id
+    port = free_port()
+    serve = serve_factory(["--home", str(tmp_path), "--port", str(port), "--grace", "3600", "--poll-interval", "0.2"])
+    serve.started()
+    prom = prometheus_factory([f"127.0.0.1:{port}"])
+    prom.wait_target_up()
+    prom.wait_for(f'gradwatch_step{{run="{run}"}}', lambda r: len(r) == 1 and r[0]["value"][1] == "59",
+                  "the last step in Prometheus")
+    for metric in ("gradwatch_loss", "gradwatch_global_grad_norm"):
+        (sample,) = prom.query(f'{metric}{{run="{run}"}}')
+        assert sample["value"][1] == "NaN", metric
+    assert _one(prom, f'gradwatch_nonfinite_loss_steps_total{{run="{run}"}}') == 7
+    rules = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "gradwatch-alerts.yml"
+    exprs = {r["alert"]: r["expr"] for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]
+             if "alert" in r}
+    for name in ("GradwatchLossNotFinite", "GradwatchNonFiniteGradients", "GradwatchActivationsNotFinite"):
+        assert {r["metric"]["run"] for r in prom.query(exprs[name])} == {run}, name
+    assert prom.query(exprs["GradwatchGradNormOverflow"]) == []
+    assert serve.stop() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -59,6 +60,21 @@ def test_background_pushes_and_final_push(pushgateway: Pushgateway) -> None:  # 
     assert list(got.values()) == [0.25]
 
 
+def test_push_keeps_nan_and_inf_values(pushgateway: Pushgateway) -> None:  # noqa: F811
+    runs = [RunLatest(id="r4", name="n", project="p", status="running",
+                      values=[LatestValue("r4", 0, "loss", "run", "", 60, math.nan),
+                              LatestValue("r4", 0, "grad_norm_total", "run", "", 60, math.inf),
+                              LatestValue("r4", 0, "clip_coef", "run", "", 60, -math.inf)])]
+    registry = CollectorRegistry()
+    registry.register(GradwatchCollector(lambda: runs))
+    assert Pusher(pushgateway.url, registry, instance="node9").push_once()
+    text = pushgateway.metrics()
+    (loss,) = _samples(text, "gradwatch_loss").values()
+    assert math.isnan(loss)  # a NaN loss stays NaN on the gateway, for the alert rules
+    assert list(_samples(text, "gradwatch_global_grad_norm").values()) == [math.inf]
+    assert list(_samples(text, "gradwatch_clip_coefficient_ratio").values()) == [-math.inf]
+
+
 def test_unreachable_gateway_is_logged_once_without_credentials() -> None:
     url = f"http://user:topsecret@127.0.0.1:{free_port()}"
     stream = io.StringIO()
@@ -91,3 +107,25 @@ def test_serve_pushes_ingested_runs(tmp_path: Path, pushgateway: Pushgateway,  #
     assert dict(labels)["run"] == "pushed1" and dict(labels)["job"] == "gwserve" and value == 29
     assert serve.stop() == 0
     assert [e["event"] for e in serve.events()].count("push_ok") == 1
+
+
+def test_serve_pushes_a_nan_loss_as_nan(tmp_path: Path, pushgateway: Pushgateway,  # noqa: F811
+                                        serve_factory) -> None:  # noqa: F811
+    """A real run whose loss is NaN from step 53 to its last step 59: the gateway holds NaN, not
+    the last finite loss, and counts the 7 NaN steps."""
+    from tests.fixtures.cli_runs import train_nan_batch
+
+    run = train_nan_batch(tmp_path, steps=60).run_id
+    serve = serve_factory(["--home", str(tmp_path), "--port", "0", "--grace", "3600", "--pushgateway",
+                           pushgateway.url, "--push-interval", "0.5"])
+    serve.started()
+
+    def pushed() -> str | None:
+        text = pushgateway.metrics()
+        return text if list(_samples(text, "gradwatch_step").values()) == [59] else None
+
+    text = wait_until(pushed, "serve to push the run's last step")
+    (loss,) = _samples(text, "gradwatch_loss").items()
+    assert dict(loss[0])["run"] == run and math.isnan(loss[1])
+    assert list(_samples(text, "gradwatch_nonfinite_loss_steps_total").values()) == [7]
+    assert serve.stop() == 0

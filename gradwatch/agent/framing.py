@@ -118,12 +118,20 @@ def rebuild(data: bytes, start: int, end: int, sizes: set[int]) -> bytes | None:
     for size in sorted(sizes):
         if size <= PREFIX.size or start + COPIES * size > end:
             continue
-        first, second, third = arr[start:start + COPIES * size].reshape(COPIES, size)
-        record = np.where(first == second, first, third).tobytes()  # two agreeing copies outvote the third
+        copies = arr[start:start + COPIES * size].reshape(COPIES, size)
+        if _record_at(_vote(copies[:, :PREFIX.size]), 0)[0] != size:
+            continue  # the voted prefix settles it in O(1) for a stretch that is no set of copies
+        record = _vote(copies)
         rec_end, body_crc = _record_at(record, 0)
         if rec_end == size and crc32(record[PREFIX.size:]) == body_crc:
             return record[PREFIX.size:]
     return None
+
+
+def _vote(copies: np.ndarray) -> bytes:
+    """Byte by byte, the value two of three copies agree on."""
+    first, second, third = copies
+    return np.where(first == second, first, third).tobytes()
 
 
 def _scan_v2(data: bytes) -> Iterator[_Raw]:
@@ -142,9 +150,10 @@ def _scan_v2(data: bytes) -> Iterator[_Raw]:
             pos = nxt
             continue
         inner = starts.first(pos + 1, min(end, size))
-        if inner is not None:  # a record starts inside this one: it was cut short
-            yield pos, inner, "truncated record"
-            pos = inner
+        if inner is not None:  # a record starts inside this one: it was cut short, and maybe that one too
+            nxt = starts.uncut()
+            yield pos, nxt, "truncated record"
+            pos = nxt
             continue
         if end > size:
             return  # torn tail
@@ -193,62 +202,79 @@ class _Starts:
     def __init__(self, data: bytes) -> None:
         self._arr = np.frombuffer(data, dtype=np.uint8)
         self._done = 0  # every offset below this has been examined
-        self._found = np.empty(0, dtype=np.int64)
+        self._found = np.empty(0, dtype=np.int64)  # the starts of the chunk examined last
+        self._uncut = np.empty(0, dtype=np.int64)  # per start: index of the first start from it on with none inside
+        self._i = 0  # index of the start `first` returned last
 
     def first(self, lo: int, hi: int) -> int | None:
         """The first start p with lo <= p < hi, or None. `lo` never decreases between calls."""
         while True:
-            self._found = self._found[np.searchsorted(self._found, lo):]
-            if self._found.shape[0]:
-                p = int(self._found[0])
+            self._i += int(np.searchsorted(self._found[self._i:], lo))
+            if self._i < self._found.shape[0]:
+                p = int(self._found[self._i])
                 return p if p < hi else None
             if self._done >= min(hi, self._arr.shape[0]):
                 return None
             start = max(lo, self._done)
             self._done = min(start + _CHUNK, self._arr.shape[0])
-            self._found = valid_starts(self._arr, start, self._done)
+            self._found, ends = valid_starts(self._arr, start, self._done)
+            self._uncut = _uncut(self._found, ends)
+            self._i = 0
+
+    def uncut(self) -> int:
+        """From the start `first` returned last on, the first (among those examined) whose
+        record holds no later start: every one before it was cut short. O(1), so a crafted
+        run of nested records costs no Python work per record."""
+        return int(self._found[self._uncut[self._i]])
 
 
-def valid_starts(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Offsets p in [lo, hi) of `arr` (uint8) where a whole v2 prefix checks out: the magic,
-    a sane length and the prefix checksum. Vectorised: O(hi - lo) numpy work."""
-    size = arr.shape[0]
-    seg = arr[lo:min(hi + len(MAGIC) - 1, size)]
-    if seg.shape[0] < len(MAGIC) or size < PREFIX.size:
-        return np.empty(0, dtype=np.int64)
-    p = np.flatnonzero(seg[:-2] == MAGIC[0])
-    p = p[(seg[p + 1] == MAGIC[1]) & (seg[p + 2] == MAGIC[2])] + lo
-    p = p[p <= size - PREFIX.size]
-    p = p[arr[p + 6] <= MAX_RECORD_BYTES >> 24]  # the length's high byte: a cheap first cut of insane lengths
+def _uncut(found: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    n = found.shape[0]
+    index = np.arange(n)
+    index[:-1][found[1:] < ends[:-1]] = n  # cut short by the next start
+    return np.minimum.accumulate(index[::-1])[::-1]
+
+
+def valid_starts(arr: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets p in [lo, hi) of `arr` (uint8) where a whole v2 prefix checks out (the magic,
+    a sane length and the prefix checksum), and where their records end. Vectorised:
+    O(hi - lo) numpy work."""
+    none = np.empty(0, dtype=np.int64)
+    stop = min(hi, arr.shape[0] - PREFIX.size + 1)  # a start needs its whole prefix
+    if stop <= lo:
+        return none, none
+    n = stop - lo
+    hit = arr[lo:lo + n] == MAGIC[0]
+    for k in (1, 2):
+        hit &= arr[lo + k:lo + k + n] == MAGIC[k]
+    hit &= arr[lo + 6:lo + 6 + n] <= MAX_RECORD_BYTES >> 24  # the length's high byte: a first cut of insane lengths
+    p = np.flatnonzero(hit) + lo
     if not p.shape[0]:
-        return p.astype(np.int64)
-    windows = np.ndarray((size - PREFIX.size + 1,), dtype=f"V{PREFIX.size}", buffer=arr, strides=(1,))
-    heads = windows[p].view(np.uint8).reshape(-1, PREFIX.size)  # one row of 15 bytes per candidate
-    cols = np.ascontiguousarray(heads[:, len(MAGIC):].T)  # (12, k): the bytes of length, crc32(body), check
-    length, check = _u32(cols[0:4]), _u32(cols[8:12])
+        return none, none
+    size = arr.shape[0]
+    fields = np.ndarray((size - 7,), dtype="<u8", buffer=arr, strides=(1,))[p + 3]  # bytes 3-10: length, crc32(body)
+    check = np.ndarray((size - 3,), dtype="<u4", buffer=arr, strides=(1,))[p + 3 + 8]
     base, tables = _prefix_crc_tables()
-    crc = tables[0][cols[0]] ^ np.uint32(base)
-    for j in range(1, len(tables)):
-        crc ^= tables[j][cols[j]]
-    return p[(crc == check) & (length > 0) & (length <= MAX_RECORD_BYTES)].astype(np.int64)
-
-
-def _u32(rows: np.ndarray) -> np.ndarray:
-    """Little-endian u32 from 4 rows of bytes."""
-    out = rows[0].astype(np.uint32)
+    halves = fields.view("<u2").reshape(-1, 4)
+    crc = tables[0][halves[:, 0]] ^ np.uint32(base)
     for k in range(1, 4):
-        out |= rows[k].astype(np.uint32) << np.uint32(8 * k)
-    return out
+        crc ^= tables[k][halves[:, k]]
+    length = fields.view("<u4")[::2]
+    ok = (crc == check) & (length > 0) & (length <= MAX_RECORD_BYTES)
+    p = p[ok].astype(np.int64)
+    return p, p + PREFIX.size + length[ok]
 
 
 @cache
 def _prefix_crc_tables() -> tuple[int, np.ndarray]:
-    """crc32 of a v2 prefix's first 11 bytes as base ^ xor of tables[j][byte j after the magic]:
-    for messages of one length crc32 is affine over GF(2), so each byte adds its own term."""
+    """crc32 of a v2 prefix's first 11 bytes as base ^ xor over k of tables[k][u16 k after the
+    magic]: for messages of one length crc32 is affine over GF(2), so each byte adds a term of
+    its own, and two bytes' terms make one table of 65536."""
     base = crc32(MAGIC + bytes(8))
-    tables = np.array([[crc32(MAGIC + bytes(j) + bytes((b,)) + bytes(7 - j)) ^ base for b in range(256)]
-                       for j in range(8)], dtype=np.uint32)
-    return base, tables
+    per_byte = np.array([[crc32(MAGIC + bytes(j) + bytes((b,)) + bytes(7 - j)) ^ base for b in range(256)]
+                         for j in range(8)], dtype=np.uint32)
+    v = np.arange(1 << 16)
+    return base, np.stack([per_byte[2 * k][v & 0xFF] ^ per_byte[2 * k + 1][v >> 8] for k in range(4)])
 
 
 def _scan_v1(data: bytes) -> Iterator[_Raw]:

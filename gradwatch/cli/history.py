@@ -53,7 +53,8 @@ def _render(d: dict[str, Any]) -> str:
     if len(ordered):
         spread.append(f"min {fmt.num(ordered.min())}, median {fmt.num(float(np.median(ordered)))}, "
                       f"max {fmt.num(ordered.max())}" + (" (NaN left out)" if len(ordered) < len(values) else ""))
-    stats = f"{len(steps)} values, steps {steps[0]}..{steps[-1]}; " + ", ".join([*spread, f"last {fmt.num(values[-1])}"])
+    stats = f"{len(steps)} values, steps {steps[0]}..{steps[-1]}; " + ", ".join(
+        [*spread, f"last {fmt.num(values[-1])}"])
     spark = fmt.sparkline(values, width=d["width"])
     scale = " (log scale)" if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min() else ""
     kinds = nonfinite_counts(steps, values)

@@ -86,7 +86,8 @@ def _render(d: dict[str, Any]) -> str:
     text = f"{d['run']['name']} ({d['run']['id']}), {where}\n" + fmt.table(
         ("#", "LAYER", "TYPE", "FAMILY", *(m.upper() for m in metrics)), rows,
         right=[0, *range(4, 4 + len(metrics))])
-    nans = [f"{r['layer']} {m} on {n} step{'s' * (n != 1)}" for r in d["layers"] for m, n in r.get("nan_steps", {}).items()]
+    nans = [f"{r['layer']} {m} on {n} step{'s' * (n != 1)}"
+            for r in d["layers"] for m, n in r.get("nan_steps", {}).items()]
     if nans and d["aggregate"] != "last":
         text += f"\nNaN values left out of the {d['aggregate']}: " + ", ".join(nans)
     return text

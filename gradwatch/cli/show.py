@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 AT_RISK = 3
 #: Events listed one by one (the rest are counted).
 EVENTS_SHOWN = 10
-
-
 #: Run-level counts of bad params (NaN/Inf gradient elements, a norm that overflowed float32):
 #: a value above zero marks a bad step.
 COUNTS = ("nonfinite_params", "overflow_params")
@@ -196,7 +194,8 @@ def _render(d: dict[str, Any]) -> str:
     rows = [(label, ", ".join(f"{e['layer']} ({e['type']}) "
                               f"{fmt.pct(e[metric]) if metric.endswith('ratio') else fmt.num(e[metric])}"
                               for e in risk[key])) for key, label, metric in labels]
-    rows.append(("NaN/Inf", ", ".join(f"{e['layer']} ({e['type']}) {'/'.join(e['metrics'])}" for e in risk["nonfinite"])))
+    rows.append(("NaN/Inf", ", ".join(f"{e['layer']} ({e['type']}) {'/'.join(e['metrics'])}"
+                                      for e in risk["nonfinite"])))
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label.ljust(width)}  {text or '-'}" for label, text in rows]
     if d["active_alerts"]:

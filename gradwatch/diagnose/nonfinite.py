@@ -159,8 +159,8 @@ def nonfinite_gradients(data: RunData) -> list[Finding]:
     layers = tuple(dict.fromkeys(_where(first_over) + _where(first_elem)))
     causes = []
     if len(overflow) and (not len(elements) or overflow[0] <= elements[0]):
-        causes.append("gradients exploded: an L2 norm overflows float32 once its sum of squares passes 3.4e38 "
-                      "(elements near 1.8e19), before the elements themselves overflow")
+        causes.append("gradients exploded: a norm passed float32's range (3.4e38) while its elements were still "
+                      "finite, and the update that followed made the next step's values overflow")
     causes += ["a learning rate so high that weights, then gradients, overflow",
                "an operation undefined at its input in the forward pass or the loss: log(0), x/0, sqrt of a negative",
                "float16 overflow without loss scaling"]
@@ -217,11 +217,11 @@ def nonfinite_activations(data: RunData) -> list[Finding]:
     first_rows = np.flatnonzero(bad[:, col])
     rows = sorted(np.flatnonzero(bad.any(axis=1)), key=lambda r: (int(np.argmax(bad[r])), r))
     counts = np.where(bad, s.values, 0.0)
-    summary = [f"NaN/Inf activation outputs from step {first}, first in layer "
+    summary = [f"NaN/Inf activation outputs from step {first}, first in layer{'s' * (len(first_rows) > 1)} "
                + ", ".join(f"{data.layers[r].name} ({data.layers[r].type}, {s.values[r, col]:.0f} outputs)"
                            for r in first_rows[:LAYERS_SHOWN]),
-               f"{_plural(len(rows), 'layer')} with NaN/Inf outputs on {_plural(int(bad_steps.sum()), 'measured step')}: "
-               + ranges_text(step_ranges(s.steps, bad_steps)),
+               f"{_plural(len(rows), 'layer')} with NaN/Inf outputs on "
+               f"{_plural(int(bad_steps.sum()), 'measured step')}: " + ranges_text(step_ranges(s.steps, bad_steps)),
                "by layer: " + ", ".join(f"{data.layers[r].name} from step {int(s.steps[np.argmax(bad[r])])}"
                                         for r in rows[:LAYERS_SHOWN])
                + (f" and {len(rows) - LAYERS_SHOWN} more" if len(rows) > LAYERS_SHOWN else "")]
