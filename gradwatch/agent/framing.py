@@ -251,14 +251,14 @@ def valid_starts(arr: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
     p = np.flatnonzero(hit) + lo
     if not p.shape[0]:
         return none, none
-    size = arr.shape[0]
-    fields = np.ndarray((size - 7,), dtype="<u8", buffer=arr, strides=(1,))[p + 3]  # bytes 3-10: length, crc32(body)
-    check = np.ndarray((size - 3,), dtype="<u4", buffer=arr, strides=(1,))[p + 3 + 8]
+    size, after_magic = arr.shape[0], p + len(MAGIC)
+    fields = np.ndarray((size - 7,), dtype="<u8", buffer=arr, strides=(1,))[after_magic]  # length, crc32(body)
+    check = np.ndarray((size - 3,), dtype="<u4", buffer=arr, strides=(1,))[after_magic + 8]
     base, tables = _prefix_crc_tables()
     halves = fields.view("<u2").reshape(-1, 4)
-    crc = tables[0][halves[:, 0]] ^ np.uint32(base)
+    crc = tables[0].take(halves[:, 0]) ^ np.uint32(base)
     for k in range(1, 4):
-        crc ^= tables[k][halves[:, k]]
+        crc ^= tables[k].take(halves[:, k])
     length = fields.view("<u4")[::2]
     ok = (crc == check) & (length > 0) & (length <= MAX_RECORD_BYTES)
     p = p[ok].astype(np.int64)

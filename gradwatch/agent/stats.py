@@ -13,6 +13,30 @@ from __future__ import annotations
 import torch
 
 
+# Sums are shifted when mean^2 exceeds this many variances: E[y^2] - mean^2 from float32 sums then
+# loses about 6e-8 x this of the variance, so below it the plain sums are exact to ~1e-5.
+CANCELLATION = 100.0
+
+
+def norm32(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm as a 0-d float32 tensor: accumulated in float32 for 16-bit floats, in their own
+    precision for float64 (which `dtype=float32` would refuse as narrowing)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t).to(torch.float32)
+    return torch.linalg.vector_norm(t, dtype=torch.float32)
+
+
+def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, L2 norm) of all elements as 0-d float32: the unshifted sums, two passes, no copy."""
+    return y.sum(dtype=torch.float32), norm32(y)
+
+
+def cancels(total: float, norm: float, count: int) -> bool:
+    """Whether the variance from these unshifted sums would suffer cancellation (see CANCELLATION)."""
+    mean = total / count
+    return mean * mean > CANCELLATION * max(norm * norm / count - mean * mean, 0.0)
+
+
 def shift_of(y: torch.Tensor) -> torch.Tensor:
     """A 0-d float32 estimate of the mean of `y` from about 1024 evenly spaced elements, or 0
     where that sample is not finite.
@@ -65,16 +89,17 @@ def unit_dims(ndim: int, channels_first: bool = False) -> tuple[int, ...]:
     return tuple(range(ndim - 1))
 
 
-def nonzero_per_unit(y: torch.Tensor, nonnegative: bool, channels_first: bool = False) -> torch.Tensor:
+def nonzero_per_unit(y: torch.Tensor, nonnegative: bool, channels_first: bool = False,
+                     finite: bool = False) -> torch.Tensor:
     """Each unit's count of non-zero outputs (float32, one entry per unit): a unit with none is dead.
 
     |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero), summed over the unit
     dims; NaN becomes 1 first (`torch.sign(nan)` is 0), so a NaN output is never a zero or a
-    dead unit's. `nonnegative` (ReLU, ReLU6) skips the `abs_`, which only negative outputs
+    dead unit's (with `finite`, the caller knows there is none and that copy is skipped). `nonnegative` (ReLU, ReLU6) skips the `abs_`, which only negative outputs
     need. The watcher adds the counts of a step's micro-batches before it counts the dead
     units, so a unit is dead only if it is zero for every sample of the step.
     """
-    nonzero = torch.nan_to_num(y, nan=1.0).sign_()
+    nonzero = torch.sign(y) if finite else torch.nan_to_num(y, nan=1.0).sign_()
     if not nonnegative:
         nonzero.abs_()
     dims = unit_dims(y.dim(), channels_first)

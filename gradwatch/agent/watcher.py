@@ -36,7 +36,7 @@ from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import (NONNEGATIVE, Layer, build_tables, channels_first, last_linear_params,
                                     saturation_bounds)
-from gradwatch.agent.stats import nonzero_per_unit, saturated_count, shift_of, shifted_moments
+from gradwatch.agent.stats import cancels, moments, nonzero_per_unit, norm32, saturated_count, shift_of, shifted_moments
 from gradwatch.agent.writer import LogWriter
 
 if TYPE_CHECKING:  # pydantic loads when a watcher is made, not when the agent is imported
@@ -47,6 +47,7 @@ log = logging.getLogger("gradwatch.agent")
 _attached: weakref.WeakSet[Any] = weakref.WeakSet()  # models and optimizers being watched
 _open: weakref.WeakSet[Watcher] = weakref.WeakSet()  # closed at interpreter exit if the user did not
 _PINNED_BUFFERS = 3
+_UNDECIDED, _NO_SHIFT = object(), object()  # a layer's shift before its first call of a step; plain sums
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, run: str | None = None,
@@ -124,6 +125,8 @@ class Watcher:
         self._buf[:, self.layout.grad_bad:self.layout.grad_bad + self.layout.n_params] = 0.0
         # On the CPU the buffer is host memory: reading it is no synchronisation.
         self._buf_host = self._buf.numpy() if self.device.type == "cpu" else None
+        scratch = torch.zeros(1) if self.device.type == "cpu" else None
+        self._scratch = (scratch, scratch.numpy()) if scratch is not None else None
         self._host = HostRows.empty(self._flush_every, self.layout.n_groups, len(act_layers))
         pin = self.device.type == "cuda"
         staging = [torch.empty(self._buf.shape, pin_memory=pin) for _ in range(_PINNED_BUFFERS)]
@@ -141,7 +144,7 @@ class Watcher:
         self._update_prev: list[torch.Tensor] | None = None
         self._stepped_since_log = False  # so that a first iteration the AMP scaler skips is recorded too
         self._forward_since_step = False  # a forward of the step in progress ran: log() files under it
-        self._shifts: dict[int, torch.Tensor] = {}  # activation layer -> its shift for this step
+        self._shifts: dict[int, Any] = {}  # activation layer -> its shift for this step, or a marker
         self._shift_step = -1
         self._latest: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
 
@@ -486,7 +489,7 @@ class Watcher:
 
         def grad_hook(grad: torch.Tensor) -> None:
             try:
-                self._stage(grad_col, _norm32(grad), "norm")
+                self._stage(grad_col, norm32(grad), "norm")
                 self._host.act_grad_count[self.step % self._flush_every, slot] += 1
             except Exception as exc:
                 self._count_error("activation_grad", exc)
@@ -504,16 +507,13 @@ class Watcher:
                 if has_stats:
                     with torch.no_grad():
                         d = y.detach()
-                        total, norm, nonfinite = shifted_moments(d, self._shift(index, stat_col, d))
-                        self._stage(stat_col + 1, total)
-                        self._stage(stat_col + 2, norm, "norm")
-                        self._stage(stat_col + 3, nonfinite)
+                        finite = self._stage_moments(index, stat_col, d)
                         extra = stat_col + 4
                         if bounded:
                             self._stage(extra, saturated_count(d, low, high, eps))
                             extra += 1
                         if relu:
-                            per_unit = nonzero_per_unit(d, nonnegative, channels)
+                            per_unit = nonzero_per_unit(d, nonnegative, channels, finite)
                             self._stage(extra + 1, per_unit.sum())
                             if self._stage(extra, per_unit, "units"):
                                 self._host.act_units[row, slot] += per_unit.numel()
@@ -538,17 +538,47 @@ class Watcher:
             value = value.to(self.device, non_blocking=True)
         return self._staged.add(col, value, kind)
 
-    def _shift(self, layer: int, col: int, y: torch.Tensor) -> torch.Tensor:
-        """The shift of a layer's sums for this step: estimated from its first output of the
-        step and staged to its column; the step's later calls (micro-batches) reuse it."""
+    def _stage_moments(self, layer: int, col: int, y: torch.Tensor) -> bool:
+        """Stage a layer's [shift, sum, sum of squares, non-finite count] columns for this call;
+        True when its outputs are known to be finite (only the CPU path knows it).
+
+        The shift is decided by the layer's first call of the step and shared by its later
+        calls (micro-batches), so their sums add up. Off the CPU every call takes the exact
+        path: y - c, its sums and its non-finite count, with no host read. On the CPU, where
+        reading a value costs no synchronisation, the plain sums come first; the exact path
+        runs only where they hold NaN/Inf or would cancel (a saturated sigmoid).
+        """
         if self._shift_step != self.step:
             self._shifts.clear()
             self._shift_step = self.step
-        shift = self._shifts.get(layer)
-        if shift is None:
-            shift = self._shifts[layer] = shift_of(y)
-            self._stage(col, shift)
-        return shift
+        shift = self._shifts.get(layer, _UNDECIDED)
+        if self._buf_host is not None and shift is not _NO_SHIFT:
+            total, norm = moments(y)
+            t, n = self._read(total), self._read(norm)
+            if np.isfinite(t) and np.isfinite(n):
+                if shift is _UNDECIDED and not cancels(t, n, y.numel()):
+                    self._shifts[layer] = shift = _NO_SHIFT
+                if shift is _NO_SHIFT:
+                    self._stage(col + 1, total)
+                    self._stage(col + 2, norm, "norm")
+                    return True
+        if shift is _UNDECIDED or shift is _NO_SHIFT:
+            new = shift is _UNDECIDED
+            shift = shift_of(y) if new else torch.zeros((), device=y.device)
+            if new:
+                self._shifts[layer] = shift
+                self._stage(col, shift)
+        total, norm, nonfinite = shifted_moments(y, shift)
+        self._stage(col + 1, total)
+        self._stage(col + 2, norm, "norm")
+        self._stage(col + 3, nonfinite)
+        return False
+
+    def _read(self, value: torch.Tensor) -> float:
+        """The value of a 0-d CPU tensor, through a numpy view made at attach (CPU only: no sync)."""
+        assert self._scratch is not None
+        self._scratch[0].copy_(value)
+        return float(self._scratch[1][0])
 
     def _commit_staged(self) -> None:
         """Add the staged values into their step's row in one `index_add_`."""
@@ -877,14 +907,6 @@ def _refuse_sparse_clipping(model: nn.Module, mode: str) -> None:
         if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             raise ValueError(f"gradwatch: clip mode {mode!r} cannot clip the sparse gradient of "
                              f"{(name + '.') if name else ''}weight; use mode 'norm' or sparse=False")
-
-
-def _norm32(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm as a 0-d float32 tensor: accumulated in float32 for 16-bit floats, in their own
-    precision for float64 (which `dtype=float32` would refuse as narrowing)."""
-    if t.dtype == torch.float64:
-        return torch.linalg.vector_norm(t).to(torch.float32)
-    return torch.linalg.vector_norm(t, dtype=torch.float32)
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
