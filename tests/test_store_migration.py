@@ -1,11 +1,13 @@
 """Schema v1 -> v2 through the Alembic migration, on a v1 store with data in it, on SQLite and
 PostgreSQL: every row survives and reads back through the Store API, NaN and ±Inf last values
-included; the upgrade runs once under concurrent openers, all or nothing; and back down to v1."""
+and free text holding ␀ or NUL included; the upgrade runs once under concurrent openers, all or
+nothing; and back down to v1."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from tests.fixtures.store_v1 import metadata as v1_metadata
 from gradwatch.ingest.chunker import append_rows, load_series
 from gradwatch.store import SCHEMA_VERSION, SchemaVersionError, Store, StoreError
 from gradwatch.store import schema
+from gradwatch.store.codec import encode_text
 from gradwatch.store.engine import PG_LOCK_KEY, create_store_engine, migrate, writing
 from gradwatch.store.migrations import VERSION_TABLE
 from gradwatch.store.migrations.__main__ import main as migrations_main
@@ -68,7 +71,7 @@ def _same_floats(got: np.ndarray, want: np.ndarray) -> None:
 def test_v1_store_with_data_is_upgraded_in_place(v1: tuple[str, V1Data]) -> None:
     url, data = v1
     with Store.open(url) as store:
-        assert sorted(r.id for r in store.list_runs()) == ["r1", "r2"]
+        assert sorted(r.id for r in store.list_runs()) == ["r1", "r2", "r3"]
         for want in data.runs:
             got = store.run(want["id"])
             assert (got.name, got.project, got.status, got.status_at, got.started_at, got.ended_at, got.last_step,
@@ -83,9 +86,11 @@ def test_v1_store_with_data_is_upgraded_in_place(v1: tuple[str, V1Data]) -> None
         assert (summary.torch_version, summary.device) == ("2.3.0", "cuda:0")
         assert summary.latest["loss"] == (4999, float(data.series[0].values[-1]))
         assert summary.event_counts == {e["kind"]: 1 for e in data.events}
-        assert [(p.index, p.name, p.layer, p.shape, p.numel, p.requires_grad, p.group) for p in store.params("r1")] \
-            == [(p["idx"], p["name"], p["layer"], tuple(p["shape"]), p["numel"], p["requires_grad"], p["group"])
-                for p in data.params]
+        for run_id in ("r1", "r3"):
+            assert [(p.index, p.name, p.layer, p.shape, p.numel, p.requires_grad, p.group)
+                    for p in store.params(run_id)] == [
+                (p["idx"], p["name"], p["layer"], tuple(p["shape"]), p["numel"], p["requires_grad"], p["group"])
+                for p in data.params if p["run_id"] == run_id]
         assert [(la.index, la.name, la.type, la.kind, la.family, la.params) for la in store.layers("r1")] == [
             (la["idx"], la["name"], la["type"], la["kind"], la["family"], tuple(la["params"])) for la in data.layers]
         for s in data.series:
@@ -117,6 +122,23 @@ def test_v1_store_with_data_is_upgraded_in_place(v1: tuple[str, V1Data]) -> None
     assert sorted(_raw(url, "SELECT metric, entity, last_value, last_nonfinite FROM gw_series "
                             "WHERE last_nonfinite IS NOT NULL")) == [
         ("act_mean", 1, None, "nan"), ("grad_norm", 0, None, "inf"), ("grad_norm", 1, None, "-inf")]
+    r3 = data.runs[2]
+    assert _raw(url, "SELECT name, project, host, device FROM gw_runs WHERE id = 'r3'") == [
+        tuple(encode_text(r3[k]) for k in ("name", "project", "host", "device"))]  # stored escaped
+
+
+def test_v1_text_is_escaped_as_v2_stores_it(v1: tuple[str, V1Data]) -> None:
+    """A v1 value holding ␀ is re-escaped (a literal ␀0 stays ␀0), a NUL that SQLite held raw is
+    escaped, and a query by the value finds the row."""
+    url, data = v1
+    r3 = data.runs[2]
+    with Store.open(url) as store:
+        assert store.resolve_run(r3["name"]) == "r3"
+        assert [r.id for r in store.list_runs(project=r3["project"])] == ["r3"]
+        assert store.logs("r3")[0].name == data.logs[3]["name"]
+    stored = [v for (v,) in _raw(url, "SELECT name FROM gw_logs ORDER BY name")]
+    assert encode_text(data.logs[3]["name"]) in stored
+    assert all("\x00" not in v for v in stored)
 
 
 def test_upgraded_series_take_new_rows(v1: tuple[str, V1Data]) -> None:
@@ -144,12 +166,18 @@ def test_upgraded_series_take_new_rows(v1: tuple[str, V1Data]) -> None:
 
 
 def _layout(engine: Engine) -> dict:
-    """Every gw_ table's columns (name, type, nullable, in order), keys and indexes."""
+    """Every gw_ table's columns (name, type, nullable, in order), keys and indexes.
+
+    On SQLite a VARCHAR(n) counts as TEXT: SQLite ignores the length and gives both the text
+    affinity, and the v2 migration leaves v1's declared types (changing one means copying the
+    table; see its docstring)."""
     insp = inspect(engine)
+    sqlite = engine.dialect.name == "sqlite"
     out = {}
     for table in sorted(t for t in insp.get_table_names() if t.startswith("gw_")):
         out[table] = {
-            "columns": [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(table)],
+            "columns": [(c["name"], _type_name(str(c["type"]), sqlite), c["nullable"])
+                        for c in insp.get_columns(table)],
             "pk": insp.get_pk_constraint(table)["constrained_columns"],
             "fks": sorted((tuple(f["constrained_columns"]), f["referred_table"],
                            (f.get("options") or {}).get("ondelete")) for f in insp.get_foreign_keys(table)),
@@ -157,6 +185,10 @@ def _layout(engine: Engine) -> dict:
                               for i in insp.get_indexes(table)),
         }
     return out
+
+
+def _type_name(declared: str, sqlite: bool) -> str:
+    return "TEXT" if sqlite and re.fullmatch(r"VARCHAR\(\d+\)", declared) else declared
 
 
 def test_an_upgraded_store_has_the_layout_of_a_new_one(v1: tuple[str, V1Data], tmp_path: Path) -> None:
@@ -304,7 +336,8 @@ def test_a_read_command_on_a_v1_store_upgrades_it(v1: tuple[str, V1Data]) -> Non
     assert _raw(url, "SELECT value FROM gw_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
-def test_downgrade_to_v1_and_up_again(v1: tuple[str, V1Data], capsys: pytest.CaptureFixture[str]) -> None:
+def test_downgrade_to_v1_and_up_again(v1: tuple[str, V1Data], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     url, data = v1
     Store.open(url).close()
     _raw_exec(url, """UPDATE gw_runs SET optimizer = '{"class": "SGD", "wrappers": []}' WHERE id = 'r1'""")
@@ -313,6 +346,12 @@ def test_downgrade_to_v1_and_up_again(v1: tuple[str, V1Data], capsys: pytest.Cap
     v1_tables = {t.name: [c.name for c in t.columns] for t in v1_metadata.sorted_tables}
     layout = _layout_of(url)
     assert {t: [c[0] for c in layout[t]["columns"]] for t in v1_tables} == v1_tables
+    pristine = _other_url(url, tmp_path)
+    fill_v1_store(pristine)
+    assert {t: layout[t] for t in v1_tables} == _layout_of(pristine)  # types (VARCHAR(n) again) and indexes too
+    r3 = data.runs[2]
+    assert _raw(url, "SELECT name, project, host, device FROM gw_runs WHERE id = 'r3'") == [
+        tuple(r3[k] for k in ("name", "project", "host", "device"))]  # as v1 wrote them, NUL included on SQLite
     assert _raw(url, "SELECT value FROM gw_meta WHERE key = 'schema_version'") == [("1",)]
     last = dict(((m, e), v) for m, e, v in _raw(url, "SELECT metric, entity, last_value FROM gw_series "
                                                      "WHERE run_id = 'r1' AND rank = 0"))
@@ -324,6 +363,26 @@ def test_downgrade_to_v1_and_up_again(v1: tuple[str, V1Data], capsys: pytest.Cap
         for s in data.series:
             _same_floats(_read(store, s).values, s.values)
         assert store.run_summary("r1").optimizer == {}  # v1 has no place for it
+        assert store.run("r3").name == r3["name"]
+
+
+def test_a_downgrade_that_would_cut_a_long_name_is_refused_on_postgresql(v1: tuple[str, V1Data],
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """v1's PostgreSQL columns hold 255 characters: the downgrade fails whole rather than cut a
+    name; SQLite never enforced the length and keeps it."""
+    url, _ = v1
+    Store.open(url).close()
+    _raw_exec(url, f"UPDATE gw_runs SET name = '{'n' * 300}' WHERE id = 'r1'")
+    if url.startswith("sqlite"):
+        assert migrations_main(["1", "--db", url]) == 0
+        assert _raw(url, "SELECT name FROM gw_runs WHERE id = 'r1'") == [("n" * 300,)]
+        return
+    assert migrations_main(["1", "--db", url]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "to schema version 1: " in err[0] and "too long" in err[0]
+    assert _raw(url, "SELECT value FROM gw_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    with Store.open(url) as store:
+        assert store.run("r1").name == "n" * 300
 
 
 def test_the_migration_command_says_what_is_wrong_in_one_line(tmp_path: Path,
@@ -336,4 +395,6 @@ def test_the_migration_command_says_what_is_wrong_in_one_line(tmp_path: Path,
                    f"{SCHEMA_VERSION}"]
     assert migrations_main(["1", "--home", str(tmp_path / "nothing")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"python -m gradwatch.store.migrations: no store at {tmp_path / 'nothing' / 'gradwatch.db'}"]
+        f"python -m gradwatch.store.migrations: no gradwatch store at {tmp_path / 'nothing' / 'gradwatch.db'}: "
+        "the file does not exist"]
+    assert not (tmp_path / "nothing").exists()

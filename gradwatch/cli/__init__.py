@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gc": ("gradwatch.cli.retention:gc", "Delete runs that ended long ago."),
     "plot": ("gradwatch.cli.plot:plot", "Draw a run's gradient pictures into an image file."),
     "diagnose": ("gradwatch.cli.diagnosis:diagnose", "Find gradient problems, with evidence and remedies."),
+    "alerts": ("gradwatch.cli.alerts:alerts", "Alerts raised by gradwatch serve, firing and past."),
     "demo": ("gradwatch.cli.demo:demo", "Train small jobs that show each problem, then diagnose them."),
     "serve": ("gradwatch.service.cli:serve", "Ingest run logs continuously and serve /metrics."),
 }

@@ -101,8 +101,15 @@ def summarise(store: Store, run_id: str) -> dict[str, Any]:
         "events": [{"kind": e.kind, "step": e.step, "rank": e.rank, "time": e.time, "data": e.data}
                    for e in events[:EVENTS_SHOWN]],
         "active_alerts": s.active_alerts,
+        "alerts": alert_counts(store, run_id),
         "at_risk": at_risk(table),
     }
+
+
+def alert_counts(store: Store, run_id: str) -> dict[str, Any]:
+    """How many alerts `gradwatch serve` raised on the run, and the rules of those still firing."""
+    found = store.alerts(run_id=run_id)
+    return {"total": len(found), "firing": sorted({a.rule for a in found if a.active})}
 
 
 def _event_text(data: dict[str, Any]) -> str:
@@ -198,8 +205,11 @@ def _render(d: dict[str, Any]) -> str:
                                       for e in risk["nonfinite"])))
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label.ljust(width)}  {text or '-'}" for label, text in rows]
-    if d["active_alerts"]:
-        lines.append(f"\n{d['active_alerts']} active alerts")
+    alerts = d["alerts"]
+    if alerts["total"]:
+        firing = alerts["firing"]
+        lines += ["", f"alerts     {len(firing)} firing" + (f" ({', '.join(firing)})" if firing else "")
+                  + f", {alerts['total']} in all: gradwatch alerts --run {r['id']}"]
     return "\n".join(lines)
 
 

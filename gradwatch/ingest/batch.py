@@ -187,20 +187,30 @@ def _store_frames(conn: Connection, st: LogState, frames: list[Frame]) -> tuple[
 
 
 def _register(conn: Connection, st: LogState, header: Header, now: float) -> None:
-    """Create the run (params, layers) from a log header, or join an existing run as another rank."""
+    """Create the run (params, layers) from a log header, or join an existing run as another rank.
+
+    Free-text fields (name, project, host, versions, device, param and layer names) are stored
+    whatever their length and content (`schema.UserText`); a run id must be 1-64 printable
+    characters (what `watch()` accepts and more), else the log is broken on every backend alike.
+    """
     info = header.info
     run_id, rank = header.run_id, header.rank
+    if not (1 <= len(run_id) <= 64 and run_id.isprintable()):
+        raise ValueError(f"run id {run_id[:80]!r} is not 1-64 printable characters")
     other = conn.execute(select(s.logs.c.name).where(s.logs.c.run_id == run_id, s.logs.c.rank == rank,
                                                       s.logs.c.name != st.name)).first()
     if other is not None:  # a copy of a log: storing it too would double every series
         raise DuplicateLog(f"run {run_id} rank {rank} is already stored from log {other.name}")
     st.run_id, st.rank = run_id, rank
     exists = conn.execute(select(s.runs.c.id, s.runs.c.world_size).where(s.runs.c.id == run_id)).first()
+    pid, started = info.get("pid"), info.get("started_at")
     fields = {"name": str(info.get("name") or run_id), "project": str(info.get("project") or "default"),
-              "host": info.get("host"), "pid": info.get("pid"),
-              "world_size": int(info.get("world_size") or 1), "started_at": info.get("started_at"),
-              "torch_version": info.get("torch_version"), "gradwatch_version": info.get("gradwatch_version"),
-              "python_version": info.get("python_version"), "device": _str_or_none(info.get("device")),
+              "host": _str_or_none(info.get("host")), "pid": pid if type(pid) is int else None,
+              "world_size": int(info.get("world_size") or 1),
+              "started_at": float(started) if type(started) in (int, float) else None,
+              "torch_version": _str_or_none(info.get("torch_version")),
+              "gradwatch_version": _str_or_none(info.get("gradwatch_version")),
+              "python_version": _str_or_none(info.get("python_version")), "device": _str_or_none(info.get("device")),
               "config": _of_type(info.get("config"), dict), "model": _of_type(info.get("model"), dict),
               "optimizer": _of_type(info.get("optimizer"), dict),
               "groups": _dicts(info.get("groups")), "init_check": _dicts(info.get("init_check"))}
@@ -210,8 +220,9 @@ def _register(conn: Connection, st: LogState, header: Header, now: float) -> Non
                    "shape": list(p.get("shape") or ()), "numel": p.get("numel"),
                    "requires_grad": bool(p.get("requires_grad", True)), "group": p.get("group")}
                   for p in info.get("params") or ()]
-        layers = [{"run_id": run_id, "idx": int(la["index"]), "name": str(la["name"]), "type": la.get("type"),
-                   "kind": la.get("kind"), "family": la.get("family"), "params": list(la.get("params") or ())}
+        layers = [{"run_id": run_id, "idx": int(la["index"]), "name": str(la["name"]),
+                   "type": _str_or_none(la.get("type")), "kind": _str_or_none(la.get("kind")),
+                   "family": _str_or_none(la.get("family")), "params": list(la.get("params") or ())}
                   for la in info.get("layers") or ()]
         if params:
             conn.execute(insert(s.params), params)
@@ -220,7 +231,7 @@ def _register(conn: Connection, st: LogState, header: Header, now: float) -> Non
     elif rank == 0:
         conn.execute(update(s.runs).where(s.runs.c.id == run_id).values(**fields))
     conn.execute(update(s.logs).where(s.logs.c.name == st.name).values(
-        run_id=run_id, rank=rank, host=info.get("host"), pid=info.get("pid")))
+        run_id=run_id, rank=rank, host=fields["host"], pid=fields["pid"]))
 
 
 def _of_type(value: Any, kind: type) -> Any:

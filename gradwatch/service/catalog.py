@@ -108,6 +108,13 @@ RUN_END = _g("gradwatch_run_end_time_seconds", ("run",), "Unix time the run fini
 RUNS_EXPORTED = _g("gradwatch_exporter_runs", (), "Runs whose series this scrape exports")
 STORE_UP = _g("gradwatch_exporter_store_up", (), "1 when this scrape could read the store, else 0")
 
+# The rules engine's alerts (gradwatch/alerts/), exported by their own collector.
+ALERT_ACTIVE = _g("gradwatch_alert_active", ("run", "run_name", "rule", "severity", "layer"),
+                  "1 for every alert of the rules engine that is firing (docs/alerts.md)")
+ALERTS_TOTAL = _c("gradwatch_alerts_total", ("rule", "severity"),
+                  "Alerts the rules engine fired since the service started, by rule and severity")
+ALERT_METRICS: tuple[MetricSpec, ...] = (ALERT_ACTIVE, ALERTS_TOTAL)
+
 METRICS: tuple[MetricSpec, ...] = (
     *RUN_GAUGES.values(), *RUN_COUNTERS.values(), STEP, SCALAR, LEARNING_RATE,
     LAYER_GRAD_NORM, LAYER_PARAM_NORM, LAYER_UPDATE_RATIO, *LAYER_GAUGES.values(),

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from gradwatch.cli._errors import BadInput
 from gradwatch.service.logs import log_event, setup_logging
 from gradwatch.service.runner import Service, ServiceError
 from gradwatch.service.settings import PASSWORD_ENV, SettingsError, load_settings
@@ -17,6 +18,7 @@ _EXAMPLE = f"""
 \b
 Example:
     gradwatch serve --port 9464 --grace 600
+    gradwatch serve --webhook https://hooks.example.com/gradwatch --alertmanager http://localhost:9093
     {PASSWORD_ENV}=s3cret gradwatch serve --host 0.0.0.0 \\
         --tls-cert cert.pem --tls-key key.pem --basic-auth-user prometheus
 """
@@ -45,26 +47,39 @@ Example:
 @click.option("--basic-auth-password-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File whose first line is the basic auth password.")
 @click.option("--log-format", type=click.Choice(["json", "text"]), help="Log line format.  [default: text]")
+@click.option("--alerts/--no-alerts", "alerts", default=None,
+              help="Evaluate the diagnosis rules on live runs and raise alerts.  [default: on]")
+@click.option("--webhook", "webhooks", metavar="URL", multiple=True,
+              help="POST every alert that fires or resolves to this URL (repeatable; added to the config "
+                   "file's [[alerts.webhooks]]). The URL is treated as a secret.")
+@click.option("--webhook-format", type=click.Choice(["json", "slack"]),
+              help="Body of the --webhook POSTs: gradwatch JSON or Slack-compatible.  [default: json]")
+@click.option("--alertmanager", metavar="URL", help="Also post alerts to this Alertmanager (/api/v2/alerts).")
 def serve(host: str | None, port: int | None, db: str | None, home: Path | None, config_file: Path | None,
           poll_interval: float | None, grace: float | None, per_param: bool | None, pushgateway: str | None,
           push_interval: float | None, push_job: str | None, tls_cert: Path | None, tls_key: Path | None,
-          basic_auth_user: str | None, basic_auth_password_file: Path | None, log_format: str | None) -> None:
-    """Ingest run logs continuously and serve their latest values on /metrics for Prometheus.
+          basic_auth_user: str | None, basic_auth_password_file: Path | None, log_format: str | None,
+          alerts: bool | None, webhooks: tuple[str, ...], webhook_format: str | None,
+          alertmanager: str | None) -> None:
+    """Ingest run logs continuously, serve their latest values on /metrics for Prometheus, and
+    evaluate the diagnosis rules on live runs: alerts go to the log, webhooks and Alertmanager.
 
     One line per event goes to stderr. Stops cleanly on SIGTERM or SIGINT, with everything
-    written so far ingested. Only one server runs per store.
+    written so far ingested. Only one server runs per store. Alert rules: docs/alerts.md.
     """
+    hooks = [{"url": url, **({"format": webhook_format} if webhook_format else {})} for url in webhooks] or None
     flags: dict[str, Any] = {
         "host": host, "port": port, "db": db, "home": home, "poll_interval": poll_interval, "grace": grace,
         "per_param": per_param, "log_format": log_format,
         "pushgateway": {"url": pushgateway, "interval": push_interval, "job": push_job},
         "tls": {"cert": tls_cert, "key": tls_key},
         "basic_auth": {"user": basic_auth_user, "password_file": basic_auth_password_file},
+        "alerts": {"enabled": alerts, "webhooks": hooks, "alertmanager": {"url": alertmanager}},
     }
     try:
         settings = load_settings(flags, config_file)
     except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     logger = setup_logging(settings.log_format)
     service = Service(settings, logger)
     try:

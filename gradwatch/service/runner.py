@@ -1,10 +1,13 @@
 """The service's lifecycle: lock, store, HTTP server, ingest loop, pusher; clean shutdown.
 
 `Service.start()` takes the single-instance lock first (so a second server is refused
-before it touches anything), opens the store, binds the port, then starts ingesting and
-pushing. `Service.stop()` ends the ingest loop after its current pass, runs one last pass
-so everything written so far is committed, pushes once more, closes the socket and the
-store, and releases the lock. Each failure to start is a one-line `ServiceError`.
+before it touches anything), opens the store, takes up the alerts still firing, binds the
+port, then starts ingesting and pushing. After every ingest pass the rules engine evaluates
+the live runs (`gradwatch.alerts`). `Service.stop()` ends the ingest loop after its current
+pass, runs one last pass (and evaluation) so everything written so far is committed, gives
+the alert receivers a few seconds to take what is queued, pushes once more, closes the
+socket and the store, and releases the lock. Each failure to start is a one-line
+`ServiceError`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
+from gradwatch.alerts import AlertEngine, build_notifiers
 from gradwatch.ingest import IngestReport, Ingester
+from gradwatch.service.alert_metrics import AlertCollector
 from gradwatch.service.exporter import GradwatchCollector
 from gradwatch.service.lock import LockHeld, ServiceLock, lock_path_for
 from gradwatch.service.logs import log_event
@@ -29,6 +34,8 @@ from gradwatch.service.source import StoreSource
 from gradwatch.store import Store, StoreError, default_url
 
 STORE_ERRORS = (StoreError, SQLAlchemyError)
+#: How long `stop()` lets the alert receivers deliver what is queued.
+ALERT_DRAIN_S = 5.0
 
 
 class ServiceError(Exception):
@@ -50,9 +57,11 @@ class Service:
         self.store: Store | None = None
         self.server: MetricsServer | None = None
         self.pusher: Pusher | None = None
+        self.alerts: AlertEngine | None = None
         self._stop_ingest = threading.Event()
         self._ingest_thread: threading.Thread | None = None
         self._ingest_failing = False
+        self._alerts_failing = False
 
     def start(self) -> None:
         """Lock, open, bind and start the background loops; `ServiceError` when it cannot."""
@@ -82,6 +91,14 @@ class Service:
         self.registry.register(GradwatchCollector(
             StoreSource(self.store, s.grace, self.clock), grace=s.grace, per_param=s.per_param,
             clock=self.clock, logger=self.logger, errors=STORE_ERRORS))
+        if s.alerts.enabled:
+            self.alerts = AlertEngine(self.store, s.alerts, build_notifiers(s.alerts, self.logger), self.logger,
+                                      self.clock)
+            try:
+                self.alerts.start()
+            except STORE_ERRORS as exc:
+                raise ServiceError(f"cannot read the alerts of {self.store.url}: {_one_line(exc)}") from None
+            self.registry.register(AlertCollector(self.alerts.snapshot))
         self.server = MetricsServer(self.registry, s.host, s.port, tls=tls, auth=auth, logger=self.logger)
         try:
             self.server.start()
@@ -97,15 +114,16 @@ class Service:
         log_event(self.logger, "started", url=self.server.url, store=self.store.url, home=str(self.home),
                   lock=str(self.lock.path), tls=tls is not None, basic_auth=auth is not None,
                   pushgateway=redact_url(s.pushgateway.url) if s.pushgateway.url else None,
-                  grace_s=s.grace, poll_interval_s=s.poll_interval)
+                  grace_s=s.grace, poll_interval_s=s.poll_interval, alerts=self.alerts is not None,
+                  alert_receivers=[n.label for n in self.alerts.notifiers] if self.alerts else [])
 
     def _ingest_loop(self) -> None:
         assert self.store is not None
         ingester = Ingester(self.store, self.home, clock=self.clock)
         while not self._stop_ingest.is_set():
-            self.ingest_once(ingester)
+            self.evaluate_alerts(self.ingest_once(ingester))
             self._stop_ingest.wait(self.settings.poll_interval)
-        self.ingest_once(ingester)  # what was written up to the stop request
+        self.evaluate_alerts(self.ingest_once(ingester))  # what was written up to the stop request
 
     def ingest_once(self, ingester: Ingester) -> IngestReport | None:
         """One ingest pass, logged as events; failures are logged once per outage."""
@@ -128,12 +146,30 @@ class Service:
             log_event(self.logger, "run_crashed", logging.WARNING, run=run_id)
         return report
 
+    def evaluate_alerts(self, report: IngestReport | None) -> None:
+        """One pass of the rules engine after an ingest pass; failures are logged once per outage."""
+        if self.alerts is None:
+            return
+        ended = (report.finished + report.crashed) if report is not None else []
+        try:
+            self.alerts.evaluate(ended)
+        except Exception as exc:  # the store went away, or a bug: log, keep ingesting, retry next pass
+            if not self._alerts_failing:
+                log_event(self.logger, "alerts_failed", logging.ERROR, error=_one_line(exc))
+            self._alerts_failing = True
+            return
+        if self._alerts_failing:
+            log_event(self.logger, "alerts_recovered")
+        self._alerts_failing = False
+
     def stop(self) -> None:
         """Finish ingesting what is written, push once more, close everything (idempotent)."""
         self._stop_ingest.set()
         if self._ingest_thread is not None:
             self._ingest_thread.join()
             self._ingest_thread = None
+        if self.alerts is not None:
+            self.alerts.stop(ALERT_DRAIN_S)
         if self.pusher is not None:
             self.pusher.stop()
             self.pusher = None
@@ -143,6 +179,9 @@ class Service:
             log_event(self.logger, "stopped")
 
     def _close(self) -> None:
+        if self.alerts is not None:
+            self.alerts.stop(0.0)
+            self.alerts = None
         if self.server is not None:
             self.server.stop()
             self.server = None

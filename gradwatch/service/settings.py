@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from gradwatch.agent.runlog import default_home
+from gradwatch.alerts.config import AlertsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,6 +120,7 @@ class ServiceSettings(BaseSettings):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
     pushgateway: PushConfig = Field(default_factory=PushConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
 
 class _PasswordEnvSource(PydanticBaseSettingsSource):
@@ -147,10 +149,15 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
     """Merge flags > environment > TOML file > defaults into one validated `ServiceSettings`.
 
     `flags` holds only the options given on the command line (nested sections as dicts);
-    a `None` value means "not given". Raises `SettingsError` with a one-line message.
+    a `None` value means "not given". Webhooks given as flags are added to the file's. Raises
+    `SettingsError` with a one-line message.
     """
     file_data = read_toml(config_file) if config_file is not None else {}
     given = _drop_none(flags or {})
+    extra = given.get("alerts", {}).get("webhooks")
+    configured = file_data.get("alerts", {}).get("webhooks") if isinstance(file_data.get("alerts"), dict) else None
+    if extra and isinstance(configured, list):
+        given["alerts"]["webhooks"] = configured + extra
 
     class _Sourced(ServiceSettings):
         @classmethod
@@ -192,7 +199,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        secret = "password" in loc or loc.startswith("basic_auth")
+        secret = "password" in loc or loc.startswith("basic_auth") or loc.startswith("alerts.webhooks") \
+            or loc.endswith("url")
         shown = "" if secret or isinstance(value, (dict, list)) or not loc else f" (got {value!r})"
         parts.append(f"{loc}: {msg}{shown}" if loc else msg)
     return "invalid configuration: " + "; ".join(parts)

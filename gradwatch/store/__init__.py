@@ -9,10 +9,12 @@ from __future__ import annotations
 from gradwatch.store.engine import default_url
 from gradwatch.store.errors import (
     AmbiguousRun,
+    BadStoreURL,
     NotAStoreError,
     RunNotFound,
     SchemaVersionError,
     StoreError,
+    StoreNotFound,
     UnknownEntity,
     UnknownMetric,
 )
@@ -33,7 +35,8 @@ from gradwatch.store.schema import SCHEMA_VERSION
 from gradwatch.store.store import Store
 
 __all__ = [
-    "SCHEMA_VERSION", "AlertInfo", "AmbiguousRun", "EventInfo", "IngestErrorInfo", "LatestValue", "LayerInfo",
-    "LayerTable", "LogInfo", "NotAStoreError", "ParamInfo", "RunInfo", "RunNotFound", "RunSummary",
-    "SchemaVersionError", "Series", "Store", "StoreError", "UnknownEntity", "UnknownMetric", "default_url",
+    "SCHEMA_VERSION", "AlertInfo", "AmbiguousRun", "BadStoreURL", "EventInfo", "IngestErrorInfo", "LatestValue",
+    "LayerInfo", "LayerTable", "LogInfo", "NotAStoreError", "ParamInfo", "RunInfo", "RunNotFound", "RunSummary",
+    "SchemaVersionError", "Series", "Store", "StoreError", "StoreNotFound", "UnknownEntity", "UnknownMetric",
+    "default_url",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from typing import Any
 
@@ -19,6 +20,9 @@ import numpy as np
 ZLIB_LEVEL = 1
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}  # gw_series.last_nonfinite -> value
 _JSON_FLOAT = "$float"  # {"$float": "nan"}: a non-finite float in a JSON field
+TEXT_ESCAPE = "\u2400"  # ␀ (SYMBOL FOR NULL): starts an escape in a text column, see `encode_text`
+_UNSTORABLE = re.compile("[\x00\u2400\ud800-\udfff]")
+_ESCAPED = re.compile("\u2400(\u2400|0|u[0-9a-f]{4})")
 
 
 def encode_steps(steps: np.ndarray) -> bytes:
@@ -94,3 +98,33 @@ def _untag(obj: dict[str, Any]) -> Any:
     if len(obj) == 1 and obj.get(_JSON_FLOAT) in NONFINITE:
         return NONFINITE[obj[_JSON_FLOAT]]
     return obj
+
+
+def encode_text(text: str) -> str:
+    """`text` as stored in a free-text column, the same on every backend.
+
+    PostgreSQL text cannot hold NUL, and neither backend's driver can send a lone surrogate
+    (a name decoded from bytes that are not UTF-8), so those are escaped reversibly with
+    ␀ (U+2400): ␀ itself becomes ␀␀, NUL ␀0, a lone surrogate ␀u and four hex digits.
+    Any other text is stored as it is.
+    """
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _UNSTORABLE.sub(_escape, text)
+
+
+def decode_text(stored: str) -> str:
+    """Inverse of `encode_text`; a ␀ that starts no escape is kept as it is."""
+    if TEXT_ESCAPE not in stored:
+        return stored
+    return _ESCAPED.sub(_unescape, stored)
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return TEXT_ESCAPE + ("0" if c == "\x00" else TEXT_ESCAPE if c == TEXT_ESCAPE else f"u{ord(c):04x}")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    code = m.group(1)
+    return "\x00" if code == "0" else TEXT_ESCAPE if code == TEXT_ESCAPE else chr(int(code[1:], 16))

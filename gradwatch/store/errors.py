@@ -1,10 +1,19 @@
-"""Errors of the store: each carries a one-line message meant for the user."""
+"""Errors of the store: each carries a one-line message meant for the user, credentials masked."""
 
 from __future__ import annotations
 
+from gradwatch.redact import redact
+
 
 class StoreError(Exception):
-    """Base class: the store cannot answer; the message says why in one line."""
+    """Base class: the store cannot answer; the message says why in one line.
+
+    The message is redacted when the error is made (`gradwatch.redact.redact`), so no
+    printer, traceback included, can show a password a URL or a driver message held.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class BadStoreURL(StoreError):
@@ -13,6 +22,10 @@ class BadStoreURL(StoreError):
 
 class NotAStoreError(StoreError):
     """The database exists but is not a gradwatch store (or is not a database at all)."""
+
+
+class StoreNotFound(NotAStoreError):
+    """There is no store to read: no such SQLite file, or an empty database (`Store.open(create=False)`)."""
 
 
 class SchemaVersionError(StoreError):

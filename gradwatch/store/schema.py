@@ -10,11 +10,19 @@ float32 values as packed blobs (see `codec`). Full chunks hold `CHUNK_ROWS` rows
 rows after the last full chunk sit in small *pending* chunks that ingestion merges once
 they add up to a full one, so the disk footprint stays close to the raw float32 size.
 
+Text that comes from a user or a model (run names, projects, hosts, versions, param, layer
+and metric names, paths, messages) is `UserText`: any length, any content, on every backend
+(NUL and lone surrogates escaped by `codec.encode_text`). PostgreSQL cannot put a long value
+in a btree index (about 2.7 kB at most), so there such columns are indexed by hash (`name`,
+`project`) or by their md5 (`metric` in the series key); SQLite indexes them as they are.
+
 Schema changes are Alembic migrations in `migrations/versions/` (revision `v<N>` makes schema
 version N); a new store is created from these tables and stamped with the newest revision.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -29,13 +37,32 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
 )
-from sqlalchemy.types import BigInteger
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import BigInteger, TypeDecorator
+
+from gradwatch.store import codec
 
 SCHEMA_VERSION = 2  # also `gw_meta.schema_version` and Alembic revision f"v{SCHEMA_VERSION}"
 APPLICATION = "gradwatch"
 CHUNK_ROWS = 4096  # rows of a full chunk
 MAX_PENDING_CHUNKS = 32  # pending chunks of a series merged into one beyond this
+
+
+
+class UserText(TypeDecorator[str]):
+    """Free text of any length and content, stored escaped (`codec.encode_text`) on every backend."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else codec.encode_text(str(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else codec.decode_text(value)
+
 
 metadata = MetaData()
 
@@ -48,9 +75,9 @@ meta = Table(
 runs = Table(
     "gw_runs", metadata,
     Column("id", String(64), primary_key=True),
-    Column("name", String(255), nullable=False),
-    Column("project", String(255), nullable=False),
-    Column("host", String(255)),
+    Column("name", UserText, nullable=False),
+    Column("project", UserText, nullable=False),
+    Column("host", UserText),
     Column("pid", Integer),
     Column("world_size", Integer, nullable=False, default=1),
     Column("status", String(16), nullable=False),  # running | finished | crashed
@@ -58,25 +85,25 @@ runs = Table(
     Column("started_at", Float),
     Column("ended_at", Float),
     Column("last_step", BigInteger),
-    Column("torch_version", String(64)),
-    Column("gradwatch_version", String(64)),
-    Column("python_version", String(64)),
-    Column("device", String(64)),
+    Column("torch_version", UserText),
+    Column("gradwatch_version", UserText),
+    Column("python_version", UserText),
+    Column("device", UserText),
     Column("config", JSON),
     Column("model", JSON),
     Column("groups", JSON),
     Column("init_check", JSON),
     # schema v2 (added last, as the migration does, so new and upgraded stores are alike):
     Column("optimizer", JSON),  # {"class": ..., "wrappers": [outermost first]}
-    Index("ix_gw_runs_project_started", "project", "started_at"),
-    Index("ix_gw_runs_name", "name"),
+    Index("ix_gw_runs_project", "project", postgresql_using="hash"),
+    Index("ix_gw_runs_name", "name", postgresql_using="hash"),
 )
 
 params = Table(
     "gw_params", metadata,
     Column("run_id", String(64), ForeignKey("gw_runs.id", ondelete="CASCADE"), primary_key=True),
     Column("idx", Integer, primary_key=True),
-    Column("name", String(512), nullable=False),
+    Column("name", UserText, nullable=False),
     Column("layer", Integer),
     Column("shape", JSON),
     Column("numel", BigInteger),
@@ -88,10 +115,10 @@ layers = Table(
     "gw_layers", metadata,
     Column("run_id", String(64), ForeignKey("gw_runs.id", ondelete="CASCADE"), primary_key=True),
     Column("idx", Integer, primary_key=True),
-    Column("name", String(512), nullable=False),
-    Column("type", String(255)),
-    Column("kind", String(16)),
-    Column("family", String(16)),
+    Column("name", UserText, nullable=False),
+    Column("type", UserText),
+    Column("kind", UserText),
+    Column("family", UserText),
     Column("params", JSON),
 )
 
@@ -100,7 +127,7 @@ series = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("gw_runs.id", ondelete="CASCADE"), nullable=False),
     Column("rank", Integer, nullable=False),
-    Column("metric", String(255), nullable=False),
+    Column("metric", UserText, nullable=False),
     Column("scope", String(8), nullable=False),  # run | group | param | layer
     Column("entity", Integer, nullable=False),
     Column("n", BigInteger, nullable=False),
@@ -111,8 +138,11 @@ series = Table(
     Column("pending_seq", Integer, nullable=False),  # first chunk after the full ones
     Column("pending_rows", Integer, nullable=False),
     Column("last_nonfinite", String(4)),  # v2: nan | inf | -inf when the last value is one, else NULL
-    Index("ux_gw_series_key", "run_id", "rank", "metric", "scope", "entity", unique=True),
+    Index("ux_gw_series_key", "run_id", "rank", "metric", "scope", "entity", unique=True)
+    .ddl_if(callable_=lambda _ddl, _target, _bind, dialect, **_kw: dialect.name != "postgresql"),
 )
+Index("ux_gw_series_key", series.c.run_id, series.c.rank, func.md5(series.c.metric), series.c.scope,
+      series.c.entity, unique=True).ddl_if(dialect="postgresql")
 
 chunks = Table(
     "gw_chunks", metadata,
@@ -128,11 +158,11 @@ chunks = Table(
 
 logs = Table(
     "gw_logs", metadata,
-    Column("name", String(255), primary_key=True),  # file name: <run_id>.rank<r>.gwlog
-    Column("path", Text, nullable=False),
+    Column("name", UserText, primary_key=True),  # file name: <run_id>.rank<r>.gwlog
+    Column("path", UserText, nullable=False),
     Column("run_id", String(64)),
     Column("rank", Integer),
-    Column("host", String(255)),
+    Column("host", UserText),
     Column("pid", Integer),
     Column("offset", BigInteger, nullable=False),
     Column("state", String(16), nullable=False),  # running | finished | crashed | broken | deleted
@@ -150,7 +180,7 @@ events = Table(
     Column("rank", Integer, nullable=False),
     Column("step", BigInteger, nullable=False),
     Column("time", Float, nullable=False),
-    Column("kind", String(64), nullable=False),
+    Column("kind", UserText, nullable=False),
     Column("data", JSON),
     Index("ix_gw_events_run", "run_id", "step"),
 )
@@ -159,10 +189,10 @@ alerts = Table(
     "gw_alerts", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("gw_runs.id", ondelete="CASCADE")),
-    Column("rule", String(255), nullable=False),
-    Column("severity", String(32), nullable=False),
+    Column("rule", UserText, nullable=False),
+    Column("severity", UserText, nullable=False),
     Column("step", BigInteger),
-    Column("message", Text, nullable=False),
+    Column("message", UserText, nullable=False),
     Column("labels", JSON),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float),
@@ -172,9 +202,9 @@ alerts = Table(
 ingest_errors = Table(
     "gw_ingest_errors", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("log", String(255), nullable=False),
-    Column("path", Text, nullable=False),
+    Column("log", UserText, nullable=False),
+    Column("path", UserText, nullable=False),
     Column("offset", BigInteger, nullable=False),
-    Column("reason", Text, nullable=False),
+    Column("reason", UserText, nullable=False),
     Column("at", Float, nullable=False),
 )

@@ -19,7 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from gradwatch.agent.runlog import logs_dir
 from gradwatch.store import codec
 from gradwatch.store import schema as s
-from gradwatch.store.engine import create_store_engine, default_url, prepare_schema, writing
+from gradwatch.redact import redact
+from gradwatch.store.engine import create_store_engine, default_url, prepare_schema, where, writing
 from gradwatch.store.errors import AmbiguousRun, RunNotFound, StoreError, UnknownEntity, UnknownMetric
 from gradwatch.store.models import (
     AlertInfo,
@@ -51,14 +52,18 @@ class Store:
         self.home = home  # the gradwatch home on this host, whose logs/ `delete_run` may remove from
 
     @classmethod
-    def open(cls, url: str | None = None, home: Path | None = None) -> Store:
-        """Open (creating when empty) the store at `url`, default `sqlite:///<home>/gradwatch.db`.
+    def open(cls, url: str | None = None, home: Path | None = None, create: bool = True) -> Store:
+        """Open the store at `url`, default `sqlite:///<home>/gradwatch.db`; an older store is upgraded.
 
-        Raises NotAStoreError / SchemaVersionError / StoreError with a one-line message.
+        `create=True` (the service, ingestion) creates the store when the database is empty or,
+        on SQLite, does not exist yet (parent folders included). `create=False` (what reads)
+        creates nothing, no folder, file or table: no SQLite file or an empty database raises
+        StoreNotFound. Raises NotAStoreError / SchemaVersionError / StoreError with a one-line
+        message, credentials masked.
         """
-        engine = create_store_engine(url or default_url(home))
+        engine = create_store_engine(url or default_url(home), create=create)
         try:
-            prepare_schema(engine)
+            prepare_schema(engine, create=create)
         except BaseException:
             engine.dispose()
             raise
@@ -66,7 +71,8 @@ class Store:
 
     @property
     def url(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        """The store's URL for messages and logs: password and other credentials masked."""
+        return where(self.engine.url)
 
     def close(self) -> None:
         """Release every connection."""
@@ -122,10 +128,12 @@ class Store:
         guessing could make `delete` remove the wrong run.
         """
         with self._read() as conn:
-            if conn.execute(select(s.runs.c.id).where(s.runs.c.id == ref)).first():
-                return ref
-            ids = [r[0] for r in conn.execute(
-                select(s.runs.c.id).where(s.runs.c.id.startswith(ref, autoescape=True)).limit(20))]
+            ids = []
+            if _can_be_id(ref):
+                if conn.execute(select(s.runs.c.id).where(s.runs.c.id == ref)).first():
+                    return ref
+                ids = [r[0] for r in conn.execute(
+                    select(s.runs.c.id).where(s.runs.c.id.startswith(ref, autoescape=True)).limit(20))]
             named = conn.execute(select(s.runs.c.id).where(s.runs.c.name == ref)
                                  .order_by(s.runs.c.started_at.desc()).limit(1)).first()
         if named and any(i != named[0] for i in ids):
@@ -474,7 +482,13 @@ class Store:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    return redact((str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def _can_be_id(ref: str) -> bool:
+    """Whether `ref` may be (a prefix of) a run id: ids hold no NUL and no lone surrogate, which
+    no backend's id column (plain text, unlike names) could even be asked about."""
+    return "\x00" not in ref and not any(0xD800 <= ord(c) <= 0xDFFF for c in ref)
 
 
 def _delete_run_rows(conn: Connection, run_id: str) -> None:

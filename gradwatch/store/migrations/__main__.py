@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from gradwatch.store.engine import create_store_engine, default_url, migrate
+from gradwatch.store.engine import create_store_engine, default_url, migrate, where
 from gradwatch.store.errors import StoreError
 from gradwatch.store.schema import SCHEMA_VERSION
 
@@ -34,18 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no schema version {args.version}: this gradwatch knows versions 1 to {SCHEMA_VERSION}")
     url = args.db or default_url(args.home.expanduser() if args.home else None)
     try:
-        engine = create_store_engine(url)
+        engine = create_store_engine(url, create=False)
         try:
-            database = engine.url.database if engine.dialect.name == "sqlite" else None
-            if database not in (None, "", ":memory:") and not Path(str(database)).is_file():
-                raise StoreError(f"no store at {database}")
             before = migrate(engine, args.version)
         finally:
             engine.dispose()
     except StoreError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    print(f"{engine.url.render_as_string(hide_password=True)}: schema version {before} -> {args.version}")
+    print(f"{where(engine.url)}: schema version {before} -> {args.version}")
     return 0
 
 

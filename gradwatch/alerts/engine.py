@@ -1,0 +1,220 @@
+"""The live rules engine: after each ingest pass, the diagnosis rules on a window of each live
+run's recent steps, their alerts through the lifecycle, into the store, the log and the receivers.
+
+`AlertEngine.evaluate()` is one pass. A run is evaluated again only when its rank-0 data
+moved (`RunWindow` reads just the new rows); its findings are kept between passes, so a run
+that did not move costs one comparison plus the `stalled_run` check. A run that ended (or was
+decided in this ingest pass) gets a last evaluation of its tail, then its alerts resolve.
+Nothing here waits on a receiver: notifiers queue and deliver in their own threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gradwatch.alerts import ledger
+from gradwatch.alerts.config import SEVERITY_RANK, AlertsConfig
+from gradwatch.alerts.lifecycle import Alert, Lifecycle, Transition
+from gradwatch.alerts.message import Notification, command, number
+from gradwatch.alerts.notifiers import Notifier
+from gradwatch.alerts.rules import DEFAULT_FOR_STEPS, Rule, run_rules, thresholds_applied
+from gradwatch.alerts.stalled import stalled
+from gradwatch.diagnose import RULES, Finding, RunData
+from gradwatch.diagnose.load import RunWindow
+from gradwatch.ingest.liveness import pid_alive
+from gradwatch.service.logs import log_event
+from gradwatch.store import RunInfo, RunNotFound, Store
+
+
+@dataclass
+class _Watched:
+    """A live run: its window, its last findings, and when its last step last moved."""
+
+    window: RunWindow
+    progress_at: float
+    last_step: int | None
+    findings: list[Finding] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AlertsSnapshot:
+    """What the exporter shows: the firing alerts and how many fired per (rule, severity)."""
+
+    firing: tuple[Alert, ...] = ()
+    totals: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class AlertEngine:
+    """Evaluates the rules over live runs of `store` and delivers their alerts.
+
+    `start()` takes up the alerts a previous service left firing; `evaluate(ended)` is one
+    pass (`ended`: runs the ingest pass just declared finished or crashed); `stop()` gives
+    the receivers a bounded time to deliver what is queued. `snapshot()` is thread-safe.
+    """
+
+    def __init__(self, store: Store, config: AlertsConfig, notifiers: Iterable[Notifier] = (),
+                 logger: logging.Logger | None = None, clock: Callable[[], float] = time.time,
+                 rules: tuple[Rule, ...] = RULES, hostname: str | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.notifiers = list(notifiers)
+        self.logger = logger
+        self.clock = clock
+        self.rules = rules
+        self.hostname = hostname or socket.gethostname()
+        self.lifecycle = Lifecycle(self._hold)
+        self._watched: dict[str, _Watched] = {}
+        self._totals: Counter[tuple[str, str]] = Counter()
+        self._failed_rules: set[str] = set()
+        self._lock = threading.Lock()
+        self._snapshot = AlertsSnapshot()
+
+    # ------------------------------------------------------------------ lifecycle of the engine
+
+    def start(self) -> None:
+        """Start the receivers and take up the alerts still firing in the store."""
+        for n in self.notifiers:
+            n.start()
+        self.lifecycle.restore(ledger.firing(self.store))
+        self._publish()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Give every receiver at most `timeout` seconds to deliver what is queued."""
+        for n in self.notifiers:
+            n.stop(timeout)
+
+    def snapshot(self) -> AlertsSnapshot:
+        with self._lock:
+            return self._snapshot
+
+    # ------------------------------------------------------------------ one pass
+
+    def evaluate(self, ended: Iterable[str] = ()) -> list[Transition]:
+        """One pass over the live runs; the transitions it caused (already stored and queued)."""
+        now = self.clock()
+        running = {r.id: r for r in self.store.list_runs(status="running")}
+        transitions: list[Transition] = []
+        gone = (set(self._watched) | self.lifecycle.runs() | set(ended)) - set(running)
+        for run_id in sorted(gone):
+            transitions += self._last_pass(run_id, now)
+        for run in running.values():
+            transitions += self._pass(run, now)
+        for t in transitions:
+            self._apply(t, now)
+        firing = self.lifecycle.firing()
+        for n in self.notifiers:
+            n.tick(firing, now)
+        self._publish()
+        return transitions
+
+    def _pass(self, run: RunInfo, now: float) -> list[Transition]:
+        w = self._watched.get(run.id)
+        if w is None:
+            w = self._watched[run.id] = _Watched(RunWindow(self.store, run.id, self.config.window_steps), now,
+                                                 run.last_step)
+        if run.last_step != w.last_step:
+            w.progress_at, w.last_step = now, run.last_step
+        behind = run.last_step is not None and (w.window.last_step is None or run.last_step > w.window.last_step)
+        if behind and w.window.refresh(until=run.last_step if run.world_size == 1 else None):
+            w.findings = self._findings(w.window.data)
+        findings = list(w.findings)
+        if self._alive(run):
+            findings += self._kept(stalled(now - w.progress_at, self.config.stalled_after, run.last_step, run.pid))
+        step = w.window.last_step if w.window.last_step is not None else (run.last_step or 0)
+        return self.lifecycle.observe(run.id, w.window.name, findings, step, now)
+
+    def _last_pass(self, run_id: str, now: float) -> list[Transition]:
+        """A run that is no longer running: its tail evaluated once more, then its alerts resolved."""
+        w = self._watched.pop(run_id, None)
+        out: list[Transition] = []
+        try:
+            window = w.window if w is not None else RunWindow(self.store, run_id, self.config.window_steps)
+            if window.refresh() or w is None:
+                findings = self._findings(window.data)
+            else:
+                findings = w.findings
+            step = window.last_step or 0
+            out += self.lifecycle.observe(run_id, window.name, findings, step, now)
+        except RunNotFound:  # deleted meanwhile: its alerts went with it
+            pass
+        return out + self.lifecycle.end_run(run_id, now)
+
+    def _alive(self, run: RunInfo) -> bool:
+        """Whether the run's process still lives, as far as this host can tell (elsewhere: assumed)."""
+        if run.host == self.hostname and run.pid:
+            return pid_alive(run.pid)
+        return True
+
+    # ------------------------------------------------------------------ rules and their settings
+
+    def _findings(self, data: RunData) -> list[Finding]:
+        with thresholds_applied(self.config.thresholds):
+            found = run_rules(data, self.rules, self._rule_failed)
+        return self._kept(found)
+
+    def _kept(self, findings: list[Finding]) -> list[Finding]:
+        """Findings the configuration makes alerts: rule enabled, severity (as configured) at
+        least `min_severity`."""
+        out = []
+        for f in findings:
+            rc = self.config.rule(f.id)
+            if not rc.enabled:
+                continue
+            if rc.severity is not None:
+                f = dataclasses.replace(f, severity=rc.severity)
+            if SEVERITY_RANK[f.severity] >= SEVERITY_RANK[self.config.min_severity]:
+                out.append(f)
+        return out
+
+    def _hold(self, rule: str) -> tuple[int, float]:
+        rc = self.config.rule(rule)
+        steps = rc.for_steps if rc.for_steps is not None else DEFAULT_FOR_STEPS.get(rule, 0)
+        return steps, rc.for_seconds or 0.0
+
+    def _rule_failed(self, rule: Rule, exc: Exception) -> None:
+        name = getattr(rule, "__name__", repr(rule))
+        if name not in self._failed_rules:
+            self._failed_rules.add(name)
+            self._log("rule_failed", logging.ERROR, rule=name, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+    # ------------------------------------------------------------------ effects of a transition
+
+    def _apply(self, t: Transition, now: float) -> None:
+        a = t.alert
+        if t.kind == "resolved":
+            ledger.resolve(self.store, a, a.ended_at if a.ended_at is not None else now)
+            self._notify(Notification("resolved", a), "alert_resolved")
+            return
+        if t.kind == "escalated":
+            ledger.resolve(self.store, a, now)
+        stored = dataclasses.replace(a, id=ledger.add(self.store, a))
+        self.lifecycle.stored(stored, stored.id or 0)
+        self._totals[(a.rule, a.severity)] += 1
+        escalated = a.previous_severity if t.kind == "escalated" else None
+        self._notify(Notification("firing", stored, escalated), "alert_escalated" if escalated else "alert_firing")
+
+    def _notify(self, n: Notification, event: str) -> None:
+        a = n.alert
+        level = logging.ERROR if a.severity == "error" and n.status == "firing" else logging.WARNING \
+            if n.status == "firing" else logging.INFO
+        self._log(event, level, run=a.run_id, run_name=a.run_name, rule=a.rule, severity=a.severity,
+                  layer=a.layer or None, step=a.step, value=number(a.value), threshold=number(a.threshold),
+                  title=a.title, cause=a.cause, remedy=a.remedy, command=command(a))
+        for notifier in self.notifiers:
+            notifier.notify(n)
+
+    def _publish(self) -> None:
+        snap = AlertsSnapshot(tuple(self.lifecycle.firing()), dict(self._totals))
+        with self._lock:
+            self._snapshot = snap
+
+    def _log(self, event: str, level: int = logging.INFO, **fields: object) -> None:
+        if self.logger is not None:
+            log_event(self.logger, event, level, **fields)
