@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gradwatch.agent.layers import RNN, Layer, Param, following_activation
+from gradwatch.agent.sharding import global_std, is_sharded
 
 # Within this factor of the recommended std an initialisation counts as "ok".
 TOLERANCE = 1.5
@@ -68,7 +69,7 @@ def check_init(layers: list[Layer], params: list[Param]) -> list[dict[str, Any]]
             expected = expected_stds(fan_in, fan_out)
             activation = follower.module if follower is not None else None
             scheme = recommended_scheme(activation)
-            std = float(param.tensor.float().std())
+            std = global_std(param.tensor) if is_sharded(param.tensor) else float(param.tensor.float().std())
             ratio = std / expected[scheme]
             out.append({"layer": layer.name, "param": param.name, "fan_in": fan_in, "fan_out": fan_out,
                         "std": std, "activation": type(activation).__name__ if activation is not None else None,

@@ -36,6 +36,7 @@ from gradwatch.agent.guards import GradientGuardError, Guards
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import (NONNEGATIVE, Layer, build_tables, channels_first, last_linear_params,
                                     saturation_bounds)
+from gradwatch.agent.sharding import global_norms, is_sharded, local, process_group
 from gradwatch.agent.stats import cancels, moments, nonzero_per_unit, norm32, saturated_count, shift_of, shifted_moments
 from gradwatch.agent.writer import LogWriter
 
@@ -74,6 +75,8 @@ class Watcher:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module. Got {type(model).__name__}")
         optimizer, wrappers = unwrap_optimizer(optimizer)
+        replicated = _is_ddp(model)
+        model, model_wrappers = unwrap_model(model)
         _refuse_meta(model)
         for obj, what in ((model, "model"), (optimizer, "optimizer")):
             if obj in _attached:
@@ -96,11 +99,17 @@ class Watcher:
         self._index_of = {id(t): i for i, t in enumerate(self._param_tensors)}
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self._uniform = all(t.device == self.device and t.dtype == torch.float32 for t in self._param_tensors)
+        sharded = next((t for t in self._param_tensors if is_sharded(t)), None)
+        self._shard_group = process_group(sharded) if sharded is not None else None
+        _refuse_local_clipping(sharded, self.config.clip.mode)
+        self._uniform = self._shard_group is None and all(
+            t.device == self.device and t.dtype == torch.float32 for t in self._param_tensors)
         self._norm_kwargs = norm_kwargs(self._param_tensors)
         # Off the CPU, norms accumulate in float64 (one pass, memory-bound): a norm that is not
         # finite then means non-finite elements, and one above the float32 range an overflow.
-        self._wide_norms = self.device.type != "cpu" and wide_norm_kwargs() is not None
+        # Sharded norms are summed across ranks in float64 too, from float64 shard norms.
+        self._wide_norms = (self.device.type != "cpu" or self._shard_group is not None) and \
+            wide_norm_kwargs() is not None
         if self._wide_norms:
             self._norm_kwargs = wide_norm_kwargs() or {}
 
@@ -149,11 +158,15 @@ class Watcher:
         self._latest: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
 
         self.run_id, rank, world = _run_identity()
+        # Under DDP every rank holds the same all-reduced gradients: rank 0 records their norms.
+        self._replica = replicated and rank != 0
         home = self.config.home or runlog.default_home()
         self.name = run or type(model).__name__
         self.init_check = check_init(self.layers, self.params)
         info = self._header_info(model, rank, world)
         info["optimizer"] = {"class": type(optimizer).__name__, "wrappers": wrappers}
+        info["model"]["wrappers"] = model_wrappers
+        info["model"]["sharded"] = self._shard_group is not None
         header = runlog.Header(info, metric_defs)
         self.path = runlog.log_path(self.run_id, rank, home)
         self._writer = LogWriter(self.path, runlog.encode_header(header), self.config.queue_size)
@@ -355,13 +368,17 @@ class Watcher:
         present = [i for i, g in enumerate(maybe_grads) if g is not None]
         grads = [g for g in maybe_grads if g is not None]
         params = self._param_tensors if len(grads) == len(maybe_grads) else [self._param_tensors[i] for i in present]
-        if not grads:
+        if not grads or (self._replica and self._clipper is None and not self._guards.synchronous):
             views.blank()
             return
-        host.measured[row] = True
+        host.measured[row] = not self._replica
+        if self._shard_group is not None:
+            grads, params = [local(g) for g in grads], [local(t) for t in params]
         norms_list = self._grad_norms(grads)
         index = None if len(present) == self.layout.n_params else self._index_tensor(tuple(present))
         wide = torch.stack(norms_list) if self._wide_norms else None
+        if wide is not None and self._shard_group is not None:
+            wide = global_norms(wide, self._shard_group)
         if wide is None and index is None and self._uniform:
             norms = torch.stack(norms_list, out=views.grad)
         else:
@@ -395,9 +412,15 @@ class Watcher:
         # Without a clipper (or threshold), the host fills those columns: see window_blocks.
 
         every = self.config.measure.update_ratio_every
-        if first and every and step % every == 0:
+        if first and every and step % every == 0 and not self._replica:
             with torch.no_grad():
-                self._update_prev = list(torch._foreach_mul(self._param_tensors, 1.0))
+                self._update_prev = list(torch._foreach_mul(self._local_params(), 1.0))
+
+    def _local_params(self) -> list[torch.Tensor]:
+        """The parameters, or this rank's shards of them when they are sharded."""
+        if self._shard_group is None:
+            return self._param_tensors
+        return [local(t) for t in self._param_tensors]
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each gradient's L2 norm: `_foreach_norm` for dense ones, the coalesced values' norm
@@ -443,10 +466,10 @@ class Watcher:
         measure = self.config.measure
         p = self.layout.n_params
         needs_norms = (measure.param_every and step % measure.param_every == 0) or self._update_prev is not None
-        if not needs_norms:
+        if not needs_norms or self._replica:
             return
         prev, self._update_prev = self._update_prev, None
-        params = self._param_tensors
+        params = self._local_params()
         kwargs = self._norm_kwargs
         if prev is None:
             param_norms, deltas = torch._foreach_norm(params, 2.0, **kwargs), None
@@ -457,6 +480,9 @@ class Watcher:
         else:
             torch._foreach_sub_(prev, params)
             deltas, param_norms = torch._foreach_norm(prev, 2.0, **kwargs), torch._foreach_norm(params, 2.0, **kwargs)
+        if self._shard_group is not None:  # one all-reduce for both: norms of whole params and updates
+            both = global_norms(torch.stack([*param_norms, *(deltas or [])]), self._shard_group).to(torch.float32)
+            param_norms, deltas = list(both[:p]), (list(both[p:]) if deltas is not None else None)
         if self._uniform:
             pn = buf[self.layout.param_norm:self.layout.param_norm + p]
             torch.stack(param_norms, out=pn)
@@ -889,6 +915,32 @@ def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
         wrappers.append(type(current).__name__)
         current = inner
     return current, wrappers
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The module inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers, and their
+    names, outermost first: its layers are named without `module.` / `_orig_mod.` prefixes."""
+    wrappers: list[str] = []
+    while True:
+        if _is_ddp(model):
+            inner = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        else:
+            return model, wrappers
+        wrappers.append(type(model).__name__)
+        model = inner  # type: ignore[assignment]
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _refuse_local_clipping(sharded: torch.Tensor | None, mode: str) -> None:
+    """Clipping by value or per unit reports a shard-local norm after clipping: refuse it for sharded params."""
+    if sharded is not None and mode in ("value", "agc"):
+        raise ValueError(f"gradwatch: clip mode {mode!r} is not supported with sharded (FSDP2/DTensor) parameters; "
+                         "use 'norm', 'param_norm', 'auto_percentile' or 'zscore'")
 
 
 def _refuse_meta(model: nn.Module) -> None:
