@@ -453,3 +453,51 @@ def test_accelerate_prepared_optimizer_is_watched_through_its_wrapper():
     assert header.info["optimizer"] == {"class": "SGD", "wrappers": ["AcceleratedOptimizer"]}
     np.testing.assert_allclose(series(watcher, "grad_norm_total")[1][:, 0], refs, rtol=1e-5)
     np.testing.assert_allclose(series(watcher, "grad_norm_total_clipped")[1][:, 0], 1e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+def _compiled_run(watched: bool) -> tuple[dict[str, int], int, gradwatch.Watcher | None]:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="eager")  # graph capture is dynamo's alone; no C++ build
+    watcher = gradwatch.watch(compiled, opt, config={"measure": {"activation_every": 2}}) if watched else None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        loss = compiled(torch.randn(8, 16, generator=gen)).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if watcher is not None:
+            watcher.log(loss=loss)
+    if watcher is not None:
+        watcher.close()
+    return dict(counters["stats"]), sum(counters["graph_break"].values()), watcher
+
+
+def test_a_compiled_model_gets_no_extra_graph_break_or_recompile_and_eager_norms():
+    bare_stats, bare_breaks, _ = _compiled_run(watched=False)
+    stats, breaks, watcher = _compiled_run(watched=True)
+    assert (stats.get("unique_graphs"), breaks) == (bare_stats.get("unique_graphs"), bare_breaks)
+    assert stats.get("unique_graphs") == 1
+    assert watcher is not None and watcher.errors == {}
+    header = records(watcher)[0]
+    assert isinstance(header, runlog.Header) and header.info["model"]["wrappers"] == ["OptimizedModule"]
+    assert [p["name"] for p in header.info["params"]][0] == "0.weight"  # no `_orig_mod.` prefix
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    gen, expected = torch.Generator().manual_seed(0), []
+    for _ in range(12):
+        eager(torch.randn(8, 16, generator=gen)).sum().backward()
+        expected.append(eager[0].weight.grad.norm().item())
+        opt.step()
+        opt.zero_grad()
+    norms = column(watcher, "grad_norm", "0.weight")
+    np.testing.assert_allclose([norms[s] for s in range(12)], expected, rtol=1e-5)

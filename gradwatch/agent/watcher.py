@@ -285,6 +285,8 @@ class Watcher:
 
     def _on_forward(self, module: nn.Module, inputs: Any) -> None:
         """A training forward pass of the next step: the last step's `log()` calls are done."""
+        if _compiling():
+            return  # traced by torch.compile: Python state stays out of the graph
         if not torch.is_grad_enabled():
             return  # evaluation: its scalars still belong to the last step
         self._forward_since_step = True
@@ -521,7 +523,7 @@ class Watcher:
                 self._count_error("activation_grad", exc)
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if self.step % every or not torch.is_grad_enabled():
+            if _compiling() or self.step % every or not torch.is_grad_enabled():
                 return
             try:
                 tensors = [t for t in _output_tensors(output) if t.is_floating_point()]
@@ -930,6 +932,15 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
             return model, wrappers
         wrappers.append(type(model).__name__)
         model = inner  # type: ignore[assignment]
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing: the hooks then do nothing, so they add no graph, graph
+    break or recompile (their branches on the step would put guards on it)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        from torch._dynamo import is_compiling
+    return bool(is_compiling())
 
 
 def _is_ddp(model: nn.Module) -> bool:
