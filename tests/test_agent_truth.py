@@ -501,3 +501,17 @@ def test_a_compiled_model_gets_no_extra_graph_break_or_recompile_and_eager_norms
         opt.zero_grad()
     norms = column(watcher, "grad_norm", "0.weight")
     np.testing.assert_allclose([norms[s] for s in range(12)], expected, rtol=1e-5)
+
+
+def test_hugging_face_conv1d_is_a_weighted_layer_of_the_init_check():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = nn.Sequential(pytorch_utils.Conv1D(48, 16), nn.GELU(), pytorch_utils.Conv1D(16, 48))
+    with torch.no_grad():
+        model[0].weight.normal_(0.0, 0.02)  # GPT-2's init
+    with gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1)) as watcher:
+        checks = {c["layer"]: c for c in watcher.init_check}
+    assert set(checks) == {"0", "2"}
+    assert (checks["0"]["fan_in"], checks["0"]["fan_out"]) == (16, 48)  # weight (in, out) = (16, 48)
+    assert checks["0"]["std"] == pytest.approx(model[0].weight.std().item())
+    assert checks["0"]["activation"] == "GELU"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch.agent.layers import RNN, Layer, Param, following_activation
+from gradwatch.agent.layers import RNN, Layer, Param, following_activation, is_transposed_linear
 from gradwatch.agent.sharding import global_std, is_sharded
 
 # Within this factor of the recommended std an initialisation counts as "ok".
@@ -16,9 +16,12 @@ TOLERANCE = 1.5
 
 
 def fans(module: nn.Module, weight: torch.Tensor) -> tuple[int, int]:
-    """(fan_in, fan_out) of a weight; recurrent weights count one gate's outputs."""
+    """(fan_in, fan_out) of a weight; recurrent weights count one gate's outputs; HF's Conv1D
+    stores its weight (in, out)."""
     if weight.dim() < 2:
         return weight.numel(), weight.numel()
+    if is_transposed_linear(module):
+        return int(weight.shape[0]), int(weight.shape[1])
     receptive = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
     fan_in = weight.shape[1] * receptive
     fan_out = weight.shape[0] * receptive

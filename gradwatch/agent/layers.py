@@ -23,6 +23,18 @@ CONV1D: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's `Conv1D` (GPT-2's attention and MLP projections): a Linear whose weight is
+    stored (in, out). Recognised by name so the agent never imports transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_weighted(module: nn.Module) -> bool:
+    """Linear, Conv1d/2d/3d, RNN/LSTM/GRU and HF's Conv1D: the layers the init check judges."""
+    return isinstance(module, WEIGHTED) or is_transposed_linear(module)
+
+
 def activation_family(module: nn.Module) -> str | None:
     """`bounded`, `relu`, `smooth`, or None when the module is not an activation.
 
@@ -102,14 +114,14 @@ def following_activation(layers: list[Layer]) -> dict[int, Layer | None]:
     weighted layer comes first). Recurrent layers are their own activation (tanh)."""
     out: dict[int, Layer | None] = {}
     for i, layer in enumerate(layers):
-        if not isinstance(layer.module, WEIGHTED):
+        if not is_weighted(layer.module):
             continue
         if isinstance(layer.module, RNN):
             out[i] = layer
             continue
         nxt = None
         for later in layers[i + 1:]:
-            if isinstance(later.module, WEIGHTED):
+            if is_weighted(later.module):
                 break
             if later.kind == "activation":
                 nxt = later
