@@ -15,8 +15,9 @@ reach a terminal or a log by a path someone forgot. It masks with ``***``:
 - what follows ``Authorization:``.
 
 SQLite paths (``sqlite:///path``, ``sqlite:////abs/path``) have no authority and stay intact.
-It errs on the side of masking: an ``@`` in a URL's path may hide the host too. Standard
-library only, so the agent may use it as well.
+It errs on the side of masking: an ``@`` in a URL's path may hide the host too. A bare
+``user:password@host`` inside a sentence is not recognised (it reads like a run name such as
+``lr:0.1@bs64``): print whole URLs. Standard library only, so the agent may use it as well.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ __all__ = ["MASK", "redact"]
 
 MASK = "***"
 
-_SECRET_KEY = r"[\w.-]*(?:pass|pwd|token|secret|key|auth|sig|credential|cookie|session|jwt)[\w.-]*"
-_VALUE = r"""(?:"[^"]*"|'[^']*'|[^\s&;#,'"<>()\[\]{}]+)"""
+# bounded repeats: a long word must not make the search quadratic
+_SECRET_KEY = r"[\w.-]{0,64}?(?:pass|pwd|token|secret|key|auth|sig|credential|cookie|session|jwt)[\w.-]{0,64}"
+_VALUE = r"""(?:"[^"]*"|'[^']*'|[^\s&;#,'"<>()\[\]{}]*[^\s&;#,'"<>()\[\]{}:.])"""  # a ':' or '.' after it is prose
 _KEY_VALUE = re.compile(rf"(?i)(?<![\w.-])(?P<key>{_SECRET_KEY})(?P<eq>\s*=\s*)(?P<value>{_VALUE})")
 _QUOTED_KEY = re.compile(rf"""(?i)(?P<key>(?P<q>['"]){_SECRET_KEY}(?P=q))(?P<eq>\s*:\s*)(?P<value>{_VALUE})""")
 _AUTH_HEADER = re.compile(r"(?i)(?P<key>\b(?:proxy-)?authorization)(?P<eq>\s*[:=]\s*)(?P<value>(?:\w+\s+)?[^\s'\"]+)")

@@ -1,11 +1,15 @@
-"""Diagnosis rules on arrays made by plain numpy computations (no agent, no store)."""
+"""Diagnosis rules on arrays made by plain numpy computations (no agent, no store).
+
+Every finding made here is also checked for how it reads (tests/fixtures/findings_text.py).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gradwatch.diagnose import LayerInfo, RunData, Series, diagnose, find_spikes, suggest_clip_threshold
+from gradwatch.diagnose import LayerInfo, RunData, Series, find_spikes, suggest_clip_threshold
+from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.load import layer_matrix
 from gradwatch.diagnose.nonfinite import (
@@ -15,6 +19,15 @@ from gradwatch.diagnose.nonfinite import (
     ranges_text,
     step_ranges,
 )
+from tests.fixtures.findings_text import check_text
+
+
+def diagnose(data: RunData):
+    """Every rule over `data`, each finding checked for how it reads."""
+    findings = _diagnose(data)
+    for f in findings:
+        check_text(f)
+    return findings
 
 
 def _mlp_stats(depth: int, width: int, weight_std: float, steps: int = 20, seed: int = 0):
@@ -152,8 +165,9 @@ def test_init_verdicts_from_the_header():
     check = ({"layer": 0, "param": "fc1.weight", "std": 1.0, "activation": "Sigmoid", "recommended": "glorot",
               "expected": {"glorot": 0.125, "he": 0.177, "lecun": 0.125}, "ratio": 8.0, "verdict": "too_large"},)
     findings = diagnose(RunData("r", "init", layers, init_check=check))
-    assert _ids(findings) == ["initialisation"]
+    assert [(f.id, f.severity) for f in findings] == [("initialisation", "info")]  # on its own: information
     assert findings[0].evidence.layers == ("fc1",)
+    assert findings[0].evidence.values["value"] == 8.0 and findings[0].evidence.values["threshold"] == 1.5
     assert "xavier_normal_" in findings[0].remedies[0]
 
 
@@ -210,11 +224,12 @@ def test_an_overflowed_norm_is_told_from_nan_elements():
     (f,) = nonfinite_gradients(_explosion())
     assert f.evidence.summary == (
         "first failure at step 41",
-        "norm overflowed float32 at step 41 in layers fc3 (elements still finite), on 1 step: 41",
+        "norm overflowed float32 at step 41 in layer fc3 (elements still finite), on 1 step: 41",
         "NaN/Inf gradient elements from step 42 in layers fc1, fc2, on 17 steps: 42-58",
         "total gradient norm NaN on 17 steps, +Inf on 1 step")
-    assert f.evidence.values == {"first_overflow_step": 41.0, "overflow_steps": 1.0, "first_nonfinite_step": 42.0,
-                                 "nonfinite_steps": 17.0, "first_step": 41.0, "events": 3.0}
+    assert f.evidence.values == {"value": 18.0, "first_overflow_step": 41.0, "overflow_steps": 1.0,
+                                 "first_nonfinite_step": 42.0, "nonfinite_steps": 17.0, "first_step": 41.0,
+                                 "events": 3.0}
     assert f.evidence.layers == ("fc3", "fc1", "fc2") and f.evidence.steps == (41, 42)
     assert "float32's range" in f.causes[0]  # the overflow came first: named as the first cause
 
@@ -249,7 +264,7 @@ def test_nonfinite_loss_counts_every_kind_with_its_ranges():
     assert f.evidence.summary == ("first non-finite loss at step 20", "loss NaN on 17 steps: 60-92",
                                   "loss +Inf on 3 steps: 20-24", "loss -Inf on 1 step: 120",
                                   "finite again from step 122")
-    assert f.evidence.values == {"first_step": 20.0, "nonfinite_steps": 21.0, "logged_steps": 100.0,
+    assert f.evidence.values == {"value": 21.0, "first_step": 20.0, "nonfinite_steps": 21.0, "logged_steps": 100.0,
                                  "nan_steps": 17.0, "posinf_steps": 3.0, "neginf_steps": 1.0}
 
 
@@ -288,3 +303,242 @@ def test_layer_matrix_keeps_nan_values_apart_from_gaps():
     assert m.present.tolist() == [[True, False, True], [False, True, False], [False, False, False]]
     assert np.isnan(m.values[0, 0]) and m.present[0, 0]  # a measured NaN
     assert m.window(0.5).present.tolist() == [[False, True], [True, False], [False, False]]
+
+
+# ---------------------------------------------------------------- how findings read
+
+def test_counts_and_ranges_are_spelled_by_one_helper():
+    from gradwatch.diagnose.text import listing, plural, span
+
+    assert [plural(n, "spike") for n in (0, 1, 2)] == ["0 spikes", "1 spike", "2 spikes"]
+    assert span(10, 10) == "step 10" and span(10, 20) == "steps 10-20"
+    assert listing(list("abcdefg")) == "a, b, c, d, e and 2 more" and listing(["a"]) == "a"
+
+
+def test_a_window_of_one_step_reads_as_one_step():
+    """Old main: 'median over steps 10-10'."""
+    flow, _ = _mlp_stats(8, 64, 1 / np.sqrt(3 * 64), steps=1)
+    layers = tuple(LayerInfo(i, f"layers.{i}", "Sigmoid", "activation", "bounded") for i in range(8))
+    (f,) = diagnose(RunData("r", "one", layers, layer={"act_grad_norm": Series(np.array([10]), flow)}))
+    assert f.evidence.summary[0].endswith("median over step 10")
+
+
+def test_one_spike_is_one_spike():
+    """Old main: '1 spikes above 10 x the median'."""
+    norms = _noisy_norms(100)
+    norms[60] *= 40
+    (f,) = diagnose(_norm_run(norms))
+    assert "1 spike above 10 x the median of the previous 25 steps" in f.evidence.summary[1]
+    assert f.evidence.summary[1].endswith("at step 60")
+
+
+def test_seven_saturated_layers_are_all_counted():
+    """Old main: '7 bounded layers' and a list of 6."""
+    steps = np.arange(10)
+    layers = tuple(LayerInfo(i, f"act{i}", "Tanh", "activation", "bounded") for i in range(7))
+    (f,) = diagnose(RunData("r", "sat", layers, layer={"saturation_ratio": Series(steps, np.full((7, 10), 0.7))}))
+    assert f.evidence.summary[0].startswith("7 bounded layers")
+    assert f.evidence.summary[1] == "saturated: act0 70%, act1 70%, act2 70%, act3 70%, act4 70% and 2 more"
+
+
+# ---------------------------------------------------------------- initialisation
+
+def _init_entry(layer: str, activation: str | None, std: float, fan_in: int, fan_out: int) -> dict:
+    expected = {"glorot": np.sqrt(2 / (fan_in + fan_out)), "he": np.sqrt(2 / fan_in), "lecun": np.sqrt(1 / fan_in)}
+    scheme = "he" if activation == "ReLU" else "glorot"
+    ratio = std / expected[scheme]
+    verdict = "too_small" if ratio < 1 / 1.5 else "too_large" if ratio > 1.5 else "ok"
+    return {"layer": layer, "param": f"{layer}.weight", "fan_in": fan_in, "fan_out": fan_out, "std": std,
+            "activation": activation, "recommended": scheme, "expected": expected, "ratio": ratio, "verdict": verdict}
+
+
+def test_pytorch_default_init_on_its_own_is_information():
+    """Old main: a warning for every model left on PyTorch's default init, so --strict failed CI."""
+    layers = tuple(LayerInfo(i, f"fc{i}", "Linear", "param") for i in range(3))
+    check = tuple(_init_entry(f"fc{i}", "ReLU", 1 / np.sqrt(3 * 64), 64, 64) for i in range(3))
+    (f,) = diagnose(RunData("r", "default", layers, init_check=check))
+    assert (f.id, f.severity) == ("initialisation", "info")
+    assert f.evidence.summary[0].endswith("(all on PyTorch's default init)")
+    assert f.evidence.summary[1] == "fc0.weight: std 0.0722 before ReLU; He expects 0.177 (x0.408, PyTorch's default)"
+
+
+def test_a_consequence_names_the_init_with_its_numbers():
+    data = _sigmoid_run(weight_std=1 / np.sqrt(3 * 64))
+    data.init_check = tuple(_init_entry(f"layers.{i}", "Sigmoid", 1 / np.sqrt(3 * 64), 64, 64) for i in range(8))
+    found = {f.id: f for f in diagnose(data)}
+    assert found["initialisation"].severity == "info"
+    cause = found["vanishing_gradients"].causes[0]
+    assert cause.startswith("weights initialised too small for the activation that follows")
+    assert "layers.0.weight: std 0.0722 before Sigmoid; Glorot expects 0.125 (x0.577, PyTorch's default)" in cause
+    assert cause.endswith("and 6 more weights")
+
+
+# ---------------------------------------------------------------- exploding, from the first step
+
+def _with_params(data: RunData, param_norm: float) -> RunData:
+    """The run with a total parameter norm measured every 10 steps."""
+    steps = data.run["grad_norm_total"].steps
+    data.run["param_norm_total"] = Series(steps[::10], np.full(len(steps[::10]), param_norm))
+    return data
+
+
+def test_an_early_spike_is_found():
+    """Old main: no spike was considered before step 10 (SPIKE_MIN_HISTORY)."""
+    norms = _noisy_norms(60)
+    norms[4] *= 50
+    idx, _ = find_spikes(norms)
+    assert idx.tolist() == [4]
+    (f,) = diagnose(_norm_run(norms))
+    assert f.id == "exploding_gradients" and f.evidence.steps == (4,)
+
+
+def test_norms_far_above_the_parameters_explode_from_the_first_step():
+    """Old main: a norm at 1e5 from step 0 neither grows nor spikes, so nothing was found."""
+    norms = 1e5 * _noisy_norms(6)
+    (f,) = diagnose(_with_params(_norm_run(norms), 10.0))
+    assert (f.id, f.severity, f.title) == ("exploding_gradients", "error", "Exploding gradients")
+    assert f.evidence.values["value"] == pytest.approx(norms.max() / 10.0)
+    assert f.evidence.values["threshold"] == th.GRAD_PARAM_RATIO
+    assert f.evidence.steps[0] == 0 and "on 6 steps: 0-5" in f.evidence.summary[1]
+    assert "'max_norm': 1.0" in f.remedies[0]  # not a threshold made of exploded norms
+
+
+def test_healthy_norms_against_their_parameters_are_not_exploding():
+    assert diagnose(_with_params(_norm_run(_noisy_norms(200)), 10.0)) == []
+
+
+def test_a_run_clipped_by_orders_of_magnitude_is_an_explosion():
+    """Old main: only 'clipping on most steps', remedy 'raise the threshold to about 4.28e+05'."""
+    norms = 10 ** np.random.default_rng(0).uniform(5, 6, 100)
+    clipped = np.ones(100)
+    layers = (LayerInfo(0, "rnn", "RNN", "param", "bounded"), LayerInfo(1, "head", "Linear", "param"))
+    data = RunData("r", "rnn", layers, config={"clip": {"mode": "norm", "max_norm": 1.0}},
+                   run={"grad_norm_total": Series(np.arange(100), norms),
+                        "grad_norm_total_clipped": Series(np.arange(100), clipped),
+                        "clip_coef": Series(np.arange(100), clipped / norms)})
+    (f,) = diagnose(data)
+    assert (f.id, f.severity, f.title) == ("exploding_gradients", "error", "Exploding gradients, held down by clipping")
+    assert f.evidence.values["value"] == pytest.approx(np.median(norms))
+    assert f.evidence.values["threshold"] == th.CLIP_EXPLOSION_FACTOR
+    assert f.remedies[0].startswith("keep the clipping at 1: ")
+    assert not any("raise" in r for r in f.remedies) and "suggested_clip" not in f.evidence.values
+    assert any("LSTM or GRU" in r for r in f.remedies)
+
+
+def test_growth_that_the_lr_schedule_explains_is_not_an_explosion():
+    """Normalised layers with weight decay settle at |g|/|w| ~ sqrt(2 wd / lr) (Defazio 2025): as the
+    schedule takes the LR down by 1e6, the norm rises ~1000x. Old main called it exploding."""
+    n = 400
+    steps = np.arange(n)
+    lr = np.geomspace(1e-3, 1e-9, n)
+    norms = 0.5 * np.sqrt(lr[0] / lr) * _noisy_norms(n)
+    data = _norm_run(norms)
+    assert np.median(norms[-100:]) / np.median(norms[:100]) > th.GROWTH_FACTOR
+    data.group["lr"] = Series(steps, lr[None, :], np.ones((1, n), dtype=bool))
+    assert diagnose(data) == []
+    data.group["lr"] = Series(steps, np.full((1, n), 1e-3), np.ones((1, n), dtype=bool))
+    (f,) = diagnose(data)  # the same growth under a constant LR
+    assert (f.id, f.severity) == ("exploding_gradients", "error")
+    assert f.evidence.values["value"] == pytest.approx(f.evidence.values["growth"])
+    assert f.evidence.values["value"] > th.GROWTH_FACTOR
+
+
+def test_growth_beyond_what_the_lr_explains_is_still_an_explosion():
+    n = 400
+    steps = np.arange(n)
+    lr = np.geomspace(1e-3, 1e-5, n)  # explains at most sqrt(100) = 10x
+    data = _norm_run(np.geomspace(1, 1e5, n) * _noisy_norms(n))
+    data.group["lr"] = Series(steps, lr[None, :], np.ones((1, n), dtype=bool))
+    (f,) = diagnose(data)
+    q = n // 4
+    assert f.evidence.values["lr_explained_growth"] == pytest.approx(np.sqrt(np.median(lr[:q]) / np.median(lr[-q:])))
+    assert "beyond the x5.65 that the learning-rate decay explains" in f.evidence.summary[1]
+
+
+# ---------------------------------------------------------------- loss spikes
+
+def _loss_run(loss: np.ndarray, norms: np.ndarray | None = None) -> RunData:
+    steps = np.arange(len(loss))
+    run = {"loss": Series(steps, loss)}
+    if norms is not None:
+        run["grad_norm_total"] = Series(steps, norms)
+    return RunData("r", "loss", (LayerInfo(0, "fc", "Linear", "param"),), run=run)
+
+
+def _falling_loss(n: int = 120, seed: int = 1) -> np.ndarray:
+    return np.geomspace(2.0, 0.5, n) * np.exp(np.random.default_rng(seed).normal(0, 0.05, n))
+
+
+def test_a_corrupt_batch_is_a_loss_spike_not_an_explosion():
+    """Old main: 'Exploding gradients' with 'learning rate too high' as the only cause."""
+    loss, norms = _falling_loss(), _noisy_norms(120)
+    loss[70] *= 25
+    norms[70] *= 80
+    (f,) = diagnose(_loss_run(loss, norms))
+    assert (f.id, f.severity) == ("loss_spike", "warning")
+    assert f.evidence.summary[0].startswith(f"loss spike at step 70: {loss[70]:.3g}, x")
+    assert "with a gradient spike at step 70" in f.evidence.summary[0]
+    assert f.evidence.summary[1].startswith("back under the limit from before the spike (")
+    assert f.evidence.summary[1].endswith(") at the next logged step, 71")
+    assert f.causes[0].startswith("a bad batch") and f.remedies[0].startswith("look at the batch of step 70")
+    assert f.evidence.values["value"] == loss[70] > f.evidence.values["threshold"]
+
+
+def test_a_loss_spike_without_a_gradient_spike():
+    loss = _falling_loss()
+    loss[50] *= 10
+    (f,) = diagnose(_loss_run(loss, _noisy_norms(120)))
+    assert "without a gradient spike at step 50" in f.evidence.summary[0]
+
+
+def test_a_loss_that_jumps_and_stays_up_is_an_overshoot():
+    loss = _falling_loss()
+    loss[80:] *= 8
+    (f,) = diagnose(_loss_run(loss))
+    assert f.severity == "error"  # still above its limit to the last step
+    assert f.evidence.summary[0].startswith("loss spike at steps 80-")
+    assert f.evidence.summary[1].endswith("at the last logged step 119")
+    assert f.evidence.summary[1].startswith("still above the limit from before the spike")
+    assert f.causes[0].startswith("the update overshot")
+
+
+def test_noisy_and_falling_losses_have_no_spike():
+    assert diagnose(_loss_run(_falling_loss())) == []
+    noisy = 0.3 * np.exp(np.random.default_rng(2).normal(0, 0.15, 300))  # batch-to-batch noise of +-15%
+    assert diagnose(_loss_run(noisy)) == []
+
+
+# ---------------------------------------------------------------- windows
+
+def test_rules_read_a_window_that_does_not_start_at_step_0():
+    norms = _noisy_norms(60)
+    norms[30] *= 40
+    loss = _falling_loss(60)
+    loss[45] *= 20
+    late = RunData("r", "late", (LayerInfo(0, "fc", "Linear", "param"),),
+                   run={"grad_norm_total": Series(np.arange(60) + 10_000, norms),
+                        "loss": Series(np.arange(60) + 10_000, loss)})
+    found = {f.id: f for f in diagnose(late)}
+    assert found["exploding_gradients"].evidence.steps == (10_030,)
+    assert found["loss_spike"].evidence.steps == (10_045,)
+
+
+# ---------------------------------------------------------------- the contract with the alerts engine
+
+def test_every_finding_has_its_value_and_threshold():
+    norms = _noisy_norms(100)
+    norms[60] *= 40
+    cases = [_sigmoid_run(1 / np.sqrt(3 * 64)), _sigmoid_run(1.0, width=256), _norm_run(norms), _explosion(),
+             _norm_run(_noisy_norms(200) * 5, {"mode": "norm", "max_norm": 1.0}, np.minimum(_noisy_norms(200) * 5, 1))]
+    loss = _falling_loss()
+    loss[70] *= 25
+    cases.append(_loss_run(loss))
+    cases.append(RunData("r", "dead", (LayerInfo(0, "relu", "ReLU", "activation", "relu"),),
+                         layer={"dead_ratio": Series(np.arange(10), np.full((1, 10), 0.8))}))
+    findings = {f.id: f for data in cases for f in diagnose(data)}
+    assert set(findings) >= {"vanishing_gradients", "saturation", "exploding_gradients", "nonfinite_gradients",
+                             "clipping_rate", "loss_spike", "dying_units"}
+    no_threshold = {"nonfinite_gradients", "nonfinite_loss", "nonfinite_activations"}
+    for f in findings.values():
+        assert np.isfinite(f.evidence.values["value"]), f.id
+        assert ("threshold" in f.evidence.values) == (f.id not in no_threshold), f.id

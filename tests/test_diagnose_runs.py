@@ -1,6 +1,7 @@
 """Diagnosis of real training runs (the quick demo): each pathology found, the healthy run clean.
 
-Expected numbers are recomputed here from the store's query API, independently of the rules.
+Expected numbers are recomputed here from the store's query API, independently of the rules;
+every finding is checked for how it reads (tests/fixtures/findings_text.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.load import load_run_data
 from gradwatch.store import Store
 from tests.fixtures.cli_runs import demo_home
+from tests.fixtures.findings_text import check_text
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,10 @@ def store(tmp_path_factory):
 
 
 def _findings(store, name):
-    return {f.id: f for f in diagnose(load_run_data(store, store.resolve_run(name)))}
+    found = diagnose(load_run_data(store, store.resolve_run(name)))
+    for f in found:
+        check_text(f)
+    return {f.id: f for f in found}
 
 
 def _steady_median(store, run_id, layer, metric):
@@ -47,6 +52,9 @@ def test_default_init_sigmoid_mlp_vanishes(store):
     assert f.evidence.values["flow_ratio"] == pytest.approx(first / last, rel=1e-5)
     assert f.evidence.values["flow_ratio"] < th.VANISHING_RATIO
     assert layers[0].name in f.evidence.layers and layers[-1].name not in f.evidence.layers
+    check = {c["param"]: c for c in store.run_summary(run_id).init_check}
+    assert f.causes[0].startswith("weights initialised too small")  # the init check, with its numbers
+    assert f"std {check['2.weight']['std']:.3g} before Sigmoid; Glorot expects" in f.causes[0]
 
 
 def test_normal_init_twin_saturates_and_its_init_is_flagged(store):
@@ -59,8 +67,10 @@ def test_normal_init_twin_saturates_and_its_init_is_flagged(store):
     assert set(sat.evidence.layers) == over and over
     assert sat.evidence.values["worst_ratio"] == pytest.approx(max(expected.values()), rel=1e-5)
     init = found["initialisation"]
+    assert init.severity == "info"  # on its own: information; the saturation names it as its cause
     assert all(c["verdict"] == "too_large" for c in store.run_summary(run_id).init_check
                if c["layer"] in init.evidence.layers)
+    assert sat.causes[0].startswith("weights initialised too large") and "Glorot expects" in sat.causes[0]
     assert "vanishing_gradients" not in found
 
 
@@ -81,6 +91,7 @@ def test_high_lr_rnn_explodes_to_nonfinite(store):
     assert values["nonfinite_steps"] == np.count_nonzero(~np.isfinite(loss)) > 0
     assert values["nan_steps"] == np.count_nonzero(np.isnan(loss))
     assert values["first_step"] == steps[~np.isfinite(loss)][0]
+    assert found["nonfinite_loss"].causes[0].startswith("the run diverged")  # not a bad batch
 
 
 def test_clipped_rnn_reports_its_clip_rate_and_a_threshold(store):

@@ -3,7 +3,9 @@
 Vanishing gradients (a deep sigmoid MLP with the "standard" init of Glorot & Bengio 2010),
 saturation (sigmoid / tanh with too-large weights), exploding gradients (a tanh RNN whose
 recurrent matrix has spectral radius > 1) held by clipping, dead ReLUs (a strongly negative
-bias), and a healthy network that shows none of them.
+bias), and a healthy network that shows none of them. The builders (`mlp`, `fixed_batch`,
+`RNNClassifier`, `relu_mlp_with_negative_bias`) also serve tests/test_diagnose_training.py,
+which diagnoses these models.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ EVERY_STEP = {"measure": {"activation_every": 1}}
 WIDTH, DEPTH, BATCH, CLASSES = 256, 10, 32, 10
 
 
-def _mlp(activation: Callable[[], nn.Module], init: Callable[[nn.Linear], None] | None = None,
+def mlp(activation: Callable[[], nn.Module], init: Callable[[nn.Linear], None] | None = None,
          depth: int = DEPTH, width: int = WIDTH) -> nn.Sequential:
     """`depth` hidden Linear+activation pairs and a Linear head (PyTorch's default init unless `init`)."""
     torch.manual_seed(0)
@@ -39,7 +41,7 @@ def _mlp(activation: Callable[[], nn.Module], init: Callable[[nn.Linear], None] 
     return nn.Sequential(*layers)
 
 
-def _batch(features: int = WIDTH, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(features: int = WIDTH, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(BATCH, features, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
 
@@ -47,7 +49,7 @@ def _batch(features: int = WIDTH, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 def _train(model: nn.Module, steps: int = 1, config: dict[str, Any] | None = None,
            batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[gradwatch.Watcher, dict[str, Any]]:
     """Train with SGD on a fixed batch; returns the closed watcher and its last snapshot."""
-    x, y = batch if batch is not None else _batch()
+    x, y = batch if batch is not None else fixed_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.watch(model, opt, config=config or EVERY_STEP) as watcher:
         for _ in range(steps):
@@ -78,8 +80,8 @@ def _series(watcher: gradwatch.Watcher, metric: str) -> tuple[np.ndarray, np.nda
 
 
 def test_vanishing_gradients_in_deep_sigmoid_mlp_with_standard_init():
-    model = _mlp(nn.Sigmoid)
-    x, y = _batch()
+    model = mlp(nn.Sigmoid)
+    x, y = fixed_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.watch(model, opt, config=EVERY_STEP) as watcher:
         outputs = []
@@ -119,10 +121,10 @@ SATURATING = {
 
 @pytest.mark.parametrize("activation, std", SATURATING.values(), ids=SATURATING.keys())
 def test_saturation_with_too_large_weights(activation, std):
-    model = _mlp(activation, init=lambda l: nn.init.normal_(l.weight, 0.0, std))
+    model = mlp(activation, init=lambda l: nn.init.normal_(l.weight, 0.0, std))
     acts = _names_of(model, activation)
     # An independent count of the outputs within eps of the asymptotes, on the initial weights.
-    x, _ = _batch()
+    x, _ = fixed_batch()
     low, high = (0.0, 1.0) if activation is nn.Sigmoid else (-1.0, 1.0)
     eps = MeasureConfig().saturation_eps
     with torch.no_grad():
@@ -147,7 +149,7 @@ def test_saturation_with_too_large_weights(activation, std):
 
 def test_default_init_sigmoid_is_not_saturated():
     """The vanishing-gradient MLP above is not a saturation case: its sigmoids sit near 0.5."""
-    model = _mlp(nn.Sigmoid)
+    model = mlp(nn.Sigmoid)
     snap = _train(model)[1]
     ratios = [snap["layers"][name]["saturation_ratio"] for name in _names_of(model, nn.Sigmoid)]
     assert max(ratios) < 0.05, ratios
@@ -156,7 +158,7 @@ def test_default_init_sigmoid_is_not_saturated():
 # ---------------------------------------------------------------------------------- exploding
 
 
-class _RNNClassifier(nn.Module):
+class RNNClassifier(nn.Module):
     """A vanilla tanh RNN whose recurrent weights have spectral radius ~3 (a chaotic regime)."""
 
     def __init__(self, gain: float = 3.0, hidden: int = 64, features: int = 8) -> None:
@@ -174,7 +176,7 @@ class _RNNClassifier(nn.Module):
 
 def _rnn_step(seq_len: int, config: dict[str, Any] | None = None) -> tuple[dict[str, Any], float, float]:
     """One training step on a sequence of `seq_len`; (snapshot, torch's total norm before, after the step)."""
-    model = _RNNClassifier()
+    model = RNNClassifier()
     assert float(torch.linalg.eigvals(model.rnn.weight_hh_l0.detach()).abs().max()) > 2.5
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, seq_len, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
@@ -221,8 +223,8 @@ def test_norm_clipping_holds_the_exploding_rnn_at_the_threshold(seq_len):
 DEAD_LAYER = 3  # the 4th hidden Linear
 
 
-def _relu_mlp_with_negative_bias(activation: Callable[[], nn.Module]) -> nn.Sequential:
-    model = _mlp(activation, init=lambda l: nn.init.kaiming_normal_(l.weight, nonlinearity="relu"),
+def relu_mlp_with_negative_bias(activation: Callable[[], nn.Module]) -> nn.Sequential:
+    model = mlp(activation, init=lambda l: nn.init.kaiming_normal_(l.weight, nonlinearity="relu"),
                  depth=6, width=64)
     with torch.no_grad():
         model[2 * DEAD_LAYER].bias.fill_(-10.0)
@@ -234,9 +236,9 @@ DEAD = {"relu": (nn.ReLU, True), "leaky-relu": (lambda: nn.LeakyReLU(0.01), Fals
 
 @pytest.mark.parametrize("activation, dies", DEAD.values(), ids=DEAD.keys())
 def test_strongly_negative_bias_kills_a_relu_layer_not_a_leaky_one(activation, dies):
-    model = _relu_mlp_with_negative_bias(activation)
+    model = relu_mlp_with_negative_bias(activation)
     dead_act = str(2 * DEAD_LAYER + 1)  # the activation after the biased Linear
-    watcher, snap = _train(model, steps=3, batch=_batch(64))
+    watcher, snap = _train(model, steps=3, batch=fixed_batch(64))
     steps, values, indices = _series(watcher, "dead_ratio")
     np.testing.assert_array_equal(steps, [0, 1, 2])
     header = runlog.read_log(watcher.path)[0].info

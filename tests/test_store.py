@@ -5,24 +5,28 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy.engine import make_url
 
-from tests.fixtures.pg import store_url  # noqa: F401 - fixture
+from tests.fixtures.pg import pg_database_url, pg_server_url, store_url  # noqa: F401 - fixture
 from tests.fixtures.runlogs import LAYER_METRICS, PARAM_METRICS, RUN_METRICS, SyntheticRun
 from gradwatch.agent import runlog
 from gradwatch.agent.runlog import Close, Event
 from gradwatch.ingest import ingest_pending
 from gradwatch.store import (
     AmbiguousRun,
+    BadStoreURL,
     NotAStoreError,
     RunNotFound,
     Store,
     StoreError,
+    StoreNotFound,
     UnknownEntity,
     UnknownMetric,
 )
@@ -85,6 +89,105 @@ def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
 def test_bad_url_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="not a database URL"):
         Store.open("::nonsense::")
+
+
+SECRET = "DbSecret12"
+MALFORMED = [
+    f"postgresql//u:{SECRET}@h/db",
+    f"postgresql://u:{SECRET}@[::1:5432/db",
+    f"postgresql+psycopg://u:{SECRET}@[::1:5432",
+    "postgresql://[::1:5432/db",
+    f"postgresql+psycopg://u:{SECRET}@h:abc/db",
+    f"postgresql+psycopg://u:{SECRET}@h:5432:1/db",
+    f"postgresql+psycopg://u:{SECRET}@h/db?port=x",
+    f"postgresql+psycopg://u:p@{SECRET}@h/db",
+    f"u:{SECRET}@h/db",
+    f"nosuchdriver+x://u:{SECRET}@h/db",
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED, ids=[f"{i:02d}" for i in range(len(MALFORMED))])
+def test_a_malformed_url_is_a_one_line_error_without_its_secret(url: str) -> None:
+    with pytest.raises(StoreError) as exc:
+        Store.open(url)
+    assert type(exc.value) in (BadStoreURL, StoreError)  # never a ValueError or the like
+    message = str(exc.value)
+    assert "\n" not in message and SECRET not in message and SECRET[:5] not in message
+    assert SECRET not in "".join(traceback.format_exception(exc.value))  # what a debug printer would show
+
+
+def test_driver_errors_from_a_real_server_carry_no_secret() -> None:
+    """A real PostgreSQL server refuses the database; the URL's password (userinfo and query)
+    is masked in the message and in the traceback."""
+    server = make_url(pg_server_url())
+    for url in (server.set(password=SECRET, database="no_such_db"),
+                server.set(database="no_such_db").update_query_dict({"password": SECRET})):
+        with pytest.raises(StoreError) as exc:
+            Store.open(url.render_as_string(hide_password=False))
+        message = str(exc.value)
+        assert "no_such_db" in message and "does not exist" in message and "***" in message
+        assert SECRET not in "".join(traceback.format_exception(exc.value))
+
+
+def test_the_store_url_property_masks_credentials() -> None:
+    url = make_url(pg_database_url()).set(password=SECRET).update_query_dict({"sslpassword": SECRET})
+    with Store.open(url.render_as_string(hide_password=False)) as st:  # the test server trusts any password
+        assert SECRET not in st.url and ":***@" in st.url and st.url.endswith("sslpassword=***")
+
+
+# ------------------------------------------------------------------ opening without creating
+
+
+def test_open_without_create_makes_no_folder_and_no_file(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    for kwargs in ({"home": missing}, {"url": f"sqlite:///{missing / 'x.db'}"},
+                   {"url": f"sqlite:///{tmp_path / 'x.db'}"}, {"url": f"sqlite:///file:{tmp_path / 'y.db'}?uri=true"}):
+        with pytest.raises(StoreNotFound) as exc:
+            Store.open(create=False, **kwargs)
+        assert "\n" not in str(exc.value)
+    assert str(StoreNotFound.__mro__[1].__name__) == "NotAStoreError"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(StoreNotFound, match=f"no gradwatch store at {missing / 'gradwatch.db'}: the file does not"):
+        Store.open(home=missing, create=False)
+
+
+def test_open_without_create_changes_neither_an_empty_file_nor_a_foreign_database(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StoreNotFound, match="is not a gradwatch store: it holds no tables"):
+        Store.open(f"sqlite:///{empty}", create=False)
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    with pytest.raises(NotAStoreError, match="it holds other tables"):
+        Store.open(f"sqlite:///{foreign}", create=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "foreign.db"]
+    assert empty.stat().st_size == 0
+    with sqlite3.connect(foreign) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # not turned into WAL
+
+
+def test_open_without_create_reads_an_existing_store(store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    SyntheticRun().write(tmp_path, 20)
+    with Store.open(store_url, home=tmp_path) as st:
+        ingest_pending(st, tmp_path)
+    with Store.open(store_url, create=False) as st:
+        assert [r.id for r in st.list_runs()] == ["run0001"]
+        st.add_alert("run0001", "info", "a read store still takes writes")
+
+
+def test_an_empty_postgresql_database_is_not_a_store_and_stays_empty() -> None:
+    url = pg_database_url()
+    with pytest.raises(StoreNotFound, match="is not a gradwatch store: it holds no tables"):
+        Store.open(url, create=False)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert inspect(conn).get_table_names() == []
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreError, match="cannot open the store .*does not exist"):
+        Store.open(make_url(url).set(database="gw_no_such_db").render_as_string(hide_password=False), create=False)
 
 
 # ------------------------------------------------------------------ runs

@@ -35,6 +35,8 @@ HOST = "host\x00" + _noise(400)
 PARAM = "blocks.0.\x00weight\n" + _noise(2_000)
 LAYER = "blocks\x00.0\u2400\ud800" + _noise(3_000)
 METRIC = "user/loss\x00" + _noise(4_000)
+VERSIONS = {"torch_version": "2.\x00" + _noise(100), "gradwatch_version": TEXT_ESCAPE * 3, "python_version": "3.11\n",
+            "device": "cuda:0\x00" + _noise(200)}
 
 
 class HostileRun(SyntheticRun):
@@ -50,8 +52,7 @@ class HostileRun(SyntheticRun):
 
     def header(self) -> Header:
         head = super().header()
-        head.info.update(torch_version="2.\x00" + _noise(100), gradwatch_version=TEXT_ESCAPE * 3,
-                         python_version="3.11\n", device="cuda:0\x00" + _noise(200))
+        head.info.update(VERSIONS)
         return head
 
 
@@ -89,9 +90,7 @@ def test_hostile_names_are_stored_and_read_back_exactly(store_url: str, tmp_path
         assert [r.id for r in store.list_runs(name=glob.escape(NAME))] == ["hostile1"]  # `name` is a glob
         assert store.resolve_run(NAME) == "hostile1"
         summary = store.run_summary("hostile1")
-        head = run.header().info
-        assert (summary.torch_version, summary.gradwatch_version, summary.python_version, summary.device) == (
-            head["torch_version"], head["gradwatch_version"], head["python_version"], head["device"])
+        assert {k: getattr(summary, k) for k in VERSIONS} == VERSIONS
         assert summary.metrics[METRIC] == "run"
         assert store.params("hostile1")[0].name == PARAM
         assert store.layers("hostile1")[0].name == LAYER

@@ -2,9 +2,11 @@
 run's recent steps, their alerts through the lifecycle, into the store, the log and the receivers.
 
 `AlertEngine.evaluate()` is one pass. A run is evaluated again only when its rank-0 data
-moved (`RunWindow` reads just the new rows); its findings are kept between passes, so a run
-that did not move costs one comparison plus the `stalled_run` check. A run that ended (or was
-decided in this ingest pass) gets a last evaluation of its tail, then its alerts resolve.
+moved, at most every `evaluate_every` seconds (`RunWindow` reads just the new rows; its layer
+and param measurements, hundreds of series in a large model, at most every `layers_every`
+seconds); its findings are kept between evaluations, so a run that did not move costs one
+comparison plus the `stalled_run` check. A run that ended (or was decided in this ingest pass)
+gets a last evaluation of its whole tail, then its alerts resolve.
 Nothing here waits on a receiver: notifiers queue and deliver in their own threads.
 """
 
@@ -12,13 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from gradwatch.agent.runlog import LOG_SUFFIX, logs_dir
 from gradwatch.alerts import ledger
 from gradwatch.alerts.config import SEVERITY_RANK, AlertsConfig
 from gradwatch.alerts.lifecycle import Alert, Lifecycle, Transition
@@ -35,12 +40,15 @@ from gradwatch.store import RunInfo, RunNotFound, Store
 
 @dataclass
 class _Watched:
-    """A live run: its window, its last findings, and when its last step last moved."""
+    """A live run: its window, its last findings, when its last step last moved, and when its
+    rules last ran and its layer measurements were last read."""
 
     window: RunWindow
     progress_at: float
     last_step: int | None
     findings: list[Finding] = field(default_factory=list)
+    evaluated_at: float = -math.inf
+    layers_at: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,15 @@ class AlertEngine:
     `start()` takes up the alerts a previous service left firing; `evaluate(ended)` is one
     pass (`ended`: runs the ingest pass just declared finished or crashed); `stop()` gives
     the receivers a bounded time to deliver what is queued. `snapshot()` is thread-safe.
+    With a `home`, only the runs whose logs lie in it are evaluated (the ones this service
+    ingests), so services on several hosts sharing one store never alert twice on a run.
     """
 
     def __init__(self, store: Store, config: AlertsConfig, notifiers: Iterable[Notifier] = (),
                  logger: logging.Logger | None = None, clock: Callable[[], float] = time.time,
-                 rules: tuple[Rule, ...] = RULES, hostname: str | None = None) -> None:
+                 rules: tuple[Rule, ...] = RULES, hostname: str | None = None, home: Path | None = None) -> None:
         self.store = store
+        self.home = home
         self.config = config
         self.notifiers = list(notifiers)
         self.logger = logger
@@ -82,7 +93,8 @@ class AlertEngine:
         """Start the receivers and take up the alerts still firing in the store."""
         for n in self.notifiers:
             n.start()
-        self.lifecycle.restore(ledger.firing(self.store))
+        owned = self._owned()
+        self.lifecycle.restore(a for a in ledger.firing(self.store) if owned is None or a.run_id in owned)
         self._publish()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -99,15 +111,15 @@ class AlertEngine:
     def evaluate(self, ended: Iterable[str] = ()) -> list[Transition]:
         """One pass over the live runs; the transitions it caused (already stored and queued)."""
         now = self.clock()
-        running = {r.id: r for r in self.store.list_runs(status="running")}
+        owned = self._owned()
+        running = {r.id: r for r in self.store.list_runs(status="running") if owned is None or r.id in owned}
         transitions: list[Transition] = []
         gone = (set(self._watched) | self.lifecycle.runs() | set(ended)) - set(running)
         for run_id in sorted(gone):
             transitions += self._last_pass(run_id, now)
         for run in running.values():
             transitions += self._pass(run, now)
-        for t in transitions:
-            self._apply(t, now)
+        transitions = [self._apply(t, now) for t in transitions]
         firing = self.lifecycle.firing()
         for n in self.notifiers:
             n.tick(firing, now)
@@ -122,8 +134,13 @@ class AlertEngine:
         if run.last_step != w.last_step:
             w.progress_at, w.last_step = now, run.last_step
         behind = run.last_step is not None and (w.window.last_step is None or run.last_step > w.window.last_step)
-        if behind and w.window.refresh(until=run.last_step if run.world_size == 1 else None):
+        if behind and now - w.evaluated_at >= self.config.evaluate_every:
+            layers = now - w.layers_at >= self.config.layers_every
+            w.window.refresh(until=run.last_step if run.world_size == 1 else None, layers=layers)
             w.findings = self._findings(w.window.data)
+            w.evaluated_at = now
+            if layers:
+                w.layers_at = now
         findings = list(w.findings)
         if self._alive(run):
             findings += self._kept(stalled(now - w.progress_at, self.config.stalled_after, run.last_step, run.pid))
@@ -145,6 +162,14 @@ class AlertEngine:
         except RunNotFound:  # deleted meanwhile: its alerts went with it
             pass
         return out + self.lifecycle.end_run(run_id, now)
+
+    def _owned(self) -> set[str] | None:
+        """Ids of the runs whose logs lie in the home (None: every run of the store)."""
+        if self.home is None:
+            return None
+        folder = logs_dir(self.home)
+        names = [p.name for p in folder.glob(f"*{LOG_SUFFIX}")] if folder.is_dir() else []
+        return {name.rsplit(".rank", 1)[0] for name in names}
 
     def _alive(self, run: RunInfo) -> bool:
         """Whether the run's process still lives, as far as this host can tell (elsewhere: assumed)."""
@@ -186,19 +211,21 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ effects of a transition
 
-    def _apply(self, t: Transition, now: float) -> None:
+    def _apply(self, t: Transition, now: float) -> Transition:
+        """Store, log and notify a transition; the transition with the alert's store id."""
         a = t.alert
         if t.kind == "resolved":
             ledger.resolve(self.store, a, a.ended_at if a.ended_at is not None else now)
             self._notify(Notification("resolved", a), "alert_resolved")
-            return
+            return t
         if t.kind == "escalated":
             ledger.resolve(self.store, a, now)
         stored = dataclasses.replace(a, id=ledger.add(self.store, a))
-        self.lifecycle.stored(stored, stored.id or 0)
+        self.lifecycle.stored(a.key, stored.id)
         self._totals[(a.rule, a.severity)] += 1
         escalated = a.previous_severity if t.kind == "escalated" else None
         self._notify(Notification("firing", stored, escalated), "alert_escalated" if escalated else "alert_firing")
+        return Transition(t.kind, stored)
 
     def _notify(self, n: Notification, event: str) -> None:
         a = n.alert

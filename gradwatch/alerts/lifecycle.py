@@ -148,11 +148,11 @@ class Lifecycle:
         for alert in alerts:
             self._alerts[alert.key] = dataclasses.replace(alert, state="firing")
 
-    def stored(self, alert: Alert, alert_id: int) -> None:
-        """Remember the store's id of an alert that fired or escalated."""
-        current = self._alerts.get(alert.key)
+    def stored(self, key: tuple[str, str], alert_id: int) -> None:
+        """Remember the store's id of the alert of `key` (run, rule), once it fired or escalated."""
+        current = self._alerts.get(key)
         if current is not None:
-            self._alerts[alert.key] = dataclasses.replace(current, id=alert_id)
+            self._alerts[key] = dataclasses.replace(current, id=alert_id)
 
     def firing(self) -> list[Alert]:
         """Every firing alert."""

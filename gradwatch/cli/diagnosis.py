@@ -16,12 +16,22 @@ if TYPE_CHECKING:
 HEALTHY = "no problems found"
 
 
+def problems(findings: list[Finding]) -> list[Finding]:
+    """The findings to act on: errors and warnings (an `info` finding is worth knowing, handled)."""
+    return [f for f in findings if f.severity in ("error", "warning")]
+
+
 def render_findings(name: str, run_id: str, findings: list[Finding], verbose: bool = True) -> str:
     """Findings as text: severity and title, evidence, and (when verbose) causes and remedies."""
+    from gradwatch.diagnose.text import plural
+
     head = f"{name} ({run_id})"
     if not findings:
         return f"{head}: {HEALTHY}"
-    lines = [f"{head}: {len(findings)} finding{'s' if len(findings) > 1 else ''}"]
+    if not problems(findings):
+        lines = [f"{head}: {HEALTHY} ({plural(len(findings), 'note')})"]
+    else:
+        lines = [f"{head}: {plural(len(findings), 'finding')}"]
     for f in findings:
         lines += ["", f"[{f.severity.upper()}] {f.title}"]
         lines += [f"  - {s}" for s in f.evidence.summary]
@@ -49,17 +59,19 @@ Example:
     gradwatch diagnose my-run --strict   # exit 1 on errors or warnings (CI)""")
 @click.argument("run")
 @click.option("--brief", is_flag=True, help="Only titles and evidence, no causes and remedies.")
-@click.option("--strict", is_flag=True, help="Exit with status 1 when any error or warning is found.")
+@click.option("--strict", is_flag=True,
+              help="Exit with status 1 when any error or warning is found (info notes do not count).")
 @json_option
 @with_store
 def diagnose(store: Store, run: str, brief: bool, strict: bool, as_json: bool) -> None:
-    """Find gradient problems in a run (vanishing, exploding, non-finite, saturation, dying units,
-    initialisation, clipping), each with its evidence (numbers, layers, steps), likely causes and
-    remedies. Prints "no problems found" for a healthy run. Thresholds: docs/diagnosis.md."""
+    """Find gradient problems in a run (non-finite values, exploding gradients, loss spikes,
+    vanishing flow, saturation, dying units, clipping), each with its evidence (numbers, layers,
+    steps), likely causes and remedies; `info` notes (such as the init check) are not problems.
+    Prints "no problems found" when nothing is an error or warning. Thresholds: docs/diagnosis.md."""
     run_id = resolve_run(store, run)
     name, findings = diagnose_run(store, run_id)
-    data: dict[str, Any] = {"run": {"id": run_id, "name": name}, "healthy": not findings,
+    data: dict[str, Any] = {"run": {"id": run_id, "name": name}, "healthy": not problems(findings),
                             "findings": [f.to_json() for f in findings]}
     fmt.emit(data, as_json, lambda d: render_findings(name, run_id, findings, verbose=not brief))
-    if strict and any(f.severity in ("error", "warning") for f in findings):
+    if strict and problems(findings):
         raise click.exceptions.Exit(1)

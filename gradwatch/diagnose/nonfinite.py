@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.findings import Evidence, Finding
 from gradwatch.diagnose.rundata import RunData
+from gradwatch.diagnose.text import listing, num, plural, ranges_text, runs_of, step_ranges
 
-#: Step ranges spelled out in a summary line; the rest are counted.
-RANGES_SHOWN = 6
-#: Layers named in a summary line; the rest are counted.
-LAYERS_SHOWN = 5
+__all__ = ["KINDS", "first_event", "nonfinite_activations", "nonfinite_counts", "nonfinite_gradients",
+           "nonfinite_loss", "ranges_text", "runs_of", "step_ranges"]
 
 #: Each kind of non-finite value: its name in prose and the test that finds it.
 KINDS: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...] = (
@@ -29,35 +29,6 @@ KINDS: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...] = (
 #: `values` key of each kind's step count in the loss finding.
 _VALUE_KEYS = {"NaN": "nan_steps", "+Inf": "posinf_steps", "-Inf": "neginf_steps"}
 _SKIP_GUARD = "skip the bad steps so the weights stay finite: config {'guards': {'nonfinite': 'skip'}}"
-
-
-def _consecutive(idx: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted integers grouped into (first, last) runs of consecutive numbers."""
-    if not len(idx):
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > 1)
-    firsts = np.concatenate([idx[:1], idx[breaks + 1]])
-    lasts = np.concatenate([idx[breaks], idx[-1:]])
-    return [(int(a), int(b)) for a, b in zip(firsts, lasts)]
-
-
-def step_ranges(steps: np.ndarray, bad: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) step of each run of consecutive measured rows where `bad` holds (rows, not
-    step numbers: a loss logged every 10 steps that is NaN at 50 and 60 is one range, 50-60)."""
-    return [(int(steps[a]), int(steps[b])) for a, b in _consecutive(np.flatnonzero(bad))]
-
-
-def runs_of(steps: np.ndarray) -> list[tuple[int, int]]:
-    """Step numbers grouped into (first, last) runs of consecutive steps."""
-    return _consecutive(np.unique(np.asarray(steps, dtype=np.int64)))
-
-
-def ranges_text(ranges: list[tuple[int, int]], shown: int = RANGES_SHOWN) -> str:
-    """Step ranges as '53-69, 80, 90-92', the ones past `shown` counted."""
-    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges[:shown]]
-    if len(ranges) > shown:
-        parts.append(f"and {len(ranges) - shown} more")
-    return ", ".join(parts)
 
 
 def nonfinite_counts(steps: np.ndarray, values: np.ndarray) -> list[tuple[str, int, list[tuple[int, int]]]]:
@@ -69,15 +40,6 @@ def nonfinite_counts(steps: np.ndarray, values: np.ndarray) -> list[tuple[str, i
         if bad.any():
             out.append((name, int(np.count_nonzero(bad)), step_ranges(steps, bad)))
     return out
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:LAYERS_SHOWN])
-    return shown + (f" and {len(names) - LAYERS_SHOWN} more" if len(names) > LAYERS_SHOWN else "")
 
 
 def first_event(data: RunData, kind: str) -> dict[str, Any] | None:
@@ -119,8 +81,92 @@ def _gradient_kinds(data: RunData) -> tuple[np.ndarray, np.ndarray, list[str]]:
             overflow = np.union1d(overflow, norms.steps[np.isposinf(v) & finite_elements])
         kinds = nonfinite_counts(norms.steps, v)
         if kinds:
-            lines.append("total gradient norm " + ", ".join(f"{name} on {_plural(n, 'step')}" for name, n, _ in kinds))
+            lines.append("total gradient norm " + ", ".join(f"{name} on {plural(n, 'step')}" for name, n, _ in kinds))
     return elements.astype(np.int64), overflow.astype(np.int64), lines
+
+
+def _first_gradient_failure(data: RunData) -> int | None:
+    """The first step with NaN/Inf gradient elements, an overflowed norm or a non-finite total."""
+    elements, overflow, _ = _gradient_kinds(data)
+    firsts = [int(x[0]) for x in (elements, overflow) if len(x)]
+    norms = data.run.get("grad_norm_total")
+    if norms is not None and norms.values.size:
+        bad = norms.steps[~np.isfinite(norms.values.astype(np.float64))]
+        firsts += [int(bad[0])] if len(bad) else []
+    return min(firsts) if firsts else None
+
+
+def _first_loss_failure(data: RunData) -> int | None:
+    s = data.run.get("loss")
+    if s is None or not s.values.size:
+        return None
+    bad = s.steps[~np.isfinite(s.values.astype(np.float64))]
+    return int(bad[0]) if len(bad) else None
+
+
+def _activations_at(data: RunData, step: int) -> tuple[bool | None, str]:
+    """Whether activation outputs were non-finite at `step` (None: not measured then), and the
+    first layer that held them."""
+    s = data.layer.get("act_nonfinite")
+    if s is None or not np.any(s.steps == step):
+        return None, ""
+    col = int(np.flatnonzero(s.steps == step)[0])
+    measured = s.measured[:, col]
+    if not measured.any():
+        return None, ""
+    bad = measured & ~(s.values[:, col] <= 0)
+    return bool(bad.any()), (data.layers[int(np.argmax(bad))].name if bad.any() else "")
+
+
+def _growth_before(data: RunData, step: int) -> float:
+    """How much the finite total norm grew from the first quarter of the steps before `step`
+    to the last one before it (1 when there are too few)."""
+    norms = data.run.get("grad_norm_total")
+    if norms is None:
+        return 1.0
+    v = norms.values.astype(np.float64)[norms.steps < step]
+    v = v[np.isfinite(v) & (v > 0)]
+    if len(v) < th.GROWTH_MIN_STEPS:
+        return 1.0
+    return float(np.max(v[-3:]) / np.median(v[: len(v) // 4]))
+
+
+def _diverged(data: RunData, step: int) -> str | None:
+    """A cause when the gradients blew up before `step` (first failure there or a large growth)."""
+    grad = _first_gradient_failure(data)
+    if grad is not None and grad < step:
+        return f"the run diverged: gradients went non-finite at step {grad}, before step {step}"
+    growth = _growth_before(data, step)
+    if growth > th.GROWTH_FACTOR:
+        return f"the run diverged: the total gradient norm grew x{num(growth)} over the steps before step {step}"
+    return None
+
+
+_INPUTS = "NaN/Inf in a batch of inputs or targets"
+_LOSS_OP = "an operation undefined at its input in the loss or the forward pass: log(0) or of a negative, x/0, sqrt " \
+           "of a negative"
+_FP16 = "float16 overflow without loss scaling"
+
+
+def _in_layers(names: list[str]) -> str:
+    return f" in layer{'s' if len(names) > 1 else ''} {listing(names)}" if names else ""
+
+
+def _gradient_causes(data: RunData, elements: np.ndarray, overflow: np.ndarray, first: int) -> list[str]:
+    """Causes of non-finite gradients, the one the run's own evidence points at first."""
+    causes = []
+    if len(overflow) and (not len(elements) or overflow[0] <= elements[0]):
+        causes.append("gradients exploded: a norm passed float32's range (3.4e38) while its elements were still "
+                      "finite, and the update that followed made the next step's values overflow")
+    loss_first = _first_loss_failure(data)
+    diverged = _diverged(data, first)
+    if diverged:
+        causes.append(diverged)
+    if loss_first is not None and loss_first <= first and not causes:
+        causes.append(f"the loss was non-finite at step {loss_first}: backpropagating a NaN/Inf loss makes the "
+                      "gradients NaN (the loss finding says where it came from)")
+    causes += ["a learning rate so high that weights, then gradients, overflow", _LOSS_OP, _FP16]
+    return causes
 
 
 def nonfinite_gradients(data: RunData) -> list[Finding]:
@@ -136,40 +182,62 @@ def nonfinite_gradients(data: RunData) -> list[Finding]:
     if len(overflow):
         step = int(overflow[0])
         where = _where(first_over) if first_over is not None and int(first_over["step"]) == step else []
-        summary.append(f"norm overflowed float32 at step {step}" + (f" in layers {_names(where)}" if where else "")
-                       + f" (elements still finite), on {_plural(len(overflow), 'step')}: "
-                       + ranges_text(runs_of(overflow)))
+        summary.append(f"norm overflowed float32 at step {step}{_in_layers(where)} (elements still finite), on "
+                       f"{plural(len(overflow), 'step')}: " + ranges_text(runs_of(overflow)))
         values.update(first_overflow_step=float(step), overflow_steps=float(len(overflow)))
         firsts.append(step)
     if len(elements):
         step = int(elements[0])
         where = _where(first_elem) if first_elem is not None and int(first_elem["step"]) == step else []
-        summary.append(f"NaN/Inf gradient elements from step {step}" + (f" in layers {_names(where)}" if where else "")
-                       + f", on {_plural(len(elements), 'step')}: " + ranges_text(runs_of(elements)))
+        summary.append(f"NaN/Inf gradient elements from step {step}{_in_layers(where)}, on "
+                       f"{plural(len(elements), 'step')}: " + ranges_text(runs_of(elements)))
         values.update(first_nonfinite_step=float(step), nonfinite_steps=float(len(elements)))
         firsts.append(step)
     summary += norm_lines
     norms = data.run.get("grad_norm_total")
-    if norms is not None and not firsts:
-        firsts.append(int(norms.steps[~np.isfinite(norms.values.astype(np.float64))][0]))
+    bad_norms = np.array([], dtype=np.int64)
+    if norms is not None and norms.values.size:
+        bad_norms = norms.steps[~np.isfinite(norms.values.astype(np.float64))]
+    if not firsts:
+        firsts.append(int(bad_norms[0]))
     first = min(firsts)
     summary.insert(0, f"first failure at step {first}")
+    values["value"] = float(len(np.union1d(np.union1d(elements, overflow), bad_norms)))
     values["first_step"] = float(first)
     values["events"] = float(sum(e.get("kind") in ("nonfinite", "overflow") for e in data.events))
     layers = tuple(dict.fromkeys(_where(first_over) + _where(first_elem)))
-    causes = []
-    if len(overflow) and (not len(elements) or overflow[0] <= elements[0]):
-        causes.append("gradients exploded: a norm passed float32's range (3.4e38) while its elements were still "
-                      "finite, and the update that followed made the next step's values overflow")
-    causes += ["a learning rate so high that weights, then gradients, overflow",
-               "an operation undefined at its input in the forward pass or the loss: log(0), x/0, sqrt of a negative",
-               "float16 overflow without loss scaling"]
     remedies = ("lower the learning rate and clip the total gradient norm", _SKIP_GUARD,
                 "guard the loss: clamp probabilities before log, add eps to divisions; use bf16 or a GradScaler")
     title = "Non-finite gradients (NaN/Inf)" if len(elements) or not len(overflow) else \
         "Gradient norm overflowed float32 (elements finite)"
     evidence = Evidence(tuple(summary), values, layers=layers, steps=tuple(sorted(set(firsts))))
-    return [Finding("nonfinite_gradients", "error", title, evidence, tuple(causes), remedies)]
+    return [Finding("nonfinite_gradients", "error", title, evidence,
+                    tuple(_gradient_causes(data, elements, overflow, first)), remedies)]
+
+
+def _loss_causes(data: RunData, first: int, recovered: bool) -> list[str]:
+    """Causes of a non-finite loss, the one the run's own evidence points at first."""
+    acts, layer = _activations_at(data, first)
+    grad = _first_gradient_failure(data)
+    poisoned = None
+    if not recovered and grad is not None and grad <= first:
+        poisoned = (f"weights that went non-finite after the non-finite update of step {grad} (nothing skipped it), "
+                    "so the loss stayed non-finite")
+    diverged = _diverged(data, first)
+    if diverged:
+        ordered = [diverged, poisoned, _LOSS_OP, _INPUTS, _FP16]
+    elif acts:
+        ordered = [f"{_INPUTS}: activation outputs were non-finite at step {first} too, from layer {layer}",
+                   _LOSS_OP, poisoned, _FP16]
+    elif acts is False:
+        ordered = [f"{_LOSS_OP}: the activations at step {first} were finite and the gradient norm before it "
+                   "ordinary, so the NaN/Inf was born in the loss", poisoned, _INPUTS, _FP16]
+    elif recovered:
+        ordered = [f"{_INPUTS} (the loss was finite again afterwards, which points at the batches)", _LOSS_OP,
+                   _FP16]
+    else:
+        ordered = [_LOSS_OP, _INPUTS, poisoned, _FP16]
+    return [c for c in ordered if c]
 
 
 def nonfinite_loss(data: RunData) -> list[Finding]:
@@ -184,22 +252,19 @@ def nonfinite_loss(data: RunData) -> list[Finding]:
     kinds = nonfinite_counts(s.steps, v)
     first, last_bad = int(s.steps[bad][0]), int(s.steps[bad][-1])
     summary = [f"first non-finite loss at step {first}"]
-    summary += [f"loss {name} on {_plural(n, 'step')}: {ranges_text(ranges)}" for name, n, ranges in kinds]
+    summary += [f"loss {name} on {plural(n, 'step')}: {ranges_text(ranges)}" for name, n, ranges in kinds]
     later = np.flatnonzero(~bad & (s.steps > last_bad))
     summary.append(f"finite again from step {int(s.steps[later[0]])}" if len(later)
                    else f"still non-finite at the last logged step {int(s.steps[-1])}")
-    values = {"first_step": float(first), "nonfinite_steps": float(np.count_nonzero(bad)),
-              "logged_steps": float(len(v))}
+    values = {"value": float(np.count_nonzero(bad)), "first_step": float(first),
+              "nonfinite_steps": float(np.count_nonzero(bad)), "logged_steps": float(len(v))}
     values.update({_VALUE_KEYS[name]: float(n) for name, n, _ in kinds})
-    causes = ("NaN/Inf in a batch of inputs or targets (a loss that is finite again afterwards points there)",
-              "an operation undefined at its input in the forward pass or the loss: log(0), x/0, sqrt of a negative",
-              "weights that went non-finite after a non-finite update (see the gradient findings)",
-              "float16 overflow without loss scaling")
     remedies = ("check the batches of those steps: torch.isfinite(x).all() on inputs and targets",
                 "guard the loss: clamp probabilities before log, add eps to divisions; use bf16 or a GradScaler",
                 _SKIP_GUARD)
     evidence = Evidence(tuple(summary), values, steps=(first,))
-    return [Finding("nonfinite_loss", "error", "Non-finite loss (NaN/Inf)", evidence, causes, remedies)]
+    return [Finding("nonfinite_loss", "error", "Non-finite loss (NaN/Inf)", evidence,
+                    tuple(_loss_causes(data, first, bool(len(later)))), remedies)]
 
 
 def nonfinite_activations(data: RunData) -> list[Finding]:
@@ -218,18 +283,22 @@ def nonfinite_activations(data: RunData) -> list[Finding]:
     rows = sorted(np.flatnonzero(bad.any(axis=1)), key=lambda r: (int(np.argmax(bad[r])), r))
     counts = np.where(bad, s.values, 0.0)
     summary = [f"NaN/Inf activation outputs from step {first}, first in layer{'s' * (len(first_rows) > 1)} "
-               + ", ".join(f"{data.layers[r].name} ({data.layers[r].type}, {s.values[r, col]:.0f} outputs)"
-                           for r in first_rows[:LAYERS_SHOWN]),
-               f"{_plural(len(rows), 'layer')} with NaN/Inf outputs on "
-               f"{_plural(int(bad_steps.sum()), 'measured step')}: " + ranges_text(step_ranges(s.steps, bad_steps)),
-               "by layer: " + ", ".join(f"{data.layers[r].name} from step {int(s.steps[np.argmax(bad[r])])}"
-                                        for r in rows[:LAYERS_SHOWN])
-               + (f" and {len(rows) - LAYERS_SHOWN} more" if len(rows) > LAYERS_SHOWN else "")]
-    values = {"first_step": float(first), "nonfinite_steps": float(bad_steps.sum()), "layers": float(len(rows)),
-              "max_outputs": float(np.nanmax(counts))}
-    causes = ("NaN/Inf inputs reaching the layer (a bad batch: the gradients of that step go non-finite too)",
-              "weights that went non-finite after a non-finite update",
-              "overflow in the forward pass: float16 ranges, exp of large values, unnormalised attention logits")
+               + listing([f"{data.layers[r].name} ({data.layers[r].type}, {plural(int(s.values[r, col]), 'output')})"
+                          for r in first_rows]),
+               f"{plural(len(rows), 'layer')} with NaN/Inf outputs on "
+               f"{plural(int(bad_steps.sum()), 'measured step')}: " + ranges_text(step_ranges(s.steps, bad_steps)),
+               "by layer: " + listing([f"{data.layers[r].name} from step {int(s.steps[np.argmax(bad[r])])}"
+                                       for r in rows])]
+    values = {"value": float(bad_steps.sum()), "first_step": float(first), "nonfinite_steps": float(bad_steps.sum()),
+              "layers": float(len(rows)), "max_outputs": float(np.nanmax(counts))}
+    grad = _first_gradient_failure(data)
+    poisoned = "weights that went non-finite after a non-finite update"
+    inputs = "NaN/Inf inputs reaching the layer (a bad batch: the gradients of that step go non-finite too)"
+    if grad is not None and grad < first:
+        causes = (f"{poisoned}: gradients were non-finite from step {grad}, before the activations", inputs)
+    else:
+        causes = (inputs, poisoned)
+    causes += ("overflow in the forward pass: float16 ranges, exp of large values, unnormalised attention logits",)
     remedies = ("check the batches of those steps: torch.isfinite(x).all() on the inputs",
                 _SKIP_GUARD, "lower the learning rate and clip the total gradient norm; use bf16 or float32")
     evidence = Evidence(tuple(summary), values, layers=data.layer_names(rows), steps=(first,))

@@ -70,11 +70,16 @@ class RunData:
     """Everything recorded about one run that diagnosis and plots need.
 
     `run` holds run-level series by metric name (grad_norm_total, grad_norm_total_clipped,
-    clip_coef, clip_threshold, loss, nonfinite_params, overflow_params, ...), one value per
-    measured step; `layer` holds per-layer series with one row per entry of `layers`
-    (act_grad_norm, grad_norm, saturation_ratio, dead_ratio, act_nonfinite, ...) and a
-    presence mask. `events` are the run's guard events (kind, step, data), by step;
-    `init_check` and `config` come from the run log header.
+    clip_coef, clip_threshold, loss, nonfinite_params, overflow_params, ..., and
+    `param_norm_total`: the L2 norm over every param's `param_norm`, at the steps where they
+    were measured), one value per measured step; `layer` holds per-layer series with one row
+    per entry of `layers` (act_grad_norm, grad_norm, saturation_ratio, dead_ratio,
+    act_nonfinite, ...) and a presence mask; `group` holds per-param-group series (`lr`), one
+    row per group, with a presence mask. `events` are the run's guard events (kind, step,
+    data), by step; `init_check` and `config` come from the run log header.
+
+    It may hold only a window of recent steps (the live rules engine): no rule assumes that
+    the steps start at 0 or cover the whole run.
     """
 
     run_id: str
@@ -82,6 +87,7 @@ class RunData:
     layers: tuple[LayerInfo, ...]
     run: dict[str, Series] = field(default_factory=dict)
     layer: dict[str, Series] = field(default_factory=dict)
+    group: dict[str, Series] = field(default_factory=dict)
     events: tuple[dict[str, Any], ...] = ()
     init_check: tuple[dict[str, Any], ...] = ()
     config: dict[str, Any] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Diagnosis thresholds. docs/diagnosis.md says why each value was chosen."""
 
-#: Window: rules judge the steady part of a run, the last half of its measured steps.
+#: Window: rules that judge a steady state use the last half of the steps they are given.
 WINDOW_FRACTION = 0.5
 
 #: Vanishing: gradient flow (act_grad_norm) at the first layer below this fraction of the last.
@@ -8,15 +8,38 @@ VANISHING_RATIO = 1e-3
 #: Vanishing needs at least this many measured layers to speak of depth.
 VANISHING_MIN_LAYERS = 3
 
-#: Exploding: a step whose pre-clip total norm exceeds this multiple of the median of the
-#: preceding `SPIKE_LOOKBACK` steps is a spike.
+#: Exploding, relative: a step whose pre-clip total norm exceeds SPIKE_FACTOR x the median of
+#: the preceding SPIKE_LOOKBACK steps (at least SPIKE_MIN_HISTORY of them) is a spike.
 SPIKE_FACTOR = 10.0
 SPIKE_LOOKBACK = 25
-SPIKE_MIN_HISTORY = 10
-#: Exploding: median total norm of the last quarter over the first quarter of the run.
-GROWTH_FACTOR = 100.0
+SPIKE_MIN_HISTORY = 3
 #: A spike this many times its local median is an error rather than a warning.
 SEVERE_SPIKE_FACTOR = 1000.0
+#: Exploding, growth: median total norm of the last quarter over the first quarter of the steps,
+#: once the growth that the learning-rate schedule explains is taken out.
+GROWTH_FACTOR = 100.0
+#: Growth is judged on at least this many finite norms.
+GROWTH_MIN_STEPS = 8
+#: Exploding, absolute: the total gradient norm above this multiple of the total parameter norm.
+GRAD_PARAM_RATIO = 100.0
+#: Exploding, absolute: the median pre-clip norm above this multiple of the clipping threshold.
+CLIP_EXPLOSION_FACTOR = 100.0
+
+#: Loss spike: a logged loss above the median of the preceding LOSS_LOOKBACK logged values (at
+#: least LOSS_MIN_HISTORY of them) by LOSS_SPIKE_Z robust standard deviations (1.4826 x MAD) and
+#: by LOSS_SPIKE_RISE x |median| (and LOSS_SPIKE_MIN_RISE in absolute terms).
+LOSS_LOOKBACK = 25
+LOSS_MIN_HISTORY = 3
+LOSS_SPIKE_Z = 10.0
+LOSS_SPIKE_RISE = 1.0
+LOSS_SPIKE_MIN_RISE = 1e-6
+#: A spiking loss still above its limit on this many later logged steps, to the last, did not recover.
+LOSS_UNRECOVERED_STEPS = 3
+
+#: A learning rate this many times its median over the steps given is a burst (a cause to name).
+LR_BURST_FACTOR = 10.0
+#: How many steps before a problem a learning-rate burst is looked for.
+LR_BURST_LOOKBACK = 25
 
 #: Saturation: median saturation_ratio of a bounded activation over the window.
 SATURATION_RATIO = 0.5
@@ -25,6 +48,12 @@ SEVERE_SATURATION_RATIO = 0.9
 #: Dying ReLU: median dead_ratio of a ReLU-family layer over the window.
 DEAD_RATIO = 0.5
 SEVERE_DEAD_RATIO = 0.9
+
+#: Initialisation: the agent's init check calls a std outside this factor of the recommended one a
+#: mismatch (gradwatch.agent.initcheck.TOLERANCE).
+INIT_TOLERANCE = 1.5
+#: A std within this relative distance of 1/sqrt(3 fan) is PyTorch's default init.
+TORCH_DEFAULT_TOLERANCE = 0.1
 
 #: Clipping: clipped on more than this fraction of the steps.
 CLIP_RATE = 0.5

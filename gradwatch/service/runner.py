@@ -93,7 +93,7 @@ class Service:
             clock=self.clock, logger=self.logger, errors=STORE_ERRORS))
         if s.alerts.enabled:
             self.alerts = AlertEngine(self.store, s.alerts, build_notifiers(s.alerts, self.logger), self.logger,
-                                      self.clock)
+                                      self.clock, home=self.home)
             try:
                 self.alerts.start()
             except STORE_ERRORS as exc:

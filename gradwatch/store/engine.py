@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, make_url
@@ -101,15 +101,16 @@ def create_store_engine(url: str, create: bool = True) -> Engine:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         raise BadStoreURL(f"not a database URL: {where(url)!r}") from None
-    sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
-    uri = str(parsed.query.get("uri", "")).lower() in ("1", "true")
-    if sqlite_file and create:
+    if "@" in (parsed.host or ""):  # the driver would name this "host" in its errors: a piece of the password
+        raise BadStoreURL(f"bad database URL {where(url)}: write an '@' in the user or password as %40")
+    path = _sqlite_path(parsed)
+    if path is not None and create:
         try:
-            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the store {where(parsed)}: {exc.strerror or exc}") from None
-    elif sqlite_file and not uri and not Path(str(parsed.database)).is_file():
-        raise StoreNotFound(f"no gradwatch store at {parsed.database}: the file does not exist")
+    elif path is not None and not path.is_file():
+        raise StoreNotFound(f"no gradwatch store at {path}: the file does not exist")
     try:
         engine = create_engine(parsed, json_serializer=codec.encode_json, json_deserializer=codec.decode_json)
     except (NoSuchModuleError, ImportError) as exc:
@@ -124,6 +125,22 @@ def create_store_engine(url: str, create: bool = True) -> Engine:
         else:
             event.listen(engine, "do_connect", _sqlite_never_create)
     return engine
+
+
+def _sqlite_path(url: URL) -> Path | None:
+    """The file of a SQLite URL (`sqlite:///path` or, with `uri=true`, `sqlite:///file:path?...`);
+    None for another backend or an in-memory database."""
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if str(url.query.get("uri", "")).lower() in ("1", "true") and database.startswith("file:"):
+        rest = database.removeprefix("file:").split("?")[0]
+        if rest.startswith("//"):  # file://host/path: the host is empty or localhost
+            rest = "/" + rest[2:].partition("/")[2]
+        database = unquote(rest)
+        if database in ("", ":memory:") or str(url.query.get("mode", "")) == "memory":
+            return None
+    return Path(database)
 
 
 @contextmanager
