@@ -81,7 +81,15 @@ def test_runs_filters(home, args, expected):
     assert [r["name"] for r in _json("runs", "--home", home, *args)] == expected
 
 
-def test_runs_empty_store_says_how_to_start(tmp_path):
+def test_runs_without_a_store_says_how_to_start_and_creates_nothing(tmp_path):
+    assert "gradwatch demo" in fails(1, "runs", "--home", tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_runs_on_an_empty_store_says_how_to_start(tmp_path):
+    from gradwatch.store import Store
+
+    Store.open(home=tmp_path / "fresh").close()
     assert "gradwatch demo" in ok("runs", "--home", tmp_path / "fresh")
 
 

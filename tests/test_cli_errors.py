@@ -42,6 +42,9 @@ def test_unknown_run_lists_close_names(two_runs):
 
 
 def test_unknown_run_in_an_empty_store(tmp_path):
+    from gradwatch.store import Store
+
+    Store.open(home=tmp_path / "empty").close()
     assert "gradwatch demo" in fails(2, "show", "x", "--home", tmp_path / "empty")
 
 
@@ -127,8 +130,9 @@ def test_an_unexpected_error_is_one_line_unless_debugging(two_runs, monkeypatch)
 
     monkeypatch.setattr(runs_module, "_render", broken, raising=True)
     assert "unexpected KeyError" in fails(1, "runs", "--home", two_runs)
-    monkeypatch.setenv("GRADWATCH_DEBUG", "1")
-    assert isinstance(invoke("runs", "--home", two_runs).exception, KeyError)
+    monkeypatch.setenv("GRADWATCH_DEBUG", "1")  # the traceback instead, on stderr, exit 1
+    result = invoke("runs", "--home", two_runs)
+    assert result.exit_code == 1 and "Traceback" in result.stderr and "KeyError: 'a bug'" in result.stderr
 
 
 def test_errors_as_a_subprocess(two_runs):

@@ -80,6 +80,9 @@ def test_help_and_light_commands_do_not_import_heavy_modules():
 
 def test_version_and_a_query_as_a_subprocess(tmp_path):
     assert run_cli("--version").stdout.strip() == f"gradwatch, version {__version__}"
+    from gradwatch.store import Store
+
+    Store.open(home=tmp_path / "gw").close()
     proc = run_cli("runs", "--json", "--home", str(tmp_path / "gw"))
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
 
@@ -100,6 +103,9 @@ def test_console_script_when_installed(tmp_path):
     script = Path(sys.executable).with_name("gradwatch")
     if not script.exists():
         pytest.skip("gradwatch is not installed in this environment (pip install -e . provides the script)")
+    from gradwatch.store import Store
+
+    Store.open(home=tmp_path / "gw").close()
     proc = subprocess.run([str(script), "runs", "--json", "--home", str(tmp_path / "gw")], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0 and json.loads(proc.stdout) == []

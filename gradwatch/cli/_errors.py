@@ -12,6 +12,8 @@ import zlib
 
 import click
 
+from gradwatch.redact import redact
+
 
 class CliError(click.ClickException):
     """A request that cannot be answered (exit 1): an unreadable store, a file that cannot be written."""
@@ -27,8 +29,8 @@ class BadInput(click.ClickException):
 
 
 def one_line(text: str) -> str:
-    """`text` on one line, whitespace collapsed."""
-    return " ".join(str(text).split()) or "unknown error"
+    """`text` on one line, whitespace collapsed, credentials masked (`gradwatch.redact`)."""
+    return redact(" ".join(str(text).split())) or "unknown error"
 
 
 def translate(exc: BaseException) -> click.ClickException | None:

@@ -62,9 +62,19 @@ def when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def printable(text: str) -> str:
+    """`text` with every non-printable character escaped (a newline as \\n, NUL as \\x00, a lone
+    surrogate as \\udc80), so that a run name cannot split a table row or break the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()) -> str:
-    """Rows as an aligned text table; cells are str()-ed, columns in `right` right-aligned."""
-    cells = [[str(c) for c in row] for row in rows]
+    """Rows as an aligned text table; cells are str()-ed and escaped (`printable`), columns in
+    `right` right-aligned."""
+    cells = [[printable(str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     right = set(right)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from typing import Any
 
 import click
 
 from gradwatch.cli._errors import translate, unexpected
+from gradwatch.redact import redact
 
 
 class LazyGroup(click.Group):
@@ -62,7 +64,8 @@ class LazyGroup(click.Group):
         except Exception as exc:
             translated = translate(exc)
             if translated is None:
-                if os.environ.get("GRADWATCH_DEBUG"):
-                    raise
+                if os.environ.get("GRADWATCH_DEBUG"):  # the traceback, credentials masked
+                    click.echo(redact("".join(traceback.format_exception(exc))), err=True)
+                    raise click.exceptions.Exit(1) from None
                 translated = unexpected(exc)
             raise translated from None

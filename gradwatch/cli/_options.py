@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from gradwatch.cli._errors import BadInput
+from gradwatch.cli._errors import BadInput, CliError
 
 if TYPE_CHECKING:
     from gradwatch.store import Store
@@ -57,17 +57,32 @@ def resolve_home(home: Path | None) -> Path:
     return home.expanduser() if home is not None else default_home()
 
 
-def open_store(ctx: click.Context, db: str | None, home: Path | None) -> Store:
-    """Open the store, ingest the run logs waiting in the home, close it with the context."""
+def open_store(ctx: click.Context, db: str | None, home: Path | None, create: bool = False) -> Store:
+    """Open the store, ingest the run logs waiting in the home, close it with the context.
+
+    A read creates nothing: no home, folder or database, unless `create` (the demo) or run logs
+    wait in the home for the default store (the CLI ingests them itself when no service runs,
+    so the first `gradwatch runs` after a training job creates it). Otherwise a missing store
+    is a one-line error (exit 1).
+    """
+    from gradwatch.agent.runlog import LOG_SUFFIX
     from gradwatch.ingest import ingest_pending
-    from gradwatch.store import Store
+    from gradwatch.store import Store, StoreNotFound
 
     home = resolve_home(home)
     if db is None:
         if home.exists() and not home.is_dir():
             raise BadInput(f"gradwatch home {home} is not a directory")
-        home.mkdir(parents=True, exist_ok=True)
-    store = Store.open(url=db, home=home)
+        logs = home / "logs"
+        create = create or (logs.is_dir() and any(logs.glob(f"*{LOG_SUFFIX}")))
+        if create:
+            home.mkdir(parents=True, exist_ok=True)
+    try:
+        store = Store.open(url=db, home=home, create=create)
+    except StoreNotFound as exc:
+        how = ("`gradwatch serve --db URL` creates it" if db is not None else
+               f"record a run with gradwatch.watch() (its logs go to {home / 'logs'}) or try `gradwatch demo`")
+        raise CliError(f"{exc}; {how}") from None
     ctx.call_on_close(store.close)
     if (home / "logs").is_dir():
         report = ingest_pending(store, home)

@@ -47,7 +47,7 @@ def demo(home: Path | None, quick: bool) -> None:
                            item_show_func=lambda name: name or "") as bar:
         for job, steps in plan:
             run_ids.append(jobs.train(job, home, steps, on_step=lambda name=job.name: bar.update(1, name)))
-    store = open_store(click.get_current_context(), None, home)
+    store = open_store(click.get_current_context(), None, home, create=True)
     for (job, _), run_id in zip(plan, run_ids):
         name, findings = diagnose_run(store, run_id)
         click.echo(f"\n== {job.shows}")

@@ -109,14 +109,15 @@ def create_store_engine(url: str, create: bool = True) -> Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the store {where(parsed)}: {exc.strerror or exc}") from None
-    elif path is not None and not path.is_file():
-        raise StoreNotFound(f"no gradwatch store at {path}: the file does not exist")
-    try:
+    try:  # the URL's options are checked here, before anything is looked for: bad input first
         engine = create_engine(parsed, json_serializer=codec.encode_json, json_deserializer=codec.decode_json)
     except (NoSuchModuleError, ImportError) as exc:
         raise StoreError(f"no database driver for {where(parsed)}: {_first_line(exc)}") from None
     except (ArgumentError, ValueError, TypeError) as exc:  # e.g. a query option with a value of the wrong type
         raise BadStoreURL(f"bad database URL {where(parsed)}: {_first_line(exc)}") from None
+    if path is not None and not create and not path.is_file():
+        engine.dispose()
+        raise StoreNotFound(f"no gradwatch store at {path}: the file does not exist")
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
