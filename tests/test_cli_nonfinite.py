@@ -232,15 +232,16 @@ def test_diagnose_tells_an_overflowed_norm_from_nan_elements(home, runs):
     layers_nan = sorted({p.rsplit(".", 1)[0] for p in ref.nonfinite_params[first_nan]})
     assert grads["summary"][:3] == [
         f"first failure at step {OVERFLOW_STEP}",
-        f"norm overflowed float32 at step {OVERFLOW_STEP} in layers {', '.join(layers_over)} (elements still finite), "
+        f"norm overflowed float32 at step {OVERFLOW_STEP} in layer{'s' * (len(layers_over) != 1)} "
+        f"{', '.join(layers_over)} (elements still finite), "
         f"on 1 step: {OVERFLOW_STEP}",
-        f"NaN/Inf gradient elements from step {first_nan} in layers {', '.join(layers_nan)}, "
+        f"NaN/Inf gradient elements from step {first_nan} in layer{'s' * (len(layers_nan) != 1)} {', '.join(layers_nan)}, "
         f"on {len(ref.nonfinite_params)} steps: {first_nan}-49"]
     assert grads["values"]["first_overflow_step"] == OVERFLOW_STEP
     assert grads["values"]["first_nonfinite_step"] == first_nan
     assert grads["layers"] == layers_over + layers_nan
     text = ok("diagnose", "overflow", "--home", home, "--brief")
-    assert "norm overflowed float32 at step 41 in layers 4 (elements still finite)" in text
+    assert "norm overflowed float32 at step 41 in layer 4 (elements still finite)" in text
 
 
 # ---------------------------------------------------------------- plot

@@ -66,12 +66,16 @@ def test_the_debug_traceback_masks_credentials(tmp_path: Path):
     assert result.returncode != 0 and SECRET not in result.stdout + result.stderr
 
 
-def test_hostile_run_names_are_printed_escaped(tmp_path: Path):
+@pytest.mark.parametrize("command", [["runs"], ["show", "{id}"], ["layers", "{id}"], ["history", "{id}", "-m", "loss"],
+                                     ["compare", "{id}", "{id}"], ["diagnose", "{id}"], ["show", "evil"]],
+                         ids=["runs", "show", "layers", "history", "compare", "diagnose", "unknown-run"])
+def test_hostile_run_names_are_printed_escaped(tmp_path: Path, command: list[str]):
     home = tmp_path / "home"
-    _train(home, "evil\nname\x1b[31m")
-    out = ok("runs", "--home", str(home))
-    rows = [line for line in out.splitlines() if "evil" in line]
-    assert len(rows) == 1 and "evil\\nname\\x1b[31m" in rows[0]
+    _train(home, "evil\nname\x1b[31m\udc80")
+    run_id = ok("runs", "--home", str(home), "--json").split('"id": "')[1][:12]
+    result = invoke(*[a.format(id=run_id) for a in command], "--home", str(home))
+    text = result.stdout + result.stderr
+    assert "evil\\nname\\x1b[31m\\udc80" in text and "\x1b" not in text and "name\n" not in text.replace("\\n", "")
 
 
 def _train(home: Path, name: str) -> None:

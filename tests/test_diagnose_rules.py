@@ -222,6 +222,7 @@ def _explosion(steps: int = 100) -> RunData:
 
 def test_an_overflowed_norm_is_told_from_nan_elements():
     (f,) = nonfinite_gradients(_explosion())
+    check_text(f)
     assert f.evidence.summary == (
         "first failure at step 41",
         "norm overflowed float32 at step 41 in layer fc3 (elements still finite), on 1 step: 41",
@@ -240,6 +241,7 @@ def test_an_overflow_alone_has_its_own_title():
     data.run["grad_norm_total"] = Series(np.arange(100), np.where(np.arange(100) == 41, np.inf, 1.0))
     data.events = data.events[:1]
     (f,) = nonfinite_gradients(data)
+    check_text(f)
     assert f.title == "Gradient norm overflowed float32 (elements finite)"
     assert "first_nonfinite_step" not in f.evidence.values and f.evidence.values["overflow_steps"] == 1
 
@@ -251,6 +253,7 @@ def test_a_total_norm_that_overflows_alone_counts_as_overflow():
                    run={"grad_norm_total": Series(s, np.where(s == 4, np.inf, 1.0)),
                         "nonfinite_params": Series(s, np.zeros(10))})
     (f,) = nonfinite_gradients(data)
+    check_text(f)
     assert f.evidence.values["first_overflow_step"] == 4 and f.evidence.values["overflow_steps"] == 1
 
 
@@ -261,6 +264,7 @@ def test_nonfinite_loss_counts_every_kind_with_its_ranges():
     loss[30:47] = np.nan
     loss[60] = -np.inf
     (f,) = nonfinite_loss(RunData("r", "loss", (), run={"loss": Series(s, loss)}))
+    check_text(f)
     assert f.evidence.summary == ("first non-finite loss at step 20", "loss NaN on 17 steps: 60-92",
                                   "loss +Inf on 3 steps: 20-24", "loss -Inf on 1 step: 120",
                                   "finite again from step 122")
@@ -271,6 +275,7 @@ def test_nonfinite_loss_counts_every_kind_with_its_ranges():
 def test_a_loss_still_nan_at_the_end():
     loss = np.r_[np.ones(53), np.full(7, np.nan)]
     (f,) = nonfinite_loss(RunData("r", "loss", (), run={"loss": Series(np.arange(60), loss)}))
+    check_text(f)
     assert f.evidence.summary[-1] == "still non-finite at the last logged step 59"
 
 
@@ -281,6 +286,7 @@ def test_nonfinite_activations_name_the_first_layer_and_step():
     counts = layer_matrix({1: (steps, np.where(steps >= 60, 16.0, 0.0)),
                            2: (steps, np.where((steps >= 50) & (steps < 80), 4.0, 0.0))}, 3)
     (f,) = nonfinite_activations(RunData("r", "acts", layers, layer={"act_nonfinite": counts}))
+    check_text(f)
     assert f.evidence.summary == ("NaN/Inf activation outputs from step 50, first in layer act2 (Tanh, 4 outputs)",
                                   "2 layers with NaN/Inf outputs on 5 measured steps: 50-90",
                                   "by layer: act2 from step 50, act1 from step 60")

@@ -10,6 +10,7 @@ query API and from the jobs' own settings, not from the rules.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradwatch.diagnose import Finding, diagnose
+from gradwatch.diagnose import Finding, RunData, Series, diagnose
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.load import load_run_data
 from gradwatch.ingest.ingester import ingest_pending
@@ -81,6 +82,26 @@ def _findings(runs, name: str) -> dict[str, Finding]:
     return {f.id: f for f in found}
 
 
+def _cut(series: Series, first: int, last: int) -> Series:
+    keep = (series.steps >= first) & (series.steps <= last)
+    present = None if series.present is None else series.present[..., keep]
+    return Series(series.steps[keep], series.values[..., keep], present)
+
+
+def windows(data: RunData, size: int, every: int) -> list[RunData]:
+    """The run cut into windows of `size` recent steps, one every `every` steps, as the live
+    rules engine sees it."""
+    last = int(data.run["grad_norm_total"].steps[-1])
+    out = []
+    for end in range(size - 1, last + 1, every):
+        first = end - size + 1
+        out.append(replace(data, run={m: _cut(s, first, end) for m, s in data.run.items()},
+                           layer={m: _cut(s, first, end) for m, s in data.layer.items()},
+                           group={m: _cut(s, first, end) for m, s in data.group.items()},
+                           events=tuple(e for e in data.events if first <= int(e["step"]) <= end)))
+    return out
+
+
 def _series(runs, name: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     store, run_id = runs(name)
     got = store.run_series(run_id, metric)
@@ -103,6 +124,15 @@ def test_healthy_jobs_have_nothing_above_info(runs, home, name):
     assert json.loads(invoke("diagnose", name, "--home", home, "--json").output)["healthy"] is True
     init = found["initialisation"]  # PyTorch's default init, said as information
     assert "PyTorch's default init" in init.evidence.summary[0]
+
+
+@pytest.mark.parametrize("name", [job.name for job in training.HEALTHY])
+def test_healthy_jobs_have_nothing_above_info_in_any_window(runs, name):
+    """The live engine's view: windows of 50 recent steps, one every 10 steps."""
+    store, run_id = runs(name)
+    for window in windows(load_run_data(store, run_id), 50, 10):
+        found = [f for f in diagnose(window) if f.severity != "info"]
+        assert not found, (window.run["loss"].steps[0], [(f.id, f.evidence.summary) for f in found])
 
 
 def test_the_normalised_net_gradient_rises_as_the_cosine_schedule_decays(runs):
@@ -134,6 +164,9 @@ def test_an_rnn_exploding_under_clipping_is_an_explosion_that_keeps_its_clipping
     assert f"rnn.weight_hh_l0: std {hh['std']:.3g} before RNN; Glorot expects" in f.causes[0]
     assert f.remedies[0].startswith("keep the clipping at 1: ")
     assert not any("raise" in r or "threshold to" in r for r in f.remedies)
+    for window in windows(load_run_data(store, run_id), 1, 7):  # from any single step
+        assert [(f.id, f.severity) for f in diagnose(window) if f.severity != "info"] == \
+            [("exploding_gradients", "error")]
 
 
 def test_a_corrupt_batch_is_a_loss_spike_with_the_batch_as_its_cause(runs):

@@ -12,16 +12,24 @@ import zlib
 
 import click
 
+from gradwatch.cli._format import printable
 from gradwatch.redact import redact
 
 
-class CliError(click.ClickException):
+class _OneLineError(click.ClickException):
+    """An error printed as one line: credentials masked, names with control characters escaped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(redact(str(message))))
+
+
+class CliError(_OneLineError):
     """A request that cannot be answered (exit 1): an unreadable store, a file that cannot be written."""
 
     exit_code = 1
 
 
-class BadInput(click.ClickException):
+class BadInput(_OneLineError):
     """What the user asked for does not exist or makes no sense (exit 2): unknown or ambiguous run,
     metric or layer, a bad step range."""
 

@@ -104,8 +104,22 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
 
 
 def emit(obj: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    """Print `obj` as JSON when `as_json`, else as `render(obj)`."""
-    click.echo(dumps(obj) if as_json else render(obj))
+    """Print `obj` as JSON when `as_json`, else as `render(obj)` with every string in it escaped
+    (`printable`): a run or layer name cannot break the text it is printed in."""
+    click.echo(dumps(obj) if as_json else render(_escaped(obj)))
+
+
+def _escaped(obj: Any) -> Any:
+    """`obj` with `printable` applied to every string of its dicts, lists and tuples."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {k: _escaped(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_escaped(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_escaped(v) for v in obj)
+    return obj
 
 
 def sparkline(values: Sequence[float], width: int = 60, log: bool | None = None) -> str:

@@ -25,7 +25,7 @@ def render_findings(name: str, run_id: str, findings: list[Finding], verbose: bo
     """Findings as text: severity and title, evidence, and (when verbose) causes and remedies."""
     from gradwatch.diagnose.text import plural
 
-    head = f"{name} ({run_id})"
+    head = f"{fmt.printable(name)} ({run_id})"
     if not findings:
         return f"{head}: {HEALTHY}"
     if not problems(findings):

@@ -99,7 +99,4 @@ def history(store: Store, run: str, metric: str, layer: str | None, param: str |
         raise BadInput(f"run has no {kind} {layer if layer is not None else param!r}; its {kind}s are {shown}") from None
     data = {"run": {"id": run_id, "name": store.run(run_id).name}, "metric": metric, "scope": scope,
             "entity": entity, "steps": series.steps, "values": series.values}
-    if as_json:
-        fmt.emit(data, True, str)
-    else:
-        click.echo(_render({**data, "width": width}))
+    fmt.emit(data, as_json, lambda d: _render({**d, "width": width}))

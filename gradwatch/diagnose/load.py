@@ -156,7 +156,7 @@ class RunWindow:
         return max(steps) if steps else None
 
     def _read_events(self) -> bool:
-        new = [e for e in self.store.events(self.run_id) if e.id > self._last_event_id and e.rank == 0]
+        new = [e for e in self.store.events(self.run_id, after_id=self._last_event_id) if e.rank == 0]
         if not new:
             return False
         self._last_event_id = max(e.id for e in new)
@@ -221,33 +221,9 @@ def load_run_data(store: Store, run_id: str) -> RunData:
 
 
 
+
 def _fetch(store: Store, run_id: str, metrics: tuple[str, ...], start: int | None,
            end: int | None) -> dict[str, dict[int, StoredSeries]]:
-    """metric -> {entity: its rows in [start, end]} for the metrics the run has (entity: the param,
-    layer or group index; 0 for a run-level metric)."""
-    from gradwatch.store import UnknownEntity, UnknownMetric
-
-    scopes = store.metric_names(run_id)
-    readers = {
-        "run": lambda m, e: store.run_series(run_id, m, start, end),
-        "group": lambda m, e: store.run_series(run_id, m, start, end, group=e),
-        "layer": lambda m, e: store.layer_history(run_id, e, m, start, end),
-        "param": lambda m, e: store.param_history(run_id, e, m, start, end),
-    }
-    entities = {"run": lambda: [0], "group": lambda: [int(g.get("index", i)) for i, g in
-                                                       enumerate(store.run_summary(run_id).groups)],
-                "layer": lambda: [ly.index for ly in store.layers(run_id)],
-                "param": lambda: [p.index for p in store.params(run_id)]}
-    out: dict[str, dict[int, StoredSeries]] = {}
-    for metric in metrics:
-        scope = scopes.get(metric)
-        if scope not in readers:
-            continue
-        for entity in entities[scope]():
-            try:
-                got = readers[scope](metric, entity)
-            except (UnknownMetric, UnknownEntity):
-                continue
-            if len(got.steps):
-                out.setdefault(metric, {})[entity] = got
-    return out
+    """metric -> {entity: its rows in [start, end]} (entity: the param, layer or group index; 0 for
+    a run-level metric): one store read, in which series that did not move are not read."""
+    return store.histories(run_id, metrics, start, end)

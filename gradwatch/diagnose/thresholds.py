@@ -29,7 +29,7 @@ CLIP_EXPLOSION_FACTOR = 100.0
 #: least LOSS_MIN_HISTORY of them) by LOSS_SPIKE_Z robust standard deviations (1.4826 x MAD) and
 #: by LOSS_SPIKE_RISE x |median| (and LOSS_SPIKE_MIN_RISE in absolute terms).
 LOSS_LOOKBACK = 25
-LOSS_MIN_HISTORY = 3
+LOSS_MIN_HISTORY = 8
 LOSS_SPIKE_Z = 10.0
 LOSS_SPIKE_RISE = 1.0
 LOSS_SPIKE_MIN_RISE = 1e-6
