@@ -515,3 +515,20 @@ def test_hugging_face_conv1d_is_a_weighted_layer_of_the_init_check():
     assert (checks["0"]["fan_in"], checks["0"]["fan_out"]) == (16, 48)  # weight (in, out) = (16, 48)
     assert checks["0"]["std"] == pytest.approx(model[0].weight.std().item())
     assert checks["0"]["activation"] == "GELU"
+
+
+def test_param_norms_and_update_ratios_of_huge_weights_are_exact():
+    """Weights of 1e21 have a finite norm (their float32 sum of squares overflows): recorded as it is."""
+    model = nn.Linear(10, 10)
+    with torch.no_grad():
+        model.weight.fill_(1e21)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with gradwatch.watch(model, opt, config=EVERY_STEP) as watcher:
+        model(torch.randn(4, 10)).sum().backward()
+        before = model.weight.detach().double().clone()
+        model.weight.grad.fill_(1e19)
+        opt.step()
+    norm = torch.linalg.vector_norm(model.weight.detach().double()).item()
+    update = torch.linalg.vector_norm(model.weight.detach().double() - before).item()
+    assert column(watcher, "param_norm", "weight")[0] == pytest.approx(norm, rel=1e-6)
+    assert column(watcher, "update_ratio", "weight")[0] == pytest.approx(update / norm, rel=1e-5)

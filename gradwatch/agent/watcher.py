@@ -112,6 +112,7 @@ class Watcher:
             wide_norm_kwargs() is not None
         if self._wide_norms:
             self._norm_kwargs = wide_norm_kwargs() or {}
+            self._uniform = False  # float64 norms are converted on their way into the float32 buffer
 
         measure = self.config.measure
         self._flush_every = measure.flush_every
@@ -497,6 +498,24 @@ class Watcher:
             delta = torch.stack([d.to(self.device, torch.float32, non_blocking=True) for d in deltas])
             torch.div(delta, pn.clamp_min(1e-12), out=buf[self.layout.update_ratio:self.layout.update_ratio + p])
             self._host.update_due[row] = True
+        if self._buf_host is not None and self._shard_group is None:  # sharded norms are float64 already
+            self._widen_param_norms(row, params, prev if deltas is not None else None)
+
+    def _widen_param_norms(self, row: int, params: list[torch.Tensor], deltas: list[torch.Tensor] | None) -> None:
+        """CPU only: recompute in float64 the param norms (and update ratios) that float32 could
+        not hold (weights of 1e20 have a finite norm whose float32 sum of squares overflows)."""
+        host, layout, p = self._buf_host, self.layout, self.layout.n_params
+        assert host is not None
+        bad = ~np.isfinite(host[row, layout.param_norm:layout.param_norm + p])
+        if deltas is not None:
+            bad |= ~np.isfinite(host[row, layout.update_ratio:layout.update_ratio + p])
+        for i in np.flatnonzero(bad):
+            norm = torch.linalg.vector_norm(params[i], dtype=torch.float64).item()
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                host[row, layout.param_norm + i] = np.float32(norm)  # +inf only beyond float32
+                if deltas is not None:
+                    delta = torch.linalg.vector_norm(deltas[i], dtype=torch.float64).item()
+                    host[row, layout.update_ratio + i] = np.float32(delta / max(norm, 1e-12))
 
     def _forward_hook(self, layer: Layer) -> Callable[..., None]:
         """A forward hook for one layer: statistics of an activation's output, and a tensor
