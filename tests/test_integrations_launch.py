@@ -93,6 +93,22 @@ print(json.dumps({"grad_norm": [h["grad_norm"] for h in trainer.state.log_histor
                   "max_grad_norm": args.max_grad_norm}))
 """
 
+COMPILED = """
+import json
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+torch.manual_seed(0)
+model = torch.compile(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)), backend="aot_eager")
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(4):
+    nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+    opt.step()
+    opt.zero_grad()
+print(json.dumps({"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}))
+"""
+
 DDP = """
 import json, os
 import torch
@@ -173,12 +189,23 @@ def test_a_plain_loop_is_watched_from_its_first_step_and_its_exit_status_passes_
     np.testing.assert_allclose(series(path, "grad_norm_total_clipped"), 0.05, rtol=1e-4)
 
 
+def test_a_compiled_model_gets_no_extra_graph_from_the_launchers_hooks(tmp_path, gradwatch_home):
+    proc = launch(tmp_path, COMPILED)
+    assert proc.returncode == 0, proc.stderr
+    [line] = attached_lines(proc)
+    assert "to Sequential inside OptimizedModule" in line
+    assert result(proc) == {"graphs": 1, "breaks": 0}  # as the same script gets without gradwatch
+    [path] = logs(gradwatch_home)
+    assert [p["name"] for p in header(path)["params"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
 def test_a_lightning_script_gets_the_callback_through_lightnings_entry_point(tmp_path, gradwatch_home):
     pytest.importorskip("lightning")
     proc = launch(tmp_path, LIGHTNING)
     assert proc.returncode == 0, proc.stderr
     [line] = attached_lines(proc)
-    assert "attached at fit start (Lightning callback) to Regressor" in line and "run 'lightning_logs/version_0'" in line
+    assert "attached at fit start (Lightning callback) to Regressor" in line
+    assert "run 'lightning_logs/version_0'" in line
     [path] = logs(gradwatch_home)
     # the callback took the clipping over: the recorded norm is the one before clipping
     np.testing.assert_allclose(series(path, "grad_norm_total"), result(proc)["norms"], rtol=1e-5)
@@ -223,9 +250,24 @@ def test_a_torchrun_ddp_job_is_one_run_with_one_log_per_rank(tmp_path, gradwatch
         assert sorted(log.rank for log in store.logs(run["id"])) == [0, 1]
 
 
+def test_the_environments_own_sitecustomize_and_pythonpath_still_work(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "sitecustomize.py").write_text("import os\nos.environ['OWN_SITE'] = 'ran'\n")
+    (own / "helper.py").write_text("VALUE = 7\n")
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys, helper\n"
+                      "print(os.environ['OWN_SITE'], helper.VALUE, os.environ['GRADWATCH_LAUNCH'])\n"
+                      "sys.exit(5)\n")
+    env = {**os.environ, "PYTHONPATH": str(own)}
+    proc = subprocess.run([sys.executable, "-m", "gradwatch.cli", "run", "--", sys.executable, str(script)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (5, "ran 7 1\n", "")  # no torch: nothing to say
+
+
 @pytest.mark.parametrize("args, message", [
     ((), "Error: give the command to run after --, e.g. gradwatch run -- python train.py"),
-    (("--", "no-such-command-gw"), "Error: command not found: no-such-command-gw"),
+    (("--", "no-such-command-gw"), "Error: command not found or not executable: no-such-command-gw"),
     (("--run", " ", "--", "python"), "Error: --run must not be empty"),
 ], ids=["no-command", "unknown-command", "empty-run-name"])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):

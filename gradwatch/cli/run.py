@@ -43,7 +43,7 @@ def run(run_name: str | None, config: Path | None, command: tuple[str, ...]) -> 
     env = launch_env(os.environ, run_name, config)
     executable = shutil.which(command[0], path=env.get("PATH"))
     if executable is None:
-        raise BadInput(f"command not found: {command[0]}")
+        raise BadInput(f"command not found or not executable: {command[0]}")
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -22,7 +22,8 @@ def with_framework_clip(config: AgentConfig | dict[str, Any] | str | Path | None
 
     loaded = load_config(config)
     if loaded.clip.mode != "none":
-        raise ValueError(f"gradwatch: clip.mode {loaded.clip.mode!r} and {source} would clip twice; set only one of them")
+        raise ValueError(f"gradwatch: clip.mode {loaded.clip.mode!r} and {source} would clip twice; "
+                         "set only one of them")
     if algorithm == "value":
         clip = ClipConfig(mode="value", max_value=threshold)
     elif algorithm == "norm":

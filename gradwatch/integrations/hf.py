@@ -55,8 +55,8 @@ class GradwatchCallback(TrainerCallback):
         self._loss_hook: RemovableHandle | None = None
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
-        self._loss_scale = 0.0  # 0: the micro-batches' mean; else their sum times this
-        self._sum_scale = 1.0  # the scale of a sum: the processes the Trainer averages item counts over
+        self._loss_shares = False  # the model normalised its loss by the step's item count
+        self._shares_scale = 1.0  # the processes the Trainer averages those item counts over
 
     # ------------------------------------------------------------------ Trainer events
 
@@ -71,7 +71,7 @@ class GradwatchCallback(TrainerCallback):
             return
         scalars = {}
         if self._loss_sum is not None:
-            scalars["loss"] = (self._loss_sum * self._loss_scale if self._loss_scale
+            scalars["loss"] = (self._loss_sum * self._shares_scale if self._loss_shares
                                else self._loss_sum / self._loss_count)
         self.watcher.log(**scalars)
         self._loss_sum, self._loss_count = None, 0
@@ -98,7 +98,7 @@ class GradwatchCallback(TrainerCallback):
             raise
         self._loss_hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
         average = getattr(args, "average_tokens_across_devices", False) and args.world_size > 1
-        self._sum_scale = float(args.world_size) if average else 1.0
+        self._shares_scale = float(args.world_size) if average else 1.0
         launch.announce(self.watcher, model, optimizer, where)
 
     def _capture_loss(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
@@ -112,8 +112,8 @@ class GradwatchCallback(TrainerCallback):
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
         # A loss normalised by the step's item count (`num_items_in_batch`) is a share of the
-        # step's loss: the Trainer adds the shares up, scaled by the processes averaged over.
-        self._loss_scale = self._sum_scale if kwargs.get("num_items_in_batch") is not None else 0.0
+        # step's loss: the Trainer adds the shares up (scaled by the processes averaged over).
+        self._loss_shares = kwargs.get("num_items_in_batch") is not None
 
     def _take_over_clipping(self, args: TrainingArguments) -> AgentConfig:
         """The agent's config, clipping as `max_grad_norm` asked, which is set to 0 for the training."""

@@ -16,8 +16,8 @@ itself imports the library they belong to.
   step. There the model is the noted module that holds most of that optimizer's
   parameters (as called: a `DistributedDataParallel` or `torch.compile` wrapper, which the
   agent looks through), and `gradwatch.watch(model, optimizer)` attaches before the step
-  runs. The global hooks are then removed (the step hook is left inert: torch is iterating
-  over it at that moment).
+  runs. The forward hooks are then removed, and the step hook turns inert (torch is iterating
+  over the step hooks at that moment, so it cannot be removed).
 
 Each attach prints one line on stderr saying where it attached. A job that attaches
 gradwatch itself is left alone.
@@ -25,11 +25,13 @@ gradwatch itself is left alone.
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import importlib.machinery
 import logging
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -189,36 +191,38 @@ class _FirstStep:
     """Torch's global hooks: top-level modules noted until the first optimizer step attaches."""
 
     def __init__(self, run: str | None, config: str | None) -> None:
+        import torch
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         self.run, self.config = run, config
+        self._grad_enabled = torch.is_grad_enabled
+        self._compiling = _is_compiling()
         self._depth = 0
         self._tops: dict[int, weakref.ref[Any]] = {}
         self._misses = 0
         self._done = False
+        self._compiled = False  # a torch.compile'd module was called
         self._forward_handles = [register_module_forward_pre_hook(self._enter),
                                  register_module_forward_hook(self._leave, always_call=True)]
-        self._step_handle = register_optimizer_step_pre_hook(self._on_step)
-        import atexit
-
+        # torch warns that global hooks also fire for a compiled model's wrapper: these expect it.
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+        # Never removed: torch iterates over the global step hooks while this one runs, so it
+        # turns itself inert instead (one attribute check per step).
+        register_optimizer_step_pre_hook(self._on_step)
         atexit.register(self._at_exit)
 
     def _enter(self, module: Any, args: Any) -> None:
-        if _compiling():
+        if self._compiling() or self._done:
             return  # inside a compiled model: its wrapper, called eagerly, was noted
-        import torch
-
-        if self._done:
-            self._remove_hooks()  # safe here: torch calls forward hooks from a copy of its dict
-            return
-        if self._depth == 0 and module.training and torch.is_grad_enabled():
+        if self._depth == 0 and module.training and self._grad_enabled():
             if id(module) not in self._tops and len(self._tops) < 64:
                 self._tops[id(module)] = weakref.ref(module)
+                self._compiled = self._compiled or hasattr(module, "_orig_mod")
         self._depth += 1
 
     def _leave(self, module: Any, args: Any, output: Any) -> None:
-        if not _compiling():
+        if not self._compiling():
             self._depth = max(0, self._depth - 1)
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -236,13 +240,12 @@ class _FirstStep:
 
         try:
             watcher = gradwatch.watch(model, optimizer, run=self.run, config=self.config)
-        except RuntimeError as exc:
-            if "already watching" not in str(exc):
-                raise
-            self._stop(None if _announced else "gradwatch: the job attaches gradwatch itself; the launcher stays out")
-            return
-        except Exception as exc:
-            self._stop(f"gradwatch: not attached: {exc}")
+        except Exception as exc:  # the launcher never breaks the job
+            if "already watching" in str(exc):
+                self._stop(None if _announced else "gradwatch: the job attaches gradwatch itself; the launcher "
+                                                   "stays out")
+            else:
+                self._stop(f"gradwatch: not attached: {exc}")
             return
         where = "at the first optimizer step"
         if held < total:
@@ -264,31 +267,38 @@ class _FirstStep:
         return best, best_held, len(wanted)
 
     def _stop(self, message: str | None) -> None:
+        """Attached, or given up: say why if there is something to say, and remove the forward hooks.
+
+        Under torch.compile they stay, inert: dynamo traced the model with them, and removing
+        them would make it compile the model once more.
+        """
         if message:
             print(message, file=sys.stderr, flush=True)
         self._done = True
         self._tops.clear()
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._forward_handles:
-            handle.remove()
-        self._forward_handles = []
+        if not self._compiled:
+            for handle in self._forward_handles:
+                handle.remove()
+            self._forward_handles = []
 
     def _at_exit(self) -> None:
-        if not self._done and self._tops:
+        """A job that ran modules but never stepped (an evaluation script) hears why nothing was recorded;
+        multiprocessing's children (data loader workers) say nothing."""
+        import multiprocessing
+
+        if not self._done and self._tops and multiprocessing.parent_process() is None:
             print("gradwatch: not attached: the job called modules but never stepped an optimizer",
                   file=sys.stderr, flush=True)
 
 
-def _compiling() -> bool:
-    """Whether torch.compile is tracing (the hooks then stay out of its graph)."""
+def _is_compiling() -> Callable[[], bool]:
+    """torch's "is torch.compile tracing?" (the hooks then stay out of its graph)."""
     import torch
 
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     if is_compiling is None:  # torch < 2.3
         from torch._dynamo import is_compiling
-    return bool(is_compiling())
+    return is_compiling
 
 
 def _rank() -> int | None:
