@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AgentConfig", "GradientGuardError", "Watcher", "watch", "__version__"]
+__all__ = ["AgentConfig", "AlreadyWatched", "GradientGuardError", "Watcher", "watch", "__version__"]
 
 if TYPE_CHECKING:
-    from gradwatch.agent import AgentConfig, GradientGuardError, Watcher, watch
+    from gradwatch.agent import AgentConfig, AlreadyWatched, GradientGuardError, Watcher, watch
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("AgentConfig", "GradientGuardError", "Watcher", "watch"):
+    if name in ("AgentConfig", "AlreadyWatched", "GradientGuardError", "Watcher", "watch"):
         import gradwatch.agent
 
         return getattr(gradwatch.agent, name)

@@ -505,8 +505,9 @@ def test_a_compiled_model_gets_no_extra_graph_break_or_recompile_and_eager_norms
 
 def test_hugging_face_conv1d_is_a_weighted_layer_of_the_init_check():
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    activations = pytest.importorskip("transformers.activations")
     torch.manual_seed(0)
-    model = nn.Sequential(pytorch_utils.Conv1D(48, 16), nn.GELU(), pytorch_utils.Conv1D(16, 48))
+    model = nn.Sequential(pytorch_utils.Conv1D(48, 16), activations.NewGELUActivation(), pytorch_utils.Conv1D(16, 48))
     with torch.no_grad():
         model[0].weight.normal_(0.0, 0.02)  # GPT-2's init
     with gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1)) as watcher:
@@ -514,7 +515,8 @@ def test_hugging_face_conv1d_is_a_weighted_layer_of_the_init_check():
     assert set(checks) == {"0", "2"}
     assert (checks["0"]["fan_in"], checks["0"]["fan_out"]) == (16, 48)  # weight (in, out) = (16, 48)
     assert checks["0"]["std"] == pytest.approx(model[0].weight.std().item())
-    assert checks["0"]["activation"] == "GELU"
+    assert checks["0"]["activation"] == "NewGELUActivation" and checks["0"]["recommended"] == "he"
+    assert [layer.family for layer in watcher.layers] == [None, "smooth", None]  # HF's GELU is measured
 
 
 def test_param_norms_and_update_ratios_of_huge_weights_are_exact():

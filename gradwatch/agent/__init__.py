@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AgentConfig", "GradientGuardError", "Watcher", "watch"]
+__all__ = ["AgentConfig", "AlreadyWatched", "GradientGuardError", "Watcher", "watch"]
 
 if TYPE_CHECKING:
     from gradwatch.agent.config import AgentConfig
     from gradwatch.agent.guards import GradientGuardError
-    from gradwatch.agent.watcher import Watcher, watch
+    from gradwatch.agent.watcher import AlreadyWatched, Watcher, watch
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
         from gradwatch.agent.guards import GradientGuardError
 
         return GradientGuardError
-    if name in ("Watcher", "watch"):
+    if name in ("AlreadyWatched", "Watcher", "watch"):
         from gradwatch.agent import watcher
 
         return getattr(watcher, name)

@@ -76,9 +76,10 @@ class Guards:
             else:
                 names, layers = self._offenders(kind, grad)
             total_value = float(total)
+            count = int(flagged.sum()) if kind != "norm_limit" else None
             event = runlog.Event(kind, step, time.time(), {"params": names, "layers": layers, "action": action,
                                                            "limit": cfg.max_total_norm, "total": total_value,
-                                                           "count": int(flagged.sum()) if kind != "norm_limit" else None})
+                                                           "count": count})
             self._record(event)
             if action == "raise":
                 what = (f"total gradient norm {total_value:.4g} above {limit}" if kind == "norm_limit"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch.agent.layers import RNN, Layer, Param, following_activation, is_transposed_linear
+from gradwatch.agent.layers import RNN, Layer, Param, following_activation, is_hf_smooth, is_transposed_linear
 from gradwatch.agent.sharding import global_std, is_sharded
 
 # Within this factor of the recommended std an initialisation counts as "ok".
@@ -42,7 +42,7 @@ def recommended_scheme(activation: nn.Module | None) -> str:
     if isinstance(activation, nn.SELU):
         return "lecun"
     if isinstance(activation, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU,
-                               nn.GELU, nn.SiLU, nn.Mish)):
+                               nn.GELU, nn.SiLU, nn.Mish)) or (activation is not None and is_hf_smooth(activation)):
         return "he"
     return "glorot"
 

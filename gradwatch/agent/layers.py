@@ -30,9 +30,22 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
+def is_hf_smooth(module: nn.Module) -> bool:
+    """One of Hugging Face's GELU/SiLU/Mish activation modules (see HF_SMOOTH)."""
+    cls = type(module)
+    return cls.__name__ in HF_SMOOTH and cls.__module__.startswith("transformers")
+
+
 def is_weighted(module: nn.Module) -> bool:
     """Linear, Conv1d/2d/3d, RNN/LSTM/GRU and HF's Conv1D: the layers the init check judges."""
     return isinstance(module, WEIGHTED) or is_transposed_linear(module)
+
+
+# Hugging Face's own activation modules (transformers.activations), by class name so that the
+# agent never imports transformers: GELU variants, SiLU and Mish are smooth rectifiers.
+HF_SMOOTH = frozenset({"GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+                       "AccurateGELUActivation", "GELUTanh", "PytorchGELUTanh", "SiLUActivation", "MishActivation",
+                       "ClippedGELUActivation"})
 
 
 def activation_family(module: nn.Module) -> str | None:
@@ -45,7 +58,7 @@ def activation_family(module: nn.Module) -> str | None:
         return "relu"
     if isinstance(module, BOUNDED):
         return "bounded"
-    if isinstance(module, SMOOTH):
+    if isinstance(module, SMOOTH) or is_hf_smooth(module):
         return "smooth"
     if isinstance(module, nn.RNNBase) and getattr(module, "nonlinearity", "tanh") == "tanh":
         return "bounded"

@@ -95,8 +95,8 @@ def nonzero_per_unit(y: torch.Tensor, nonnegative: bool, channels_first: bool = 
 
     |sign(y)| is 1 where an output is non-zero (-0.0 counts as zero), summed over the unit
     dims; NaN becomes 1 first (`torch.sign(nan)` is 0), so a NaN output is never a zero or a
-    dead unit's (with `finite`, the caller knows there is none and that copy is skipped). `nonnegative` (ReLU, ReLU6) skips the `abs_`, which only negative outputs
-    need. The watcher adds the counts of a step's micro-batches before it counts the dead
+    dead unit's (with `finite`, the caller knows there is none and that copy is skipped).
+    `nonnegative` (ReLU, ReLU6) skips the `abs_`, which only negative outputs need. The watcher adds the counts of a step's micro-batches before it counts the dead
     units, so a unit is dead only if it is zero for every sample of the step.
     """
     nonzero = torch.sign(y) if finite else torch.nan_to_num(y, nan=1.0).sign_()

@@ -51,16 +51,21 @@ _PINNED_BUFFERS = 3
 _UNDECIDED, _NO_SHIFT = object(), object()  # a layer's shift before its first call of a step; plain sums
 
 
+class AlreadyWatched(RuntimeError):
+    """`watch()` on a model or optimizer that another open watcher already watches."""
+
+
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, run: str | None = None,
           config: AgentConfig | dict[str, Any] | str | Path | None = None, *,
-          scaler: Any = None) -> Watcher:
+          scaler: Any = None, replicated: bool | None = None) -> Watcher:
     """Attach gradwatch to a training job; see `Watcher`.
 
     `run` names the run (default: the model's class name); `config` is an `AgentConfig`,
     a dict or a TOML file path; pass the AMP `GradScaler` as `scaler` so that the steps it
-    skips are recorded as skipped.
+    skips are recorded as skipped. `replicated` says the gradients are the same on every rank
+    (data parallel: only rank 0 records their norms); None detects a DDP wrapper around `model`.
     """
-    return Watcher(model, optimizer, run=run, config=config, scaler=scaler)
+    return Watcher(model, optimizer, run=run, config=config, scaler=scaler, replicated=replicated)
 
 
 class Watcher:
@@ -71,17 +76,18 @@ class Watcher:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, run: str | None = None,
-                 config: AgentConfig | dict[str, Any] | str | Path | None = None, scaler: Any = None) -> None:
+                 config: AgentConfig | dict[str, Any] | str | Path | None = None, scaler: Any = None,
+                 replicated: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module. Got {type(model).__name__}")
         optimizer, wrappers = unwrap_optimizer(optimizer)
-        replicated = _is_ddp(model)
+        replicated = _is_ddp(model) if replicated is None else replicated
         model, model_wrappers = unwrap_model(model)
         _refuse_meta(model)
         for obj, what in ((model, "model"), (optimizer, "optimizer")):
             if obj in _attached:
-                raise RuntimeError(f"gradwatch is already watching this {what}; close() the first watcher before "
-                                   "attaching another")
+                raise AlreadyWatched(f"gradwatch is already watching this {what}; close() the first watcher before "
+                                     "attaching another")
         from gradwatch.agent.config import load_config
 
         self.config = load_config(config)
@@ -963,7 +969,7 @@ def _compiling() -> bool:
 
 
 def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+    return isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
 
 
 def _refuse_local_clipping(sharded: torch.Tensor | None, mode: str) -> None:
@@ -1057,4 +1063,4 @@ def _close_open_watchers() -> None:
         watcher.close()
 
 
-__all__ = ["GradientGuardError", "Watcher", "watch"]
+__all__ = ["AlreadyWatched", "GradientGuardError", "Watcher", "watch"]

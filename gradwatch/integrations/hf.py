@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from gradwatch.agent.watcher import AlreadyWatched
 from gradwatch.integrations import launch
 from gradwatch.integrations._clip import with_framework_clip
 
@@ -92,7 +93,8 @@ class GradwatchCallback(TrainerCallback):
         config = self._take_over_clipping(args)
         try:
             self.watcher = gradwatch.watch(model, optimizer, run=self.run or args.run_name or None, config=config,
-                                           scaler=getattr(optimizer, "scaler", None))  # accelerate's AMP scaler
+                                           scaler=getattr(optimizer, "scaler", None),  # accelerate's AMP scaler
+                                           replicated=_data_parallel(args))
         except BaseException:
             self._close()
             raise
@@ -163,6 +165,10 @@ class _Launched(GradwatchCallback):
         self._pending = False
         try:
             self._attach(args, model, optimizer, "at the first step (Hugging Face callback)")
-        except RuntimeError as exc:
-            if "already watching" not in str(exc):
-                raise
+        except AlreadyWatched:  # the script attached gradwatch itself: stand aside
+            return
+
+
+def _data_parallel(args: TrainingArguments) -> bool:
+    """Whether every rank holds the same gradients (plain DDP, not FSDP or DeepSpeed): rank 0 records their norms."""
+    return args.world_size > 1 and not args.fsdp and not args.deepspeed

@@ -69,7 +69,8 @@ class GradwatchCallback(pl.Callback):
         try:
             for module, suffix, optimizer in _targets(pl_module, trainer.optimizers):
                 run = f"{name}{suffix}" if name else (f"{type(pl_module).__name__}{suffix}" if suffix else None)
-                watcher = gradwatch.watch(module, optimizer, run=run, config=config, scaler=scaler)
+                watcher = gradwatch.watch(module, optimizer, run=run, config=config, scaler=scaler,
+                                          replicated=_data_parallel(trainer))
                 self.watchers.append(watcher)
                 launch.announce(watcher, module, optimizer, "at fit start (Lightning callback)")
         except BaseException:
@@ -175,3 +176,8 @@ def _targets(pl_module: nn.Module, optimizers: list[torch.optim.Optimizer]
         taken.add(id(module))
         targets.append((module, f".{name}", optimizer))
     return targets
+
+
+def _data_parallel(trainer: pl.Trainer) -> bool:
+    """Whether every rank holds the same gradients (DDP and its variants): rank 0 records their norms."""
+    return trainer.world_size > 1 and type(trainer.strategy).__name__.startswith("DDP")
