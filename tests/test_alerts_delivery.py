@@ -138,6 +138,7 @@ def test_alertmanager_gets_each_transition_and_regular_resends(receiver_factory)
     am.stop(10.0)
     assert [p.path for p in rec.posts] == ["/api/v2/alerts"] * 4
     first, _, resend, last = (p.body for p in rec.posts)
-    assert first[0]["labels"]["alertname"] == "GradwatchNonfiniteLoss" and first[0]["endsAt"] == "1970-01-01T00:20:40.000Z"
+    assert first[0]["labels"]["alertname"] == "GradwatchNonfiniteLoss"
+    assert first[0]["endsAt"] == "1970-01-01T00:20:40.000Z"  # 4 resend intervals ahead
     assert resend[0]["endsAt"] == "1970-01-01T00:21:41.000Z"  # 4 resend intervals ahead
     assert last[0]["endsAt"] == "1970-01-01T00:17:41.000Z" and last[0]["labels"] == first[0]["labels"]

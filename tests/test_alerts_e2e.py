@@ -86,9 +86,15 @@ def _one(posts: list[Received], status: str, rule: str = "nonfinite_loss") -> li
     return [p for p in posts if p.body.get("status") == status and p.body.get("alert", {}).get("rule") == rule]
 
 
-def test_a_nan_run_reaches_webhooks_down_and_slow_ones_too_and_resolves_when_it_ends(
-        tmp_path: Path, serve_factory, receiver_factory) -> None:  # noqa: F811
-    fast, slow = receiver_factory(), receiver_factory(delay=2.0)
+def _am_resolved(posts: list[Received]) -> bool:
+    return any(p.body["status"] == "resolved" and any(
+        a["labels"]["alertname"] == "GradwatchNonfiniteLoss" for a in p.body["alerts"]) for p in posts)
+
+
+def test_a_nan_run_is_alerted_to_webhooks_and_alertmanager_and_resolved_when_it_ends(
+        tmp_path: Path, serve_factory, receiver_factory, alertmanager_factory) -> None:  # noqa: F811
+    fast, slow, am_hook = receiver_factory(), receiver_factory(delay=1.0), receiver_factory()
+    am = alertmanager_factory(f"{am_hook.url}/am")
     late_port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(f"""
@@ -103,9 +109,9 @@ url = "{slow.url}/slow"
 timeout = 10
 """)
     serve = serve_factory(["--home", str(tmp_path), "--port", "0", "--poll-interval", "0.2", "--config", str(config),
-                           "--webhook", f"{fast.url}/hook?token=QUERY-TOKEN"])
-    started = serve.started()
-    assert started["alert_receivers"] == ["webhook late", f"webhook #2 {slow.url}", f"webhook #3 {fast.url}"]
+                           "--webhook", f"{fast.url}/hook?token=QUERY-TOKEN", "--alertmanager", am.url])
+    receivers = ["webhook late", f"webhook #2 {slow.url}", f"webhook #3 {fast.url}", f"alertmanager {am.url}"]
+    assert serve.started()["alert_receivers"] == receivers
     train = Training(tmp_path)
     try:
         info = train.info()
@@ -125,10 +131,20 @@ timeout = 10
         late.wait_for(lambda p: _one(p, "firing"), "the retried delivery to the receiver that was down")
         slow.wait_for(lambda p: _one(p, "firing"), "the delivery to the slow receiver")
 
+        def held() -> dict[str, Any] | None:
+            return next((a for a in am.alerts() if a["labels"].get("alertname") == "GradwatchNonfiniteLoss"), None)
+        held_alert = wait_until(held, "Alertmanager to hold the alert")
+        labels, annotations = held_alert["labels"], held_alert["annotations"]
+        assert labels["run"] == run_id and labels["run_name"] == "nan e2e" and labels["severity"] == "critical"
+        assert labels["rule"] == "nonfinite_loss" and held_alert["status"]["state"] == "active"
+        assert annotations["step"] == str(NAN_STEP) and annotations["command"] == "gradwatch diagnose 'nan e2e'"
+        assert annotations["cause"] and annotations["remedy"] and f"run nan e2e ({run_id})" in annotations["summary"]
+
         train.finish()
         for rec in (fast, late, slow):
             (resolved,) = _one(rec.wait_for(lambda p: _one(p, "resolved"), "the resolved alert"), "resolved")
             assert resolved.body["alert"]["ended_at"] and resolved.body["alert"]["run"]["id"] == run_id
+        am_hook.wait_for(_am_resolved, "Alertmanager's resolved notification")
         assert len(_one(fast.posts, "firing")) == 1  # notified once while it fired
     finally:
         train.kill()
@@ -139,41 +155,8 @@ timeout = 10
     fired = [e for e in events if e["event"] == "alert_firing" and e["rule"] == "nonfinite_loss"]
     assert len(fired) == 1 and fired[0]["run_name"] == "nan e2e" and fired[0]["step"] == NAN_STEP
     assert any(e["event"] == "alert_resolved" and e["rule"] == "nonfinite_loss" for e in events)
-    delivered = {e["receiver"] for e in events if e["event"] == "alert_delivered"}
-    assert delivered == {"webhook late", f"webhook #2 {slow.url}", f"webhook #3 {fast.url}"}
+    assert {e["receiver"] for e in events if e["event"] == "alert_delivered"} == set(receivers)
 
     listed = json.loads(run_cli("alerts", "--run", run_id, "--json", "--home", str(tmp_path)).stdout)
     loss = next(a for a in listed if a["rule"] == "nonfinite_loss")
     assert loss["state"] == "resolved" and loss["step"] == NAN_STEP and loss["run"]["name"] == "nan e2e"
-
-
-def test_a_nan_run_reaches_alertmanager_and_resolves_there(tmp_path: Path, serve_factory, receiver_factory,  # noqa: F811
-                                                            alertmanager_factory) -> None:  # noqa: F811
-    hook = receiver_factory()
-    am = alertmanager_factory(f"{hook.url}/am")
-    serve = serve_factory(["--home", str(tmp_path), "--port", "0", "--poll-interval", "0.2",
-                           "--alertmanager", am.url])
-    serve.started()
-    train = Training(tmp_path)
-    try:
-        run_id = train.info()["run_id"]
-
-        def held() -> dict[str, Any] | None:
-            return next((a for a in am.alerts() if a["labels"].get("alertname") == "GradwatchNonfiniteLoss"), None)
-        alert = wait_until(held, "Alertmanager to hold the alert")
-        labels, annotations = alert["labels"], alert["annotations"]
-        assert labels["run"] == run_id and labels["run_name"] == "nan e2e" and labels["severity"] == "critical"
-        assert labels["rule"] == "nonfinite_loss" and alert["status"]["state"] == "active"
-        assert annotations["step"] == str(NAN_STEP) and annotations["command"] == "gradwatch diagnose 'nan e2e'"
-        assert annotations["cause"] and annotations["remedy"] and f"run nan e2e ({run_id})" in annotations["summary"]
-        hook.wait_for(lambda p: any(b.body["status"] == "firing" for b in p), "Alertmanager's notification")
-
-        train.finish()
-
-        def resolved(posts: list[Received]) -> bool:
-            return any(p.body["status"] == "resolved" and any(
-                a["labels"]["alertname"] == "GradwatchNonfiniteLoss" for a in p.body["alerts"]) for p in posts)
-        hook.wait_for(resolved, "Alertmanager's resolved notification")
-    finally:
-        train.kill()
-    assert serve.stop() == 0

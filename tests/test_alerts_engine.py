@@ -22,7 +22,7 @@ from gradwatch.diagnose.load import RunWindow, load_run_data
 from gradwatch.ingest import Ingester
 from gradwatch.service.alert_metrics import AlertCollector
 from gradwatch.service.logs import JsonFormatter
-from gradwatch.store import Store
+from gradwatch.store import Store, StoreError
 from tests.fixtures.live_log import LiveLog
 
 NAN_FROM = 45
@@ -70,7 +70,7 @@ class Harness:
                                   clock=lambda: self.now, rules=rules, home=home)
         self.engine.start()
 
-    def tick(self, seconds: float = 1.0):
+    def tick(self, seconds: float = 5.0):
         """Move the clock, ingest, evaluate; the transitions."""
         self.now += seconds
         report = self.ingester.poll_once()
@@ -170,7 +170,8 @@ def test_rules_can_be_disabled_their_severity_changed_and_min_severity_raised(ha
 
 
 def test_thresholds_are_configurable(harness, tmp_path) -> None:
-    config = AlertsConfig.model_validate({"thresholds": {"dead_ratio": 0.2}, "rules": {"dying_units": {"for_steps": 0}}})
+    config = AlertsConfig.model_validate({"thresholds": {"dead_ratio": 0.2},
+                                          "rules": {"dying_units": {"for_steps": 0}}})
     h = harness(config)
     log = LiveLog(tmp_path)
     log.write(40, dead=0.3)  # under the default 0.5, over the configured 0.2
@@ -297,3 +298,49 @@ def test_severity_escalation_is_a_new_stored_alert_and_one_notification(harness,
     assert (old.severity, old.active, new.severity, new.active) == ("warning", False, "error", True)
     assert h.recorder.sent[-1].escalated_from == "warning"
     assert h.recorder.sent[-1].alert.id == new.id
+
+
+class FlakyStore:
+    """The store, with its first `add_alert` failing as a database outage would."""
+
+    def __init__(self, store: Store) -> None:
+        self._store, self.failed = store, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def add_alert(self, *args, **kwargs) -> int:
+        if not self.failed:
+            self.failed = True
+            raise StoreError("cannot write sqlite:///gradwatch.db: database is locked")
+        return self._store.add_alert(*args, **kwargs)
+
+
+def test_an_alert_the_store_could_not_take_fires_on_the_next_pass(harness, tmp_path) -> None:
+    h = harness()
+    h.engine.store = FlakyStore(h.store)
+    log = LiveLog(tmp_path)
+    log.write(40, loss=math.nan)
+    with pytest.raises(StoreError, match="database is locked"):
+        h.tick()
+    assert h.recorder.sent == [] and h.store.alerts() == []
+    (t,) = h.tick()
+    assert t.kind == "firing" and t.alert.id is not None
+    assert [n.status for n in h.recorder.sent] == ["firing"] and len(h.store.alerts(active=True)) == 1
+
+
+def test_a_moving_run_is_evaluated_at_most_every_evaluate_every_and_its_layers_read_every_layers_every(
+        harness, tmp_path) -> None:
+    h = harness(AlertsConfig.model_validate({"evaluate_every": 10, "layers_every": 60,
+                                             "rules": {"dying_units": {"for_steps": 0}}}))
+    log = LiveLog(tmp_path, run_id="cadence3")
+    assert h.engine._phase(log.run_id) == pytest.approx(5.04)  # its reads: at once, then 55 s later, every 60 s
+    log.write(40)
+    assert h.tick(1) == []  # evaluated, layers read
+    log.write(40, dead=0.95)
+    assert h.tick(10) == []  # evaluated, but the layers are not due yet
+    log.write(10, dead=0.95, loss=lambda s: np.where(s >= 85, np.nan, 1.0))
+    assert h.tick(5) == []  # moved, but evaluated 5 s ago
+    got = {t.alert.rule: t.alert for t in h.tick(5)}
+    assert set(got) == {"nonfinite_loss", "dying_units"}  # a NaN has the layers read at once
+    assert got["nonfinite_loss"].step == 85

@@ -77,7 +77,8 @@ def test_severity_rises_while_firing_and_never_falls() -> None:
     life = Lifecycle(_hold())
     life.observe("r1", "a", [_finding(severity="warning")], step=10, now=1.0)
     (t,) = life.observe("r1", "a", [_finding(severity="error", value=0.95)], step=20, now=2.0)
-    assert (t.kind, t.alert.severity, t.alert.previous_severity, t.alert.started_at) == ("escalated", "error", "warning", 1.0)
+    assert (t.kind, t.alert.severity, t.alert.previous_severity) == ("escalated", "error", "warning")
+    assert t.alert.started_at == 1.0
     assert life.observe("r1", "a", [_finding(severity="warning")], step=30, now=3.0) == []
     assert life.firing()[0].severity == "error"
 
@@ -184,3 +185,20 @@ def test_threshold_overrides_apply_only_during_an_evaluation() -> None:
     with thresholds_applied({name: value}):
         assert th.DEAD_RATIO == 0.8
     assert th.DEAD_RATIO == before
+
+
+def test_transitions_that_could_not_be_stored_are_made_again() -> None:
+    life = Lifecycle(_hold())
+    (t,) = life.observe("r1", "a", [_finding()], step=10, now=1.0)
+    life.undo(t)
+    (again,) = life.observe("r1", "a", [_finding()], step=20, now=2.0)
+    assert again.kind == "firing"
+    (up,) = life.observe("r1", "a", [_finding(severity="error")], step=30, now=3.0)
+    life.undo(up)
+    assert life.firing()[0].severity == "warning"
+    (up,) = life.observe("r1", "a", [_finding(severity="error")], step=40, now=4.0)
+    assert up.kind == "escalated"
+    (gone,) = life.observe("r1", "a", [], step=50, now=5.0)
+    life.undo(gone)
+    (gone_again,) = life.observe("r1", "a", [], step=60, now=6.0)
+    assert gone_again.kind == "resolved" and gone_again.alert.ended_at == 6.0

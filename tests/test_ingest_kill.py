@@ -29,9 +29,10 @@ from tests.reliability.checks import REPEAT, LogContents, compare, count, record
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 DEADLINE_S = 300.0
-STEPS = 30_000
-#: Kills per test: 3 in CI, more for the figures (GRADWATCH_RELIABILITY_REPEAT).
+#: Kills per test: 3 in CI, more for the figures (GRADWATCH_RELIABILITY_REPEAT), with as much more to ingest.
 KILLS = 3 * REPEAT
+STEPS = 10_000 * KILLS
+LOGS = 4 * KILLS
 INGEST = """
 import sys
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_repeated_sigkill_of_the_service_mid_ingest_stores_everything_once(
         tmp_path: Path, backend: str, serve_factory) -> None:  # noqa: F811 - the fixture
     url = _url(tmp_path, backend)
     home = tmp_path / "home"
-    runs = [SyntheticRun(run_id=f"run{i:02d}", name=f"r{i}") for i in range(12)]
+    runs = [SyntheticRun(run_id=f"run{i:03d}", name=f"r{i}") for i in range(LOGS)]
     events = [Event("nonfinite", s, float(s), {"params": []}) for s in range(0, 3000, 500)]
     paths = [r.write(home, 3000, events=events) for r in runs]
     total = sum(p.stat().st_size for p in paths)

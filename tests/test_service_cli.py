@@ -45,7 +45,7 @@ def _error_line(out: str) -> str:
 
 def test_bad_setting_from_env(tmp_path: Path) -> None:
     code, out = _invoke(["--home", str(tmp_path)], env={"GRADWATCH_PORT": "many"})
-    assert code == 1
+    assert code == 2
     assert _error_line(out).startswith("Error: invalid configuration: port: ")
 
 
@@ -90,7 +90,7 @@ def test_second_serve_on_the_same_store_is_refused(tmp_path: Path, serve_factory
 def test_signal_stops_cleanly_with_everything_ingested(tmp_path: Path, serve_factory, sig: int) -> None:  # noqa: F811
     # A long poll interval: the first pass runs at start (nothing there yet); the rest of the
     # data can only get into the store through the final pass of the shutdown.
-    proc = serve_factory(["--home", str(tmp_path), "--port", "0", "--poll-interval", "60"])
+    proc = serve_factory(["--home", str(tmp_path), "--port", "0", "--poll-interval", "60", "--no-alerts"])
     started = proc.started()
     run = SyntheticRun(run_id="shutdown1")
     run.write(tmp_path, steps=250, close=False)
@@ -121,16 +121,22 @@ def test_port_taken_through_the_real_command(tmp_path: Path) -> None:
                                         "(another process holds the port; choose another with --port)"]
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
+@pytest.mark.parametrize(("extra", "expected", "exit_code"), [
     pytest.param(["--basic-auth-user", "prom", "--basic-auth-password-file", "{tmp}/missing"],
-                 r"^Error: cannot read basic auth password file .*/missing: No such file or directory$", id="pw-file"),
-    pytest.param(["--db", "not a url"], r"^Error: not a database URL: 'not a url'$", id="db-url"),
-    pytest.param(["--config", "{tmp}/missing.toml"], r"^Error: cannot read config file .*missing.toml", id="config"),
-    pytest.param(["--pushgateway", "gw:9091"], r"^Error: invalid configuration: pushgateway: .*http://", id="push"),
+                 r"^Error: cannot read basic auth password file .*/missing: No such file or directory$", 1,
+                 id="pw-file"),
+    pytest.param(["--db", "not a url"], r"^Error: not a database URL: 'not a url'$", 1, id="db-url"),
+    pytest.param(["--config", "{tmp}/missing.toml"], r"^Error: cannot read config file .*missing.toml", 2, id="config"),
+    pytest.param(["--pushgateway", "gw:9091"], r"^Error: invalid configuration: pushgateway: .*http://", 2, id="push"),
+    pytest.param(["--webhook", "hooks.example/T0K3N"],
+                 r"^Error: invalid configuration: alerts.webhooks.0.url: webhook URL must be an http:// "
+                 r"or https:// URL with a host$", 2, id="webhook"),
+    pytest.param(["--alertmanager", "ftp://am:9093"], r"^Error: invalid configuration: alerts.alertmanager.url: ", 2,
+                 id="alertmanager"),
 ])
-def test_bad_input_is_one_line(tmp_path: Path, extra: list[str], expected: str) -> None:
+def test_bad_input_is_one_line(tmp_path: Path, extra: list[str], expected: str, exit_code: int) -> None:
     code, out = _invoke(["--home", str(tmp_path), "--port", "0", *[a.format(tmp=tmp_path) for a in extra]])
-    assert code == 1
+    assert code == exit_code
     assert re.match(expected, _error_line(out)), out
 
 

@@ -47,7 +47,8 @@ def split_credentials(url: str) -> tuple[str, dict[str, str]]:
     host = f"[{host}]" if ":" in host else host
     netloc = host + (f":{parts.port}" if parts.port is not None else "")
     token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), {"Authorization": f"Basic {token}"}
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return bare, {"Authorization": f"Basic {token}"}
 
 
 def post_json(url: str, body: Any, timeout: float, headers: dict[str, str] | None = None) -> None:
@@ -62,8 +63,10 @@ def post_json(url: str, body: Any, timeout: float, headers: dict[str, str] | Non
         raise DeliveryError(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise DeliveryError(f"cannot connect: {_reason(exc.reason)}") from None
-    except (TimeoutError, OSError) as exc:
-        raise DeliveryError(f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else _reason(exc)) from None
+    except TimeoutError:
+        raise DeliveryError(f"no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise DeliveryError(_reason(exc)) from None
 
 
 def _reason(reason: object) -> str:
@@ -167,24 +170,25 @@ class Outbox:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _deliver(self, message: Message) -> None:
-        for attempt in range(self.retries + 1):
+        error, attempts = "", 0
+        while attempts <= self.retries:
+            attempts += 1
             try:
                 post_json(self.url, message.body, self.timeout, self.headers)
             except DeliveryError as exc:
-                last = str(exc)
-                wait = min(self.backoff * 2 ** attempt, MAX_BACKOFF_S)
-                if attempt == self.retries or not self._sleep(wait):
+                error = str(exc)
+                if attempts > self.retries or not self._sleep(min(self.backoff * 2 ** (attempts - 1), MAX_BACKOFF_S)):
                     break
                 continue
             self.delivered += 1
-            self._log("alert_delivered", attempts=attempt + 1, **message.about)
+            self._log("alert_delivered", attempts=attempts, **message.about)
             if self._failing:
                 self._log("alert_delivery_recovered", dropped=self._dropped_in_outage)
             self._failing, self._dropped_in_outage = False, 0
             return
         self.failed += 1
         self._failing = True
-        self._log("alert_delivery_failed", logging.WARNING, attempts=attempt + 1, error=last, **message.about)
+        self._log("alert_delivery_failed", logging.WARNING, attempts=attempts, error=error, **message.about)
 
     def _sleep(self, seconds: float) -> bool:
         """Wait before a retry; False when the service is stopping and the wait would pass its deadline."""

@@ -18,10 +18,13 @@ import math
 import socket
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from gradwatch.agent.runlog import LOG_SUFFIX, logs_dir
 from gradwatch.alerts import ledger
@@ -49,6 +52,22 @@ class _Watched:
     findings: list[Finding] = field(default_factory=list)
     evaluated_at: float = -math.inf
     layers_at: float = -math.inf
+
+
+#: Run-level counts of params whose gradients went non-finite or overflowed.
+_BAD_COUNTS = ("nonfinite_params", "overflow_params")
+
+
+def _went_nonfinite(data: RunData, after: int | None) -> bool:
+    """Whether a run-level value after step `after` is NaN/Inf, or counts non-finite gradients."""
+    for metric, series in data.run.items():
+        new = series.values[series.steps > after] if after is not None else series.values
+        if metric in _BAD_COUNTS:
+            if np.any(np.nan_to_num(new, nan=1.0) > 0):
+                return True
+        elif not np.all(np.isfinite(new)):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,9 @@ class AlertEngine:
     # ------------------------------------------------------------------ one pass
 
     def evaluate(self, ended: Iterable[str] = ()) -> list[Transition]:
-        """One pass over the live runs; the transitions it caused (already stored and queued)."""
+        """One pass over the live runs; the transitions it caused (already stored and queued). When
+        the store fails, the transitions not stored are undone (tried again next pass) and the
+        first error is raised after the others were applied."""
         now = self.clock()
         owned = self._owned()
         running = {r.id: r for r in self.store.list_runs(status="running") if owned is None or r.id in owned}
@@ -119,28 +140,43 @@ class AlertEngine:
             transitions += self._last_pass(run_id, now)
         for run in running.values():
             transitions += self._pass(run, now)
-        transitions = [self._apply(t, now) for t in transitions]
+        applied, failure = [], None
+        for t in transitions:
+            try:
+                applied.append(self._apply(t, now))
+            except Exception as exc:  # the store is down: undo, so the next pass tries this one again
+                self.lifecycle.undo(t)
+                failure = failure or exc
         firing = self.lifecycle.firing()
         for n in self.notifiers:
             n.tick(firing, now)
         self._publish()
-        return transitions
+        if failure is not None:
+            raise failure
+        return applied
 
     def _pass(self, run: RunInfo, now: float) -> list[Transition]:
         w = self._watched.get(run.id)
         if w is None:
-            w = self._watched[run.id] = _Watched(RunWindow(self.store, run.id, self.config.window_steps), now,
-                                                 run.last_step)
+            try:
+                window = RunWindow(self.store, run.id, self.config.window_steps)
+            except RunNotFound:  # deleted since it was listed
+                return []
+            w = self._watched[run.id] = _Watched(window, now, run.last_step)
         if run.last_step != w.last_step:
             w.progress_at, w.last_step = now, run.last_step
         behind = run.last_step is not None and (w.window.last_step is None or run.last_step > w.window.last_step)
         if behind and now - w.evaluated_at >= self.config.evaluate_every:
             layers = now - w.layers_at >= self.config.layers_every
-            w.window.refresh(until=run.last_step if run.world_size == 1 else None, layers=layers)
+            until, read_to = (run.last_step if run.world_size == 1 else None), w.window.last_step
+            w.window.refresh(until, layers=layers)
+            if not layers and _went_nonfinite(w.window.data, read_to):  # NaN/Inf: the layers' too, at once
+                layers = True
+                w.window.refresh(until, layers=True)
             w.findings = self._findings(w.window.data)
             w.evaluated_at = now
-            if layers:
-                w.layers_at = now
+            if layers:  # after the first read, each run at its own phase: not all in one pass
+                w.layers_at = now if math.isfinite(w.layers_at) else now - self._phase(run.id)
         findings = list(w.findings)
         if self._alive(run):
             findings += self._kept(stalled(now - w.progress_at, self.config.stalled_after, run.last_step, run.pid))
@@ -149,19 +185,21 @@ class AlertEngine:
 
     def _last_pass(self, run_id: str, now: float) -> list[Transition]:
         """A run that is no longer running: its tail evaluated once more, then its alerts resolved."""
-        w = self._watched.pop(run_id, None)
+        w = self._watched.get(run_id)
         out: list[Transition] = []
         try:
             window = w.window if w is not None else RunWindow(self.store, run_id, self.config.window_steps)
-            if window.refresh() or w is None:
-                findings = self._findings(window.data)
-            else:
-                findings = w.findings
-            step = window.last_step or 0
-            out += self.lifecycle.observe(run_id, window.name, findings, step, now)
-        except RunNotFound:  # deleted meanwhile: its alerts went with it
+            findings = self._findings(window.data) if window.refresh() or w is None else w.findings
+            out += self.lifecycle.observe(run_id, window.name, findings, window.last_step or 0, now)
+        except RunNotFound:  # deleted meanwhile: its stored alerts went with it
             pass
+        self._watched.pop(run_id, None)
         return out + self.lifecycle.end_run(run_id, now)
+
+    def _phase(self, run_id: str) -> float:
+        """A fraction of `layers_every` fixed by the run id, so runs started together spread their
+        layer reads over the interval."""
+        return zlib.crc32(run_id.encode()) % 1000 / 1000 * self.config.layers_every
 
     def _owned(self) -> set[str] | None:
         """Ids of the runs whose logs lie in the home (None: every run of the store)."""
@@ -220,8 +258,9 @@ class AlertEngine:
             return t
         if t.kind == "escalated":
             ledger.resolve(self.store, a, now)
-        stored = dataclasses.replace(a, id=ledger.add(self.store, a))
-        self.lifecycle.stored(a.key, stored.id)
+        alert_id = ledger.add(self.store, a)
+        stored = dataclasses.replace(a, id=alert_id)
+        self.lifecycle.stored(a.key, alert_id)
         self._totals[(a.rule, a.severity)] += 1
         escalated = a.previous_severity if t.kind == "escalated" else None
         self._notify(Notification("firing", stored, escalated), "alert_escalated" if escalated else "alert_firing")
@@ -229,8 +268,7 @@ class AlertEngine:
 
     def _notify(self, n: Notification, event: str) -> None:
         a = n.alert
-        level = logging.ERROR if a.severity == "error" and n.status == "firing" else logging.WARNING \
-            if n.status == "firing" else logging.INFO
+        level = logging.INFO if n.status == "resolved" else logging.ERROR if a.severity == "error" else logging.WARNING
         self._log(event, level, run=a.run_id, run_name=a.run_name, rule=a.rule, severity=a.severity,
                   layer=a.layer or None, step=a.step, value=number(a.value), threshold=number(a.threshold),
                   title=a.title, cause=a.cause, remedy=a.remedy, command=command(a))

@@ -148,6 +148,19 @@ class Lifecycle:
         for alert in alerts:
             self._alerts[alert.key] = dataclasses.replace(alert, state="firing")
 
+    def undo(self, t: Transition) -> None:
+        """Take back a transition that could not be stored, so the next evaluation makes it
+        again: a firing alert is forgotten (its finding makes it pending anew), an escalated one
+        goes back to its previous severity, a resolved one fires again."""
+        a = t.alert
+        if t.kind == "resolved":
+            self._alerts[a.key] = dataclasses.replace(a, state="firing", ended_at=None)
+        elif t.kind == "escalated":
+            self._alerts[a.key] = dataclasses.replace(a, severity=a.previous_severity or a.severity,
+                                                      previous_severity=None)
+        else:
+            self._alerts.pop(a.key, None)
+
     def stored(self, key: tuple[str, str], alert_id: int) -> None:
         """Remember the store's id of the alert of `key` (run, rule), once it fired or escalated."""
         current = self._alerts.get(key)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import re
 import shlex
-import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from gradwatch.alerts.lifecycle import Alert
@@ -55,7 +55,8 @@ def measured(alert: Alert) -> str:
     """'value 0.93 (threshold 0.5)', or '' when the rule gives no number."""
     if alert.value is None:
         return ""
-    return f"value {number(alert.value)}" + (f" (threshold {number(alert.threshold)})" if alert.threshold is not None else "")
+    limit = f" (threshold {number(alert.threshold)})" if alert.threshold is not None else ""
+    return f"value {number(alert.value)}{limit}"
 
 
 def headline(n: Notification) -> str:
@@ -84,9 +85,10 @@ def text(n: Notification) -> str:
 
 
 def _iso(t: float | None) -> str | None:
+    """RFC 3339 UTC with milliseconds, as Alertmanager's API takes it."""
     if t is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json_number(x: float | None) -> float | str | None:
@@ -138,8 +140,9 @@ def alertmanager_alert(a: Alert, ends_at: float | None) -> dict[str, Any]:
     long Alertmanager keeps it without a re-send (in the future)."""
     annotations = {"summary": f"{a.title}: {where(a)}", "description": "\n".join(a.summary),
                    "cause": a.cause, "remedy": a.remedy, "command": command(a),
-                   "step": "" if a.step is None else str(a.step), "value": number(a.value),
-                   "threshold": number(a.threshold)}
+                   "step": "" if a.step is None else str(a.step),
+                   "value": "" if a.value is None else number(a.value),
+                   "threshold": "" if a.threshold is None else number(a.threshold)}
     out: dict[str, Any] = {"labels": alertmanager_labels(a),
                            "annotations": {k: v for k, v in annotations.items() if v}}
     if a.started_at is not None:

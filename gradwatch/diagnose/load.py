@@ -18,7 +18,6 @@ import numpy as np
 from gradwatch.diagnose.rundata import LayerInfo, RunData, Series
 
 if TYPE_CHECKING:
-    from gradwatch.store import Series as StoredSeries
     from gradwatch.store import Store
 
 #: Run-level metrics the rules and plots read, when the run has them.
@@ -117,11 +116,11 @@ class RunWindow:
     def refresh(self, until: int | None = None, layers: bool = True) -> bool:
         """Read what was stored after the last read, up to step `until` (default: where rank 0's
         log stands); True when something new was read. Run-level and group metrics are read
-        every time; layer and param metrics (hundreds of series in a large model) only with
-        `layers`, from where they were last read, so a caller can read them less often."""
+        every time; layer and param metrics (hundreds of series in a large model) and events
+        only with `layers`, from where they were last read, so a caller can read them less often."""
         if until is None:
             until = self._rank0_step()
-        read = self._read_events()
+        read = self._read_events() if layers else False
         if until is not None and (self.last_step is None or until > self.last_step):
             self._read(self._start(self.last_step, until), until, FAST_METRICS)
             self.last_step, read = until, True
@@ -173,7 +172,7 @@ class RunWindow:
 
     def _read(self, start: int | None, end: int | None, metrics: tuple[str, ...]) -> None:
         """Append the rows in [start, end] (unbounded where None) of `metrics`."""
-        got = _fetch(self.store, self.run_id, metrics, start, end)
+        got = self.store.histories(self.run_id, metrics, start, end)  # series that did not move: unread
         for metric in RUN_METRICS:
             series = got.get(metric, {}).get(0)
             if series is not None:
@@ -218,12 +217,3 @@ def load_run_data(store: Store, run_id: str) -> RunData:
     window._read_events()
     window._read(None, None, FAST_METRICS + window._slow_metrics())
     return window.data
-
-
-
-
-def _fetch(store: Store, run_id: str, metrics: tuple[str, ...], start: int | None,
-           end: int | None) -> dict[str, dict[int, StoredSeries]]:
-    """metric -> {entity: its rows in [start, end]} (entity: the param, layer or group index; 0 for
-    a run-level metric): one store read, in which series that did not move are not read."""
-    return store.histories(run_id, metrics, start, end)

@@ -3,11 +3,11 @@
 `Service.start()` takes the single-instance lock first (so a second server is refused
 before it touches anything), opens the store, takes up the alerts still firing, binds the
 port, then starts ingesting and pushing. After every ingest pass the rules engine evaluates
-the live runs (`gradwatch.alerts`). `Service.stop()` ends the ingest loop after its current
-pass, runs one last pass (and evaluation) so everything written so far is committed, gives
-the alert receivers a few seconds to take what is queued, pushes once more, closes the
-socket and the store, and releases the lock. Each failure to start is a one-line
-`ServiceError`.
+the live runs (`gradwatch.alerts`) in a thread of its own, so a long evaluation never delays
+ingestion. `Service.stop()` ends the ingest loop after its current pass, runs one last pass
+so everything written so far is committed, and one last evaluation of it, gives the alert
+receivers a few seconds to take what is queued, pushes once more, closes the socket and the
+store, and releases the lock. Each failure to start is a one-line `ServiceError`.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class Service:
         self._stop_ingest = threading.Event()
         self._ingest_thread: threading.Thread | None = None
         self._ingest_failing = False
+        self._alerts_due = threading.Event()  # set after each ingest pass
+        self._stop_alerts = threading.Event()
+        self._alerts_thread: threading.Thread | None = None
+        self._ended: list[str] = []  # runs the ingest passes declared finished or crashed, not yet evaluated
+        self._ended_lock = threading.Lock()
         self._alerts_failing = False
 
     def start(self) -> None:
@@ -105,6 +110,9 @@ class Service:
         except ServerError as exc:
             self.server = None
             raise ServiceError(str(exc)) from None
+        if self.alerts is not None:
+            self._alerts_thread = threading.Thread(target=self._alerts_loop, name="gradwatch-alerts", daemon=True)
+            self._alerts_thread.start()
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="gradwatch-ingest", daemon=True)
         self._ingest_thread.start()
         if s.pushgateway.url:
@@ -121,9 +129,26 @@ class Service:
         assert self.store is not None
         ingester = Ingester(self.store, self.home, clock=self.clock)
         while not self._stop_ingest.is_set():
-            self.evaluate_alerts(self.ingest_once(ingester))
+            self._alerts_after(self.ingest_once(ingester))
             self._stop_ingest.wait(self.settings.poll_interval)
-        self.evaluate_alerts(self.ingest_once(ingester))  # what was written up to the stop request
+        self._alerts_after(self.ingest_once(ingester))  # what was written up to the stop request
+
+    def _alerts_after(self, report: IngestReport | None) -> None:
+        """Hand an ingest pass over to the rules engine's thread."""
+        if report is not None:
+            with self._ended_lock:
+                self._ended += report.finished + report.crashed
+        self._alerts_due.set()
+
+    def _alerts_loop(self) -> None:
+        """Evaluate after each ingest pass; on stop, once more after the last one, then return."""
+        while True:
+            self._alerts_due.wait()
+            self._alerts_due.clear()
+            stopping = self._stop_alerts.is_set()
+            self.evaluate_alerts()
+            if stopping:
+                return
 
     def ingest_once(self, ingester: Ingester) -> IngestReport | None:
         """One ingest pass, logged as events; failures are logged once per outage."""
@@ -146,14 +171,17 @@ class Service:
             log_event(self.logger, "run_crashed", logging.WARNING, run=run_id)
         return report
 
-    def evaluate_alerts(self, report: IngestReport | None) -> None:
-        """One pass of the rules engine after an ingest pass; failures are logged once per outage."""
+    def evaluate_alerts(self) -> None:
+        """One pass of the rules engine; failures are logged once per outage."""
         if self.alerts is None:
             return
-        ended = (report.finished + report.crashed) if report is not None else []
+        with self._ended_lock:
+            ended, self._ended = self._ended, []
         try:
             self.alerts.evaluate(ended)
         except Exception as exc:  # the store went away, or a bug: log, keep ingesting, retry next pass
+            with self._ended_lock:
+                self._ended = ended + self._ended
             if not self._alerts_failing:
                 log_event(self.logger, "alerts_failed", logging.ERROR, error=_one_line(exc))
             self._alerts_failing = True
@@ -168,6 +196,11 @@ class Service:
         if self._ingest_thread is not None:
             self._ingest_thread.join()
             self._ingest_thread = None
+        if self._alerts_thread is not None:
+            self._stop_alerts.set()
+            self._alerts_due.set()
+            self._alerts_thread.join()
+            self._alerts_thread = None
         if self.alerts is not None:
             self.alerts.stop(ALERT_DRAIN_S)
         if self.pusher is not None:

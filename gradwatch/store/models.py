@@ -116,6 +116,9 @@ class EventInfo:
 
 @dataclass(frozen=True)
 class AlertInfo:
+    """An alert of the rules engine: `message` is its title; `layer`, `value` (NaN and ±Inf are
+    values), `threshold`, `cause` and `remedy` are what it found (None when it gave none)."""
+
     id: int
     run_id: str | None
     rule: str
@@ -125,6 +128,11 @@ class AlertInfo:
     labels: dict[str, str]
     started_at: float
     ended_at: float | None
+    layer: str | None = None
+    value: float | None = None
+    threshold: float | None = None
+    cause: str | None = None
+    remedy: str | None = None
 
     @property
     def active(self) -> bool:

@@ -196,6 +196,13 @@ alerts = Table(
     Column("labels", JSON),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float),
+    # schema v2, what the rules engine found (added last, as the migration does):
+    Column("layer", UserText),  # the first layer the finding names
+    Column("value", Float),  # its main number; NULL when it has none or when it is not finite
+    Column("value_nonfinite", String(4)),  # nan | inf | -inf when the value is one (as gw_series)
+    Column("threshold", Float),  # the limit the value crossed
+    Column("cause", UserText),  # the first likely cause
+    Column("remedy", UserText),  # the first remedy
     Index("ix_gw_alerts_run", "run_id", "started_at"),
 )
 

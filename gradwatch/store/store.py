@@ -250,6 +250,27 @@ class Store:
             sid = self._series_id(conn, run_id, rank, metric, ("layer",), info.index)
             return read_series(conn, sid, start, end)
 
+    def histories(self, run_id: str, metrics: Sequence[str], start: int | None = None, end: int | None = None,
+                  rank: int = 0) -> dict[str, dict[int, Series]]:
+        """Several metrics' histories in one read: metric -> {entity: Series} (entity: the param,
+        layer or group index, 0 for a run-level metric), restricted to `start <= step <= end`
+        when given. Series with no rows there are left out unread, so a reader polling for new
+        rows pays only for the series that moved."""
+        ser = s.series
+        q = select(ser.c.id, ser.c.metric, ser.c.entity).where(
+            ser.c.run_id == run_id, ser.c.rank == rank, ser.c.metric.in_(list(metrics)))
+        if start is not None:
+            q = q.where(ser.c.last_step >= start)
+        if end is not None:
+            q = q.where(ser.c.first_step <= end)
+        out: dict[str, dict[int, Series]] = {}
+        with self._read() as conn:
+            ids = {int(r.id): (r.metric, int(r.entity)) for r in conn.execute(q)}
+            for sid, got in read_many(conn, ids, start, end).items():
+                metric, entity = ids[sid]
+                out.setdefault(metric, {})[entity] = got
+        return out
+
     def layers_at_step(self, run_id: str, step: int | None = None, metrics: Sequence[str] | None = None,
                        rank: int = 0) -> LayerTable:
         """Every layer's values at one step (default: the last step with layer measurements).
@@ -357,13 +378,16 @@ class Store:
 
     # ---------------------------------------------------------------- events
 
-    def events(self, run_id: str, kind: str | None = None) -> list[EventInfo]:
-        """Events of the run log (nonfinite, norm_limit, agent_error, dropped), by step."""
+    def events(self, run_id: str, kind: str | None = None, after_id: int | None = None) -> list[EventInfo]:
+        """Events of the run log (nonfinite, norm_limit, agent_error, dropped), by step; with
+        `after_id`, only those stored after the event of that id (what a live reader polls)."""
         e = s.events
         q = select(e.c.id, e.c.run_id, e.c.rank, e.c.step, e.c.time, e.c.kind, e.c.data).where(
             e.c.run_id == run_id).order_by(e.c.step, e.c.id)
         if kind is not None:
             q = q.where(e.c.kind == kind)
+        if after_id is not None:
+            q = q.where(e.c.id > after_id)
         with self._read() as conn:
             self._run_row(conn, run_id)
             return [EventInfo(r.id, r.run_id, r.rank, int(r.step), r.time, r.kind, r.data or {})
@@ -384,15 +408,19 @@ class Store:
 
     def add_alert(self, rule: str, severity: str, message: str, run_id: str | None = None,
                   step: int | None = None, labels: dict[str, str] | None = None,
-                  started_at: TimeLike | None = None) -> int:
-        """Record a firing alert; returns its id."""
+                  started_at: TimeLike | None = None, layer: str | None = None, value: float | None = None,
+                  threshold: float | None = None, cause: str | None = None, remedy: str | None = None) -> int:
+        """Record a firing alert (with what the rules engine found: layer, value and threshold,
+        first cause and remedy); returns its id."""
+        stored, nonfinite = (None, None) if value is None else codec.encode_last(value)
         with self._write() as conn:
             if run_id is not None:
                 self._run_row(conn, run_id)
             return int(conn.execute(s.alerts.insert().returning(s.alerts.c.id), {
                 "run_id": run_id, "rule": rule, "severity": severity, "step": step, "message": message,
                 "labels": labels or {}, "started_at": time.time() if started_at is None else _ts(started_at),
-                "ended_at": None}).scalar_one())
+                "ended_at": None, "layer": layer, "value": stored, "value_nonfinite": nonfinite,
+                "threshold": threshold, "cause": cause, "remedy": remedy}).scalar_one())
 
     def resolve_alert(self, alert_id: int, ended_at: TimeLike | None = None) -> None:
         """Mark an alert resolved (idempotent for an already resolved one)."""
@@ -509,7 +537,9 @@ _RUN_DETAIL = (s.runs.c.torch_version, s.runs.c.gradwatch_version, s.runs.c.pyth
 _LOG_COLS = (s.logs.c.name, s.logs.c.path, s.logs.c.run_id, s.logs.c.rank, s.logs.c.offset, s.logs.c.state,
              s.logs.c.state_at, s.logs.c.last_step, s.logs.c.close_stats)
 _ALERT_COLS = (s.alerts.c.id, s.alerts.c.run_id, s.alerts.c.rule, s.alerts.c.severity, s.alerts.c.step,
-               s.alerts.c.message, s.alerts.c.labels, s.alerts.c.started_at, s.alerts.c.ended_at)
+               s.alerts.c.message, s.alerts.c.labels, s.alerts.c.started_at, s.alerts.c.ended_at,
+               s.alerts.c.layer, s.alerts.c.value, s.alerts.c.value_nonfinite, s.alerts.c.threshold,
+               s.alerts.c.cause, s.alerts.c.remedy)
 
 
 def _run_info(r: Any) -> RunInfo:
@@ -523,8 +553,9 @@ def _log_info(r: Any) -> LogInfo:
 
 
 def _alert_info(r: Any) -> AlertInfo:
+    value = None if r.value is None and r.value_nonfinite is None else codec.decode_last(r.value, r.value_nonfinite)
     return AlertInfo(r.id, r.run_id, r.rule, r.severity, r.step, r.message, r.labels or {},
-                     r.started_at, r.ended_at)
+                     r.started_at, r.ended_at, r.layer, value, r.threshold, r.cause, r.remedy)
 
 
 def _params(conn: Connection, run_id: str) -> list[ParamInfo]:

@@ -100,8 +100,6 @@ def test_a_missing_home_is_created_and_the_run_recorded_whole(tmp_path: Path) ->
         assert [r.status for r in store.list_runs()] == ["finished"]
 
 
-@pytest.mark.xfail(strict=True, reason="read commands never create a home or a store (issue 12): the store/CLI "
-                                       "side of helper-4's work; today `runs --home` creates both and exits 0")
 def test_read_commands_on_a_missing_home_say_so_and_create_nothing(tmp_path: Path) -> None:
     home = tmp_path / "missing" / "home"
     done = run_cli("runs", "--home", str(home))
@@ -110,7 +108,7 @@ def test_read_commands_on_a_missing_home_say_so_and_create_nothing(tmp_path: Pat
     assert not (tmp_path / "missing").exists()
 
 
-def test_read_commands_on_a_read_only_home_do_not_crash(readonly_home: Path) -> None:
+def test_read_commands_on_a_read_only_home_without_a_store_say_so_in_one_line(readonly_home: Path) -> None:
     done = run_cli("runs", "--home", str(readonly_home))
-    assert done.returncode in (0, 1) and "Traceback" not in done.stderr
-    assert len(done.stderr.splitlines()) <= 1
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("Error: ")

@@ -17,13 +17,13 @@ from gradwatch.store import Store
 from tests.fixtures.prometheus import wait_until
 from tests.fixtures.runlogs import SyntheticRun
 from tests.fixtures.service import serve_factory  # noqa: F401 - a fixture
-from tests.reliability.checks import LogContents, compare, count, record_figure, stored_values
+from tests.reliability.checks import REPEAT, LogContents, compare, count, record_figure, stored_values
 from tests.reliability.procs import REPO, TrainerProcess, child_env, run_cli
 
 pytestmark = pytest.mark.reliability
 
 FLEET = 16
-FLEET_STEPS = 100
+FLEET_STEPS = 100 * REPEAT
 
 
 def _serve_args(home: Path, db: str) -> list[str]:

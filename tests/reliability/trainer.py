@@ -113,6 +113,8 @@ def _fleet_member(spec: dict[str, Any], steps: int, out: Any) -> None:
 
 def fleet(n: int, steps: int, spec: dict[str, Any]) -> None:
     """N trainers at once, forked from this process (torch is imported once)."""
+    warm = Trainer(spec)  # the first model, optimizer and step import what they need once, before the forks
+    warm.opt.step()
     ctx = multiprocessing.get_context("fork")
     members = []
     for i in range(n):

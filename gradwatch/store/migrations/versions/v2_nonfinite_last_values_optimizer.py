@@ -7,6 +7,8 @@
   move to `last_nonfinite` too.
 - `gw_runs.optimizer` (JSON): the optimizer's class and the wrappers around it, from the run
   header; NULL for runs stored before.
+- `gw_alerts.layer`, `value` (with `value_nonfinite`, as `gw_series`), `threshold`, `cause`,
+  `remedy`: what the rules engine found; NULL for alerts stored before.
 - Free text (`USER_TEXT`: names, projects, hosts, versions, paths, messages) has no length
   limit and is stored escaped (`codec.encode_text`: NUL as ␀0, ␀ as ␀␀). On PostgreSQL the
   VARCHAR(n) columns become TEXT, `name` and `project` of `gw_runs` get hash indexes and the
@@ -55,6 +57,9 @@ USER_TEXT: dict[str, tuple[tuple[str, ...], dict[str, int | None]]] = {
     "gw_alerts": (("id",), {"rule": 255, "severity": 32, "message": None}),
     "gw_ingest_errors": (("id",), {"log": 255, "path": None, "reason": None}),
 }
+#: What the rules engine stores with an alert (layer, value and threshold, first cause and remedy).
+_ALERT_COLUMNS = (("layer", sa.Text()), ("value", sa.Float()), ("value_nonfinite", sa.String(4)),
+                  ("threshold", sa.Float()), ("cause", sa.Text()), ("remedy", sa.Text()))
 _V1_ESCAPE = re.compile(f"{TEXT_ESCAPE}({TEXT_ESCAPE}|0)")
 
 
@@ -62,6 +67,8 @@ def upgrade() -> None:
     pg = op.get_bind().dialect.name == "postgresql"
     op.add_column("gw_runs", sa.Column("optimizer", sa.JSON))
     op.add_column("gw_series", sa.Column("last_nonfinite", sa.String(4)))
+    for name, type_ in _ALERT_COLUMNS:
+        op.add_column("gw_alerts", sa.Column(name, type_))
     last = _series.c.last_value
     for name, where in (("nan", sa.or_(last.is_(None), last == math.nan)),  # NaN = NaN holds on PostgreSQL
                         ("inf", last == math.inf), ("-inf", last == -math.inf)):
@@ -87,6 +94,8 @@ def downgrade() -> None:
         op.execute(_series.update().where(_series.c.last_nonfinite == name).values(last_value=value))
     op.drop_column("gw_series", "last_nonfinite")
     op.drop_column("gw_runs", "optimizer")
+    for name, _ in reversed(_ALERT_COLUMNS):
+        op.drop_column("gw_alerts", name)
     op.drop_index("ix_gw_runs_project", "gw_runs")
     if pg:
         op.drop_index("ix_gw_runs_name", "gw_runs")
