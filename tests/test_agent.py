@@ -406,8 +406,8 @@ def test_bad_config_file_is_one_error_naming_file_and_field(tmp_path, content, m
 
 
 def test_slow_steps_reach_the_log_within_the_flush_interval():
-    """At a step every 50 ms and `max_flush_interval` 10 ms, each step is in the log right after
-    its `log()` call, not `flush_every` (here 1000) steps later."""
+    """At a step every 50 ms and `max_flush_interval` 10 ms, each step is in the log as soon as the
+    next forward pass starts (here an evaluation), not `flush_every` (here 1000) steps later."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     config = {"measure": {"flush_every": 1000, "max_flush_interval": 0.01}}
@@ -415,6 +415,8 @@ def test_slow_steps_reach_the_log_within_the_flush_interval():
         for step in range(3):
             time.sleep(0.05)  # a slow step: longer than max_flush_interval since the last flush
             train(model, opt, "mlp", steps=1, watcher=watcher)
+            with torch.no_grad():
+                model(torch.randn(2, 12))
             deadline = time.monotonic() + 30  # only guards against a hang; nothing is asserted on time
             while _logged_steps(watcher) != list(range(step + 1)) and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -383,10 +384,21 @@ def test_sparse_gradients_are_measured_and_clipped():
     np.testing.assert_allclose([norms[s] for s in range(4)], refs, rtol=1e-5)
 
 
-def test_sparse_gradients_are_refused_by_clip_modes_that_cannot_clip_them():
-    with pytest.raises(ValueError, match=r"clip mode 'value' cannot clip the sparse gradient of embed\.weight"):
-        gradwatch.watch(Bag(), torch.optim.SGD(Bag().parameters(), lr=0.1),
-                        config={"clip": {"mode": "value", "max_value": 1.0}})
+def test_sparse_gradients_are_clipped_by_value_too():
+    torch.manual_seed(0)
+    model = Bag()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with gradwatch.watch(model, opt, config={"clip": {"mode": "value", "max_value": 1e-4}}) as watcher:
+        (model(torch.randint(0, 100, (16, 5))).sum() * 100).backward()
+        before = model.embed.weight.detach().clone()
+        opt.step()
+        assert (model.embed.weight - before).abs().max().item() <= 1e-4 + 1e-6  # float32 rounding of the weights
+        assert watcher.snapshot()["errors"] == {}
+
+
+def test_sparse_gradients_are_refused_by_agc_which_cannot_clip_them():
+    with pytest.raises(ValueError, match=r"clip mode 'agc' cannot clip the sparse gradient of embed\.weight"):
+        gradwatch.watch(Bag(), torch.optim.SGD(Bag().parameters(), lr=0.1), config={"clip": {"mode": "agc"}})
 
 
 def test_meta_device_models_are_refused_in_one_line(gradwatch_home: Path):
@@ -534,3 +546,130 @@ def test_param_norms_and_update_ratios_of_huge_weights_are_exact():
     update = torch.linalg.vector_norm(model.weight.detach().double() - before).item()
     assert column(watcher, "param_norm", "weight")[0] == pytest.approx(norm, rel=1e-6)
     assert column(watcher, "update_ratio", "weight")[0] == pytest.approx(update / norm, rel=1e-5)
+
+
+
+# ------------------------------------------------------------------------------ review fixes
+
+
+def test_a_second_log_for_a_step_is_filed_under_that_step():
+    """Two `log()` calls for one step, with a flush possible between them (slow steps)."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = {"measure": {"flush_every": 4, "max_flush_interval": 0.01}}
+    with gradwatch.watch(model, opt, config=config) as watcher:
+        for step in range(9):
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            watcher.log(loss=float(step))
+            time.sleep(0.02)
+            watcher.log(acc=100.0 + step)
+        assert watcher.errors == {}
+    for name, offset in (("loss", 0.0), ("acc", 100.0)):
+        steps, values, _ = series(watcher, name)
+        assert list(steps) == list(range(9)) and list(values[:, 0]) == [offset + s for s in range(9)]
+
+
+class AmpLike:
+    """The parts of torch.amp.GradScaler the agent reads: `update()` replaces the per-optimizer
+    state, and `step()` skips the optimizer when told to (as on inf/NaN gradients)."""
+
+    def __init__(self) -> None:
+        self._per_optimizer_states: dict = {}
+        self._scale = torch.tensor(1.0)
+
+    def step(self, optimizer: torch.optim.Optimizer, skip: bool) -> None:
+        if not skip:
+            optimizer.step()
+
+    def update(self) -> None:
+        self._per_optimizer_states = {}
+
+
+def test_amp_skips_are_told_apart_from_micro_batch_logs():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = AmpLike()
+    with gradwatch.watch(model, opt, scaler=scaler) as watcher:
+        for iteration in range(4):
+            for _ in range(3):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                watcher.log(loss=loss)  # per micro-batch, before the step
+            scaler.step(opt, skip=iteration == 1)
+            scaler.update()
+            opt.zero_grad()
+    assert watcher.step == 4
+    steps, skipped, _ = series(watcher, "skipped")
+    assert list(steps) == [0, 1, 2, 3] and list(skipped[:, 0]) == [0, 1, 0, 0]
+    assert list(series(watcher, "loss")[0]) == [0, 1, 2, 3]
+
+
+def test_micro_batch_logs_under_torch_compile_are_filed_under_their_step():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(compiled, opt) as watcher:
+        for step in range(3):
+            for micro in range(2):
+                compiled(torch.randn(8, 4)).sum().backward()
+                watcher.log(loss=10.0 * step + micro)
+            opt.step()
+            opt.zero_grad()
+    steps, values, _ = series(watcher, "loss")
+    assert list(steps) == [0, 1, 2] and list(values[:, 0]) == [0.5, 10.5, 20.5]
+
+
+def test_a_failed_step_is_not_measured_rather_than_stale():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, config={"clip": {"mode": "norm", "max_norm": 0.01}}) as watcher:
+        for step in range(4):
+            model(torch.randn(8, 4)).sum().backward()
+            if step >= 2:
+                watcher._clipper = None  # noqa: SLF001 - then make the measurement itself fail
+                watcher._norm_kwargs = {"dtype": "not a dtype"}  # noqa: SLF001
+            opt.step()
+            opt.zero_grad()
+    steps, _, _ = series(watcher, "clip_coef")
+    assert list(steps) == [0, 1]  # steps 2 and 3 failed: not measured, not step 0's and 1's values
+
+
+def test_a_learning_rate_that_is_nan_is_a_value_and_none_is_not_measured():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.01)
+    with gradwatch.watch(model, opt) as watcher:
+        for step in range(3):
+            opt.param_groups[0]["lr"] = math.nan if step == 1 else 0.01
+            model(torch.randn(8, 4)).sum().backward()
+            opt.param_groups[1]["lr"] = None if step == 2 else 0.01  # as Adafactor's relative step
+            opt.step() if step != 2 else watcher._on_step_pre(opt, (opt,), {})  # noqa: SLF001
+            opt.zero_grad()
+            if step == 2:
+                watcher._on_step_post(opt, (opt,), {})  # noqa: SLF001
+        assert watcher.errors == {}
+    steps, lr, present = series(watcher, "lr")
+    assert math.isnan(lr[1, 0]) and present[1, 0]
+    assert not present[2, 1] and present[2, 0]
+    assert list(series(watcher, "grad_norm_total")[0]) == [0, 1, 2]  # measured although lr is None
+
+
+def test_lightning_style_optimizer_subclass_is_unwrapped():
+    model = nn.Linear(4, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class LightningOptimizer:  # as lightning's: a dynamic subclass of the real class, sharing its state
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+            self.__class__ = type("Lightning" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+            self._optimizer = optimizer
+
+    wrapped = LightningOptimizer(inner)
+    with gradwatch.watch(model, wrapped) as watcher:  # type: ignore[arg-type]
+        with pytest.raises(gradwatch.AlreadyWatched):
+            gradwatch.watch(nn.Linear(1, 1), inner)
+    header = records(watcher)[0]
+    assert isinstance(header, runlog.Header) and header.info["optimizer"]["class"] == "SGD"
+    assert header.info["optimizer"]["wrappers"] == ["LightningSGD"]

@@ -103,6 +103,7 @@ class HostRows:
     measured: np.ndarray  # bool: the step's gradients were measured (some param had one)
     skipped: np.ndarray
     lr: np.ndarray
+    lr_present: np.ndarray  # bool (rows, groups): the group's lr was a number
     scalar_count: np.ndarray  # int (rows, MAX_SCALARS): times a scalar was logged for that step (summed on the device)
     param_due: np.ndarray
     update_due: np.ndarray
@@ -114,7 +115,8 @@ class HostRows:
     @classmethod
     def empty(cls, rows: int, n_groups: int, n_act: int) -> HostRows:
         return cls(np.zeros(rows, np.int64), np.zeros(rows, bool), np.zeros(rows, np.float32),
-                   np.full((rows, n_groups), np.nan, np.float32), np.zeros((rows, MAX_SCALARS), np.int64),
+                   np.full((rows, n_groups), np.nan, np.float32), np.zeros((rows, n_groups), bool),
+                   np.zeros((rows, MAX_SCALARS), np.int64),
                    np.zeros(rows, bool), np.zeros(rows, bool),
                    np.zeros((rows, n_act), np.int64), np.zeros((rows, n_act), np.int64),
                    np.zeros((rows, n_act), np.int64), np.zeros((rows, n_act), np.int64))
@@ -179,7 +181,7 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
     add("skipped", every, host.skipped)
     add("nonfinite_params", measured, elements_bad[measured].sum(axis=1))
     add("overflow_params", measured, overflowed[measured].sum(axis=1))
-    add("lr", every, host.lr, ~np.isnan(host.lr))  # NaN: a group without a float `lr`
+    add("lr", every, host.lr, host.lr_present)
     add("param_norm", host.param_due, values[host.param_due, layout.param_norm:layout.param_norm + p])
     add("update_ratio", host.update_due, values[host.update_due, layout.update_ratio:layout.update_ratio + p])
     _activation_blocks(layout, values, host, add)

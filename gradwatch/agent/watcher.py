@@ -82,7 +82,7 @@ class Watcher:
             raise TypeError(f"`model` must be a torch.nn.Module. Got {type(model).__name__}")
         optimizer, wrappers = unwrap_optimizer(optimizer)
         replicated = _is_ddp(model) if replicated is None else replicated
-        model, model_wrappers = unwrap_model(model)
+        outer, (model, model_wrappers) = model, unwrap_model(model)
         _refuse_meta(model)
         for obj, what in ((model, "model"), (optimizer, "optimizer")):
             if obj in _attached:
@@ -114,7 +114,7 @@ class Watcher:
         # Off the CPU, norms accumulate in float64 (one pass, memory-bound): a norm that is not
         # finite then means non-finite elements, and one above the float32 range an overflow.
         # Sharded norms are summed across ranks in float64 too, from float64 shard norms.
-        self._wide_norms = (self.device.type != "cpu" or self._shard_group is not None) and \
+        self._wide_norms = (self.device.type == "cuda" or self._shard_group is not None) and \
             wide_norm_kwargs() is not None
         if self._wide_norms:
             self._norm_kwargs = wide_norm_kwargs() or {}
@@ -158,7 +158,8 @@ class Watcher:
         self._act_row = -1  # step whose activation columns are initialised
         self._staged = _StagedValues()
         self._update_prev: list[torch.Tensor] | None = None
-        self._stepped_since_log = False  # so that a first iteration the AMP scaler skips is recorded too
+        self._stepped_since_update = False  # an optimizer step since the AMP scaler's last update
+        self._scaler_states = getattr(scaler, "_per_optimizer_states", None)
         self._forward_since_step = False  # a forward of the step in progress ran: log() files under it
         self._shifts: dict[int, Any] = {}  # activation layer -> its shift for this step, or a marker
         self._shift_step = -1
@@ -180,7 +181,7 @@ class Watcher:
         self._guards = Guards(self.config.guards, self.layout, self.params, self.layers, self.name,
                               self._writer.submit, self._count_error)
         try:
-            self._attach(model, optimizer)
+            self._attach(model, optimizer, outer)
         except Exception:
             for handle in self._handles:
                 handle.remove()
@@ -198,8 +199,9 @@ class Watcher:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self._handles.append(model.register_forward_pre_hook(self._on_forward))
+    def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, outer: nn.Module) -> None:
+        # On the module the job calls (a torch.compile or DDP wrapper runs its own hooks eagerly).
+        self._handles.append(outer.register_forward_pre_hook(self._on_forward))
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step_post))
         for layer in self.layers:
@@ -246,20 +248,19 @@ class Watcher:
         A call after `optimizer.step()` files them under that step; a call between a forward
         pass and the step (once per micro-batch under gradient accumulation) files them under
         the step in progress. Several calls for one step record the mean of their values. With
-        an AMP scaler given to `watch`, call it once per iteration, after the scaler's update:
-        an iteration whose step the scaler skipped is then recorded as skipped.
+        an AMP scaler given to `watch`, an iteration whose step the scaler skipped is recorded
+        as skipped when the next `log()` call sees the scaler's update. A call for a step
+        already sent to the run log (after a `snapshot()`) is refused and counted.
         """
         if self._closed:
             return
         try:
-            if self._scaler is not None:
-                if not self._stepped_since_log:
-                    self._record_skipped_step()
-                self._stepped_since_log = False
-                step = self.step - 1
-            else:
-                step = self.step if self._forward_since_step else self.step - 1
+            self._notice_scaler_update()
+            step = self.step if self._forward_since_step else self.step - 1
             if step < 0:
+                return
+            if step < self._unsent:
+                self.errors["late_scalar"] += 1
                 return
             row = step % self._flush_every
             for name, value in scalars.items():
@@ -274,9 +275,21 @@ class Watcher:
                 else:
                     cell.fill_(float(value)) if first else cell.add_(float(value))
                 self._host.scalar_count[row, slot] += 1
-            self._maybe_flush()
         except Exception as exc:  # the agent never breaks the training loop
             self._count_error("log", exc)
+
+    def _notice_scaler_update(self) -> None:
+        """Record the iteration the AMP scaler skipped: `scaler.update()` replaces its per-optimizer
+        state, and an update with no optimizer step since the previous one is a skipped step."""
+        if self._scaler is None:
+            return
+        states = getattr(self._scaler, "_per_optimizer_states", None)
+        if states is self._scaler_states:
+            return
+        self._scaler_states = states
+        if not self._stepped_since_update:
+            self._record_skipped_step()
+        self._stepped_since_update = False
 
     def snapshot(self) -> dict[str, Any]:
         """The latest measurements as plain Python values (forces one transfer and waits for it)."""
@@ -291,16 +304,17 @@ class Watcher:
     # ------------------------------------------------------------------ hooks
 
     def _on_forward(self, module: nn.Module, inputs: Any) -> None:
-        """A training forward pass of the next step: the last step's `log()` calls are done."""
+        """A forward pass: the last step's `log()` calls are done, so its records may go (at most
+        `max_flush_interval` after it); a training forward also starts the next step's scalars."""
         if _compiling():
             return  # traced by torch.compile: Python state stays out of the graph
-        if not torch.is_grad_enabled():
-            return  # evaluation: its scalars still belong to the last step
-        self._forward_since_step = True
         try:
+            self._notice_scaler_update()
             self._maybe_flush()
         except Exception as exc:
             self._count_error("flush", exc)
+        if torch.is_grad_enabled() and module.training:  # evaluation: its scalars belong to the last step
+            self._forward_since_step = True
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any,
                      kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
@@ -350,7 +364,7 @@ class Watcher:
             self._measure_after_step()
         except Exception as exc:
             self._count_error("step_post", exc)
-        self._stepped_since_log = True
+        self._stepped_since_update = True
         self._forward_since_step = False
         self.step += 1
 
@@ -369,9 +383,7 @@ class Watcher:
             host.act_grad_count[row] = 0
             host.act_elems[row] = 0
             host.act_units[row] = 0
-        groups = self._optimizer.param_groups[:self.layout.n_groups]  # a group added after attach: not measured
-        for g, group in enumerate(groups):
-            host.lr[row, g] = float(group.get("lr", float("nan")))
+        self._record_lr(row)
 
         maybe_grads = [t.grad for t in self._param_tensors]
         present = [i for i, g in enumerate(maybe_grads) if g is not None]
@@ -406,6 +418,9 @@ class Watcher:
             total = torch.linalg.vector_norm(norms, out=views.total)
             if self._buf_host is not None and not np.isfinite(self._buf_host[row, self.layout.run]):
                 self._resolve_nonfinite(row, present, grads, norms)
+            elif self._buf_host is None:  # no float64 norms here (MPS, torch < 2.3): NaN/Inf, whatever the cause
+                bad = (~torch.isfinite(norms)).to(torch.float32)
+                views.bad.copy_(bad) if index is None else views.bad.index_copy_(0, index, bad)
 
         if self._guards.synchronous and self._guards.blocks_step(step, norms, total, present, views.bad):
             host.skipped[row] = 1.0
@@ -413,6 +428,8 @@ class Watcher:
                 t.grad = None
             return
         if self._clipper is not None:
+            if self.config.clip.mode == "value" and any(g.is_sparse for g in grads):
+                grads = self._sparse_values(present, grads)
             result = self._clipper.clip_(params, grads, norms, total)
             if result.threshold is not None:
                 torch.stack((result.total_after, result.coef, result.threshold), out=views.clip)
@@ -424,6 +441,17 @@ class Watcher:
         if first and every and step % every == 0 and not self._replica:
             with torch.no_grad():
                 self._update_prev = list(torch._foreach_mul(self._local_params(), 1.0))
+
+    def _sparse_values(self, present: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """For clipping by value: each sparse gradient coalesced (made the param's gradient) and
+        given as its values, which clamping in place clips."""
+        out = []
+        for i, g in zip(present, grads):
+            if g.is_sparse:
+                g = self._param_tensors[i].grad = g.coalesce()
+                g = g._values()
+            out.append(g)
+        return out
 
     def _local_params(self) -> list[torch.Tensor]:
         """The parameters, or this rank's shards of them when they are sharded."""
@@ -644,8 +672,9 @@ class Watcher:
             self._count_error("activation", exc)
 
     def _blank_step_row(self) -> None:
-        """After a failed measurement: the step's gradient columns say "no gradient", not stale values."""
+        """After a failed measurement: the step's row says "not measured", not stale values."""
         try:
+            self._host.measured[self.step % self._flush_every] = False
             self._rows[self.step % self._flush_every].blank()
         except Exception as exc:
             self._count_error("step_blank", exc)
@@ -710,11 +739,18 @@ class Watcher:
         self._host.act_grad_count[row] = 0
         self._host.act_elems[row] = 0
         self._host.act_units[row] = 0
-        groups = self._optimizer.param_groups[:self.layout.n_groups]
-        self._host.lr[row] = [float(g.get("lr", float("nan"))) for g in groups]
+        self._record_lr(row)
         self._rows[row].blank()
         self.step += 1
-        self._stepped_since_log = True
+        self._forward_since_step = False
+
+    def _record_lr(self, row: int) -> None:
+        """Each param group's learning rate (a group added after attach is not measured; neither is
+        an `lr` that is not a number, such as Adafactor's None)."""
+        for g, group in enumerate(self._optimizer.param_groups[:self.layout.n_groups]):
+            lr = _lr_of(group)
+            self._host.lr[row, g] = float("nan") if lr is None else lr
+            self._host.lr_present[row, g] = lr is not None
 
     def _maybe_flush(self) -> None:
         """Flush a full window before its first row is reused (after `log()` had its chance), and
@@ -929,18 +965,22 @@ class _RowViews:
 
 def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
     """The torch optimizer inside `optimizer` and the names of the wrappers around it, outermost
-    first: accelerate's `AcceleratedOptimizer`, Lightning's `LightningOptimizer`, or anything
-    that keeps the real one as `.optimizer`. The hooks go on the real one, which every
-    wrapper's `step()` calls."""
+    first: accelerate's `AcceleratedOptimizer`, Lightning's `LightningOptimizer` (a subclass of
+    the real optimizer's class that keeps it as `._optimizer`), or anything that keeps the real
+    one as `.optimizer`. The hooks go on the real one, which every wrapper's `step()` calls."""
     wrappers: list[str] = []
     current = optimizer
-    while not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
-        inner = getattr(current, "optimizer", None)
-        if inner is None or inner is current or len(wrappers) >= 8:
-            raise TypeError("`optimizer` must be a torch.optim.Optimizer or a wrapper with one as `.optimizer`. "
-                            f"Got {type(optimizer).__name__}")
+    while len(wrappers) < 8:
+        inner = next((getattr(current, a) for a in ("optimizer", "_optimizer")
+                      if isinstance(getattr(current, a, None), torch.optim.Optimizer)
+                      and getattr(current, a) is not current), None)
+        if inner is None:
+            break
         wrappers.append(type(current).__name__)
         current = inner
+    if not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
+        raise TypeError("`optimizer` must be a torch.optim.Optimizer or a wrapper with one as `.optimizer`. "
+                        f"Got {type(optimizer).__name__}")
     return current, wrappers
 
 
@@ -988,8 +1028,8 @@ def _refuse_meta(model: nn.Module) -> None:
 
 
 def _refuse_sparse_clipping(model: nn.Module, mode: str) -> None:
-    """Clipping by value, per param or per unit would skip sparse gradients: refuse them up front."""
-    if mode not in ("value", "param_norm", "agc"):
+    """Clipping per unit (AGC) cannot clip sparse gradients: refuse them up front."""
+    if mode != "agc":
         return
     for name, module in model.named_modules():
         if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
@@ -1042,6 +1082,15 @@ def _config_json(config: AgentConfig) -> dict[str, Any]:
             data["guards"][key] = "callback"
     data["home"] = str(data["home"]) if data["home"] is not None else None
     return data
+
+
+def _lr_of(group: dict[str, Any]) -> float | None:
+    """A param group's learning rate as a float (NaN and Inf as they are), or None when it has
+    none that is a number. A tensor lr is read on the host (on a GPU that is a copy per step)."""
+    lr = group.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+        return None
+    return float(lr)
 
 
 def _float_or_none(value: Any) -> float | None:

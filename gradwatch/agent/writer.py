@@ -5,8 +5,12 @@ size limit, an unwritable home) is cut back to the last complete record, so the 
 holds a torn record in its middle. What did not fit is handled by its kind: the header and
 the metric definitions, without which nothing after them can be read, are kept and written
 first at the next attempt (a full disk costs records, never the run); frames, events and the
-close record are lost and counted, and an `unwritten` event says how many once a write
-succeeds again. Each later job is such an attempt, so writing resumes as soon as space returns.
+close record are lost and counted, and an `unwritten` event says which once everything fits
+again. Each later job is such an attempt, so writing resumes as soon as space returns.
+
+A reader tailing the log never sees a record vanish: it reads only complete records, and the
+only complete records a cut removes are copies of a header or definition whose last copy did
+not fit; those are kept and written again first, at the same offset, as the same bytes.
 """
 
 from __future__ import annotations
@@ -40,18 +44,16 @@ class LogWriter:
 
     `submit()` never blocks: when the queue is full the job is dropped and counted
     (`dropped`). A failed write is counted in `errors` (`write:<errno>`, `open:<errno>`)
-    and its records are handled as the module says; `unwritten` counts the records lost
-    that way by kind (`frames`, `events`, `close`), also reported in `errors` as
-    `unwritten_frames`, `unwritten_events` and `unwritten_close`, which the close record's
-    stats carry.
+    and its records are handled as the module says; the records lost that way are counted
+    there too, by kind (`unwritten_frames`, `unwritten_events`, `unwritten_close`), so the
+    close record's stats carry them.
     """
 
     def __init__(self, path: Path, header: bytes, queue_size: int = 64) -> None:
         self.path = path
-        self.errors: Counter[str] = Counter()
         self.dropped = 0
         self.bytes_written = 0
-        self.unwritten: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._kept: list[bytes] = [header]  # the header first, as soon as the file opens
         self._fd: int | None = None
@@ -61,6 +63,11 @@ class LogWriter:
         self._append([])
         self._thread = threading.Thread(target=self._run, name=f"gradwatch-writer-{path.stem}", daemon=True)
         self._thread.start()
+
+    @property
+    def errors(self) -> Counter[str]:
+        """Failures so far, by kind: a copy, taken whole (the writer thread adds to the original)."""
+        return Counter(dict(self._errors))
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False (and counted as dropped) when the queue is full or closed."""
@@ -84,7 +91,7 @@ class LogWriter:
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self.errors["writer_timeout"] += 1
+            self._errors["writer_timeout"] += 1
             log.warning("gradwatch: the run log writer did not finish within %.0f s: %s", timeout, self.path)
             return
         if self._fd is None:
@@ -92,7 +99,7 @@ class LogWriter:
         try:
             os.fsync(self._fd)
         except OSError as exc:
-            self.errors[f"fsync:{exc.errno}"] += 1
+            self._errors[f"fsync:{exc.errno}"] += 1
         os.close(self._fd)
         self._fd = None
 
@@ -104,13 +111,13 @@ class LogWriter:
             try:
                 chunks = job()
             except Exception as exc:  # a failing job must not kill the writer
-                self.errors[f"job:{type(exc).__name__}"] += 1
+                self._errors[f"job:{type(exc).__name__}"] += 1
                 log.warning("gradwatch: failed to prepare a run log record: %r", exc)
                 continue
             try:
                 self._append(chunks)
             except Exception as exc:  # nor may a bug in writing: the records are lost, counted
-                self.errors[f"append:{type(exc).__name__}"] += 1
+                self._errors[f"append:{type(exc).__name__}"] += 1
                 log.warning("gradwatch: failed to write run log records: %r", exc)
 
     def _open(self) -> int | None:
@@ -142,10 +149,9 @@ class LogWriter:
             end += len(chunk)
             if end <= done:
                 written = end
+                self.bytes_written += len(chunk)
                 if kind == _NOTICE:
                     self._resumed()
-                else:
-                    self.bytes_written += len(chunk)
             elif kind in _KEPT:
                 self._kept.append(chunk)
             elif kind != _NOTICE:
@@ -170,8 +176,7 @@ class LogWriter:
 
     def _lose(self, kind: int, chunk: bytes) -> None:
         what = _LOST.get(kind, "records")
-        self.unwritten[what] += 1
-        self.errors[f"unwritten_{what}"] += 1
+        self._errors[f"unwritten_{what}"] += 1
         self._gap.add(what, _frame_steps(chunk) if kind == runlog.KIND_FRAME else None)
 
     def _resumed(self) -> None:
@@ -180,9 +185,9 @@ class LogWriter:
 
     def _failed(self, what: str, exc: OSError) -> None:
         key = f"{what}:{exc.errno}"
-        self.errors[key] += 1
+        self._errors[key] += 1
         self._gap.error = f"{what}: {exc.strerror or exc}"
-        if self.errors[key] == 1:
+        if self._errors[key] == 1:
             log.warning("gradwatch: cannot %s the run log %s: %s (counted; records that do not fit are "
                         "dropped and the log is kept whole)", what, self.path, exc.strerror or exc)
 
