@@ -79,10 +79,12 @@ def _reason(reason: object) -> str:
 
 @dataclass(frozen=True)
 class Message:
-    """One POST: its body, and what the log says about it (rule and run, never the body)."""
+    """One POST: its body, and what the log says about it (rule and run, never the body); a
+    `quiet` one (a periodic re-send) is logged only when it cannot be delivered."""
 
     body: Any
     about: dict[str, Any]
+    quiet: bool = False
 
 
 class Outbox:
@@ -181,7 +183,8 @@ class Outbox:
                     break
                 continue
             self.delivered += 1
-            self._log("alert_delivered", attempts=attempts, **message.about)
+            if not message.quiet:
+                self._log("alert_delivered", attempts=attempts, **message.about)
             if self._failing:
                 self._log("alert_delivery_recovered", dropped=self._dropped_in_outage)
             self._failing, self._dropped_in_outage = False, 0

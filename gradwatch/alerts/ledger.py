@@ -27,14 +27,13 @@ def resolve(store: Store, alert: Alert, ended_at: float) -> None:
 
 def firing(store: Store) -> list[Alert]:
     """The stored alerts that have not ended, as firing alerts (run names read from the store)."""
-    rows = [a for a in store.alerts(active=True) if a.run_id is not None]
+    rows = [(a, a.run_id) for a in store.alerts(active=True) if a.run_id is not None]
     names = {r.id: r.name for r in store.list_runs()} if rows else {}
-    return [_alert(a, names.get(a.run_id or "", "")) for a in rows]
+    return [_alert(a, run_id, names.get(run_id, "")) for a, run_id in rows]
 
 
-def _alert(a: AlertInfo, run_name: str) -> Alert:
-    assert a.run_id is not None
-    return Alert(run_id=a.run_id, run_name=run_name, rule=a.rule, severity=a.severity,
+def _alert(a: AlertInfo, run_id: str, run_name: str) -> Alert:
+    return Alert(run_id=run_id, run_name=run_name, rule=a.rule, severity=a.severity,
                  title=a.message, layer=a.layer or "", step=a.step, value=a.value,
                  threshold=a.threshold, cause=a.cause or "", remedy=a.remedy or "", state="firing",
                  since_step=a.step or 0, since=a.started_at, started_at=a.started_at, id=a.id)

@@ -72,7 +72,8 @@ class AlertmanagerNotifier:
 
     def __init__(self, config: AlertmanagerConfig, queue_size: int = 1000,
                  logger: logging.Logger | None = None, clock: Callable[[], float] = time.time) -> None:
-        assert config.url is not None
+        if config.url is None:
+            raise ValueError("an Alertmanager notifier needs the Alertmanager's URL")
         url = config.url.get_secret_value().rstrip("/")
         if not url.endswith(ALERTMANAGER_PATH):
             url += ALERTMANAGER_PATH
@@ -103,15 +104,16 @@ class AlertmanagerNotifier:
         self._last_sent = now
         if firing:
             self.outbox.put(Message([alertmanager_alert(a, self._ends(now)) for a in firing],
-                                    {"status": "firing", "alerts": len(firing)}))
+                                    {"status": "firing", "alerts": len(firing)}, quiet=True))
 
     def stop(self, timeout: float) -> None:
         self.outbox.stop(timeout)
 
 
-def build_notifiers(config: AlertsConfig, logger: logging.Logger | None = None) -> list[Notifier]:
+def build_notifiers(config: AlertsConfig, logger: logging.Logger | None = None,
+                    clock: Callable[[], float] = time.time) -> list[Notifier]:
     """A notifier per configured webhook, and one for Alertmanager when its URL is set."""
     out: list[Notifier] = [WebhookNotifier(w, i, config.queue_size, logger) for i, w in enumerate(config.webhooks, 1)]
     if config.alertmanager.url is not None:
-        out.append(AlertmanagerNotifier(config.alertmanager, config.queue_size, logger))
+        out.append(AlertmanagerNotifier(config.alertmanager, config.queue_size, logger, clock))
     return out

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
@@ -163,18 +164,39 @@ class Ingester:
                                                         offset=0 if row is None else int(row.offset),
                                                         reason=reason, at=now))
 
-    def _check_alive(self, st: LogState, report: IngestReport) -> None:
-        """Declare the log's run crashed when its unclosed log's writer is gone."""
+    def _running_row(self, st: LogState) -> Any:
+        """The log's row while its run is running (None otherwise)."""
         c = s.logs.c
-        now = self.clock()
         with self.store.engine.connect() as conn:
             row = conn.execute(select(c.state, c.host, c.pid, c.last_growth_at, c.run_id, c.offset)
                                .where(c.name == st.name)).first()
-        if row is None or row.state != "running" or row.run_id is None:
+        return None if row is None or row.state != "running" or row.run_id is None else row
+
+    def _check_alive(self, st: LogState, report: IngestReport) -> None:
+        """Declare the log's run crashed when its unclosed log's writer is gone.
+
+        A writer may append its last records (its close among them) and exit after this pass
+        listed the log as idle: once it is found gone, what the log holds past the committed
+        offset is ingested first, and only a tail with no complete record left is an error.
+        """
+        now = self.clock()
+        row = self._running_row(st)
+        if row is None:
             return
         alive_at = max(row.last_growth_at, _mtime(st.path, row.last_growth_at))
         if not writer_gone(row.host, row.pid, alive_at, now, self.stale_after, self.hostname):
             return
+        if _size(st.path) > row.offset:
+            with _locked(st.path) as ok:
+                if not ok:
+                    return  # another ingester reads it now, and decides
+                while self._ingest_batch(st, report):
+                    pass
+            row = self._running_row(st)
+            if row is None:
+                return  # it was closed after all
+            alive_at = max(row.last_growth_at, _mtime(st.path, row.last_growth_at))
+        c = s.logs.c
         with writing(self.store.engine) as conn:
             done = conn.execute(update(s.logs).where(c.name == st.name, c.state == "running",
                                                      c.offset == row.offset)

@@ -97,8 +97,8 @@ class Service:
             StoreSource(self.store, s.grace, self.clock), grace=s.grace, per_param=s.per_param,
             clock=self.clock, logger=self.logger, errors=STORE_ERRORS))
         if s.alerts.enabled:
-            self.alerts = AlertEngine(self.store, s.alerts, build_notifiers(s.alerts, self.logger), self.logger,
-                                      self.clock, home=self.home)
+            self.alerts = AlertEngine(self.store, s.alerts, build_notifiers(s.alerts, self.logger, self.clock),
+                                      self.logger, self.clock, home=self.home)
             try:
                 self.alerts.start()
             except STORE_ERRORS as exc:

@@ -16,7 +16,7 @@ import pytest
 from gradwatch.agent.runlog import Header
 from gradwatch.ingest import Ingester
 from gradwatch.store import Store
-from tests.reliability.checks import LogContents, compare, count, record_figure, stored_values
+from tests.reliability.checks import LogContents, compare, record_figure, stored_values
 from tests.reliability.procs import TrainerProcess
 
 pytestmark = pytest.mark.reliability
@@ -92,6 +92,25 @@ def test_a_header_larger_than_the_room_left_is_kept_and_written_when_room_return
     assert path.read_bytes().find(b'"metrics"') > 4096 // 3  # each copy alone is larger than a third of the room
     data = _check_run(log, gradwatch_home, tmp_path, run_id, list(range(10, 20)), (0, 9))
     record_figure("header_larger_than_room", frames_lost=data["frames"], status="finished")
+
+
+def test_a_disk_still_full_at_close_loses_the_close_record_and_nothing_before_it(
+        tmp_path: Path, gradwatch_home: Path) -> None:
+    trainer = TrainerProcess(_spec(gradwatch_home), tmp_path / "trainer.err")
+    run_id = trainer.send("watch")["run_id"]
+    trainer.send("train 10")
+    trainer.send("limit +0")
+    trainer.send("train 10")
+    trainer.send("close")
+    assert trainer.wait() == 0
+    log = LogContents(Path(trainer.lines[0]["path"]))
+    assert log.corrupt == [] and log.closes == [] and log.steps() == list(range(10))
+    store, run = _ingest(gradwatch_home, tmp_path, run_id)
+    try:
+        assert run.status == "crashed"  # no close record, and its writer is gone
+        assert compare(log.values, stored_values(store, run_id)) == (0, 0)
+    finally:
+        store.close()
 
 
 @pytest.fixture
