@@ -5,16 +5,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.service.exporter import GradwatchCollector, RunLatest
 from gradwatch.service.logs import setup_logging
 from gradwatch.service.pushgateway import Pusher, redact_url
 from gradwatch.store.models import LatestValue
-from tests.fixtures.prometheus import free_port, wait_until
+from tests.fixtures.prometheus import free_port, require_binary, stop_process, wait_until
 from tests.fixtures.pushgateway import Pushgateway, pushgateway  # noqa: F401 - fixture
 from tests.fixtures.runlogs import SyntheticRun
 from tests.fixtures.service import serve_factory  # noqa: F401 - fixture
@@ -87,8 +88,42 @@ def test_unreachable_gateway_is_logged_once_without_credentials() -> None:
 
 
 def test_redact_url() -> None:
-    assert redact_url("https://u:p@gw.example:9091/x") == "https://gw.example:9091/x"
+    assert redact_url("https://u:p@gw.example:9091/x") == "https://u:***@gw.example:9091/x"
+    assert redact_url("http://gw:9091/?token=abc") == "http://gw:9091/?token=***"
     assert redact_url("http://gw:9091") == "http://gw:9091"
+
+
+def test_a_pushgateway_url_with_user_and_password_pushes_with_basic_auth(tmp_path: Path) -> None:
+    """A real Pushgateway that requires basic auth (its --web.config.file) accepts the push of a
+    URL holding `user:password@`, and refuses one without the credentials."""
+    import base64
+    import urllib.request
+
+    import bcrypt
+
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  pusher: {bcrypt.hashpw(b'Pw:Secret', bcrypt.gensalt(4)).decode()}\n")
+    port = free_port()
+    with open(tmp_path / "gw.log", "wb") as log:
+        process = subprocess.Popen([require_binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}",
+                                    f"--web.config.file={config}", "--persistence.file="], stdout=log,
+                                   stderr=subprocess.STDOUT)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"pusher:Pw:Secret").decode()}
+
+    def get(path: str) -> str:
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=auth),
+                                    timeout=5) as response:
+            return response.read().decode()
+
+    try:
+        wait_until(lambda: get("/-/ready") is not None, "the pushgateway to be ready")
+        registry = CollectorRegistry()
+        Gauge("gradwatch_auth_probe", "a gauge pushed with basic auth", registry=registry).set(7)
+        assert not Pusher(f"http://127.0.0.1:{port}", registry, job="authjob").push_once()
+        assert Pusher(f"http://pusher:Pw%3ASecret@127.0.0.1:{port}", registry, job="authjob").push_once()
+        assert "gradwatch_auth_probe" in get("/metrics")
+    finally:
+        stop_process(process)
 
 
 def test_serve_pushes_ingested_runs(tmp_path: Path, pushgateway: Pushgateway,  # noqa: F811

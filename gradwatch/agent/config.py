@@ -149,5 +149,5 @@ def load_config(config: AgentConfig | dict[str, Any] | str | Path | None) -> Age
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
+        where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in first["loc"]) or "config"
         raise ConfigError(f"invalid {source} at {where}: {first['msg']} (got {first.get('input')!r})") from None

@@ -12,23 +12,40 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, push_to_gateway
+from prometheus_client.exposition import basic_auth_handler, default_handler
 
+from gradwatch.redact import redact
 from gradwatch.service.logs import log_event
 
 PUSH_TIMEOUT_S = 10.0
 
 
 def redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, safe for a log line."""
+    """The URL with its password and credential query values masked, safe for a log line."""
+    return redact(url)
+
+
+def gateway_and_handler(url: str) -> tuple[str, Callable[..., Any]]:
+    """The gateway URL without its ``user:password@`` part, and the prometheus_client handler
+    that sends those credentials as HTTP basic auth (the default handler when there are none)."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
+    if parts.username is None:
+        return url, default_handler
+    user, password = unquote(parts.username), unquote(parts.password or "")
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def handler(url: str, method: str, timeout: float | None, headers: list, data: bytes) -> Callable[[], None]:
+        return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
+    return bare, handler
 
 
 class Pusher:
@@ -42,6 +59,7 @@ class Pusher:
                  job: str = "gradwatch", instance: str | None = None,
                  logger: logging.Logger | None = None) -> None:
         self.url = url
+        self._gateway, self._handler = gateway_and_handler(url)
         self.registry = registry
         self.interval = interval
         self.job = job
@@ -54,12 +72,12 @@ class Pusher:
     def push_once(self) -> bool:
         """Push the registry now; log state changes; True on success."""
         try:
-            push_to_gateway(self.url, job=self.job, registry=self.registry,
-                            grouping_key=self.grouping_key, timeout=PUSH_TIMEOUT_S)
+            push_to_gateway(self._gateway, job=self.job, registry=self.registry,
+                            grouping_key=self.grouping_key, timeout=PUSH_TIMEOUT_S, handler=self._handler)
         except Exception as exc:  # any network/HTTP failure: keep serving, log once per outage
             if self._ok is not False and self.logger is not None:
                 log_event(self.logger, "push_failed", logging.WARNING, gateway=redact_url(self.url),
-                          error=f"{type(exc).__name__}: {exc}".replace(self.url, redact_url(self.url)))
+                          error=redact(f"{type(exc).__name__}: {exc}"))
             self._ok = False
             return False
         if self._ok is not True and self.logger is not None:

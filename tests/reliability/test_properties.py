@@ -201,8 +201,6 @@ def test_load_config_on_arbitrary_dicts_gives_a_valid_config_or_a_config_error(d
     _valid(config)
 
 
-@pytest.mark.xfail(strict=True, reason="ConfigError puts a key as it is into its message, so a key holding a "
-                                       "newline makes a two-line error (gradwatch/agent/config.py load_config)")
 def test_a_config_error_is_one_line_whatever_the_key_holds() -> None:
     with pytest.raises(ConfigError) as info:
         load_config({"measure": {"flush\nevery": 1}})
