@@ -76,6 +76,17 @@ def test_stop_frees_the_port(registry: CollectorRegistry) -> None:
     again.stop()
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/-/healthy"])
+def test_health_paths_answer_ok_even_behind_basic_auth(registry: CollectorRegistry, path: str) -> None:
+    server = MetricsServer(registry, "127.0.0.1", 0, auth=BasicAuth("prom", "pw-xyz"))
+    server.start()
+    try:
+        assert _get(server.url.removesuffix("/metrics") + path) == (200, b"ok\n")
+        assert _get(server.url)[0] == 401  # the metrics stay behind auth
+    finally:
+        server.stop()
+
+
 def test_basic_auth(registry: CollectorRegistry) -> None:
     stream = io.StringIO()
     logger = setup_logging("json", stream)

@@ -31,6 +31,7 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REQUEST_TIMEOUT_S = 30.0
 _INDEX = b"gradwatch: metrics at /metrics\n"
+HEALTH_PATHS = ("/healthz", "/-/healthy")  # for systemd, compose and Kubernetes health checks, as Prometheus has
 
 
 class ServerError(Exception):
@@ -52,10 +53,14 @@ class BasicAuth:
 
 def metrics_app(registry: CollectorRegistry, auth: BasicAuth | None = None,
                 logger: logging.Logger | None = None) -> WSGIApp:
-    """WSGI app serving `registry` at /metrics, a pointer at /, 404 elsewhere; auth when given."""
+    """WSGI app serving `registry` at /metrics, "ok" at /healthz and /-/healthy, a pointer at /,
+    404 elsewhere; auth when given (not for the health paths)."""
     prometheus = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") in HEALTH_PATHS:  # no auth: it tells nothing but "up"
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
         if auth is not None and not auth.check(environ.get("HTTP_AUTHORIZATION")):
             if logger is not None:
                 log_event(logger, "auth_failed", logging.WARNING,
