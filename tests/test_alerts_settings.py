@@ -30,7 +30,7 @@ def _toml(tmp_path: Path, text: str) -> Path:
 def test_alerts_need_no_configuration() -> None:
     a = load_settings().alerts
     assert a.enabled and a.webhooks == [] and a.alertmanager.url is None and a.min_severity == "warning"
-    assert (a.window_steps, a.evaluate_every, a.layers_every, a.stalled_after) == (500, 2.0, 30.0, 600.0)
+    assert (a.window_steps, a.evaluate_every, a.layers_every, a.stalled_after) == (500, 2.0, 60.0, 600.0)
 
 
 def test_toml_section_with_rules_thresholds_and_receivers(tmp_path: Path) -> None:

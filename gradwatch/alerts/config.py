@@ -79,7 +79,7 @@ class AlertsConfig(_Section):
     enabled: bool = True
     window_steps: int = Field(default=500, ge=20, le=1_000_000)
     evaluate_every: float = Field(default=2.0, ge=0, le=3600)
-    layers_every: float = Field(default=30.0, ge=0, le=86400)
+    layers_every: float = Field(default=60.0, ge=0, le=86400)
     min_severity: Severity = "warning"
     stalled_after: float = Field(default=600.0, gt=0, le=7 * 86400)
     queue_size: int = Field(default=1000, ge=1, le=1_000_000)
