@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from gradwatch.agent.runlog import default_home
 from gradwatch.alerts.config import AlertsConfig
+from gradwatch.redact import redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,7 +178,7 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
     except ValueError as exc:  # malformed nested environment values (e.g. JSON)
-        raise SettingsError(f"invalid configuration: {exc}".splitlines()[0]) from None
+        raise SettingsError(redact(f"invalid configuration: {exc}".splitlines()[0])) from None
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +194,8 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad setting and value (secrets are not echoed)."""
+    """One line naming each bad setting and value (secrets are not echoed, credentials in any URL
+    masked)."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -203,4 +205,4 @@ def describe_validation_error(exc: ValidationError) -> str:
             or loc.endswith("url")
         shown = "" if secret or isinstance(value, (dict, list)) or not loc else f" (got {value!r})"
         parts.append(f"{loc}: {msg}{shown}" if loc else msg)
-    return "invalid configuration: " + "; ".join(parts)
+    return redact("invalid configuration: " + "; ".join(parts))
