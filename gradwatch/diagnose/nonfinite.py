@@ -179,19 +179,17 @@ def nonfinite_gradients(data: RunData) -> list[Finding]:
     summary: list[str] = []
     values: dict[str, float] = {}
     firsts: list[int] = []
-    if len(overflow):
-        step = int(overflow[0])
-        where = _where(first_over) if first_over is not None and int(first_over["step"]) == step else []
-        summary.append(f"norm overflowed float32 at step {step}{_in_layers(where)} (elements still finite), on "
-                       f"{plural(len(overflow), 'step')}: " + ranges_text(runs_of(overflow)))
-        values.update(first_overflow_step=float(step), overflow_steps=float(len(overflow)))
-        firsts.append(step)
-    if len(elements):
-        step = int(elements[0])
-        where = _where(first_elem) if first_elem is not None and int(first_elem["step"]) == step else []
-        summary.append(f"NaN/Inf gradient elements from step {step}{_in_layers(where)}, on "
-                       f"{plural(len(elements), 'step')}: " + ranges_text(runs_of(elements)))
-        values.update(first_nonfinite_step=float(step), nonfinite_steps=float(len(elements)))
+    kinds = (("overflow", overflow, first_over,
+              "norm overflowed float32 at step {step}{where} (elements still finite)"),
+             ("nonfinite", elements, first_elem, "NaN/Inf gradient elements from step {step}{where}"))
+    for key, steps, first, text in kinds:
+        if not len(steps):
+            continue
+        step = int(steps[0])
+        where = _where(first) if first is not None and int(first["step"]) == step else []
+        summary.append(text.format(step=step, where=_in_layers(where)) + f", on {plural(len(steps), 'step')}: "
+                       + ranges_text(runs_of(steps)))
+        values.update({f"first_{key}_step": float(step), f"{key}_steps": float(len(steps))})
         firsts.append(step)
     summary += norm_lines
     norms = data.run.get("grad_norm_total")
