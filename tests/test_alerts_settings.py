@@ -10,21 +10,7 @@ from click.testing import CliRunner
 
 from gradwatch.service.cli import serve
 from gradwatch.service.settings import SettingsError, load_settings
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("GRADWATCH_"):
-            monkeypatch.delenv(key)
-
-
-def _toml(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "serve.toml"
-    path.write_text(text)
-    return path
+from tests.fixtures.settings import clean_env, toml_file  # noqa: F401 - clean_env is an autouse fixture
 
 
 def test_alerts_need_no_configuration() -> None:
@@ -34,7 +20,7 @@ def test_alerts_need_no_configuration() -> None:
 
 
 def test_toml_section_with_rules_thresholds_and_receivers(tmp_path: Path) -> None:
-    config = _toml(tmp_path, """
+    config = toml_file(tmp_path, """
 [alerts]
 window_steps = 200
 min_severity = "error"
@@ -71,7 +57,7 @@ resend_interval = 30
 
 
 def test_webhook_flags_add_to_the_config_file(tmp_path: Path) -> None:
-    config = _toml(tmp_path, '[[alerts.webhooks]]\nurl = "https://a.example/1"\n')
+    config = toml_file(tmp_path, '[[alerts.webhooks]]\nurl = "https://a.example/1"\n')
     a = load_settings({"alerts": {"webhooks": [{"url": "https://b.example/2", "format": "slack"}]}}, config).alerts
     assert [(w.url.get_secret_value(), w.format) for w in a.webhooks] == [
         ("https://a.example/1", "json"), ("https://b.example/2", "slack")]
@@ -103,12 +89,12 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_bad_alert_settings_are_one_line_and_never_show_a_url(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message) as info:
-        load_settings({}, _toml(tmp_path, text))
+        load_settings({}, toml_file(tmp_path, text))
     assert "\n" not in str(info.value) and "T0K3N" not in str(info.value)
 
 
 def test_a_bad_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
-    config = _toml(tmp_path, '[alerts]\nmin_severity = "loud"\n')
+    config = toml_file(tmp_path, '[alerts]\nmin_severity = "loud"\n')
     result = CliRunner().invoke(serve, ["--home", str(tmp_path), "--port", "0", "--config", str(config)])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [

@@ -7,21 +7,7 @@ from pathlib import Path
 import pytest
 
 from gradwatch.service.settings import PASSWORD_ENV, SettingsError, load_settings
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("GRADWATCH_"):
-            monkeypatch.delenv(key)
-
-
-def _toml(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "serve.toml"
-    path.write_text(text)
-    return path
+from tests.fixtures.settings import clean_env, toml_file  # noqa: F401 - clean_env is an autouse fixture
 
 
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,7 +20,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _toml(tmp_path, 'port = 1111\nhost = "0.0.0.0"\ngrace = 5\n[pushgateway]\nurl = "http://gw:9091"\n'
+    config = toml_file(tmp_path, 'port = 1111\nhost = "0.0.0.0"\ngrace = 5\n[pushgateway]\nurl = "http://gw:9091"\n'
                              'interval = 7\n')
     monkeypatch.setenv("GRADWATCH_PORT", "2222")
     monkeypatch.setenv("GRADWATCH_GRACE", "6")
@@ -95,7 +81,7 @@ def test_password_never_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> Non
 ])
 def test_bad_config_file(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
-        load_settings({}, _toml(tmp_path, text))
+        load_settings({}, toml_file(tmp_path, text))
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
