@@ -423,6 +423,43 @@ def test_slow_steps_reach_the_log_within_the_flush_interval():
             assert _logged_steps(watcher) == list(range(step + 1))
 
 
+def test_an_idle_loop_sends_its_finished_step_without_another_hook():
+    """A step, its log() call, then nothing (a long evaluation off the model, a checkpoint): the idle
+    flusher sends the finished step with its loss about max_flush_interval/2 later."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, config={"measure": {"flush_every": 1000, "max_flush_interval": 0.05}}) as watcher:
+        train(model, opt, "mlp", steps=2, watcher=watcher)
+        deadline = time.monotonic() + 30  # only guards against a hang; nothing is asserted on time
+        while _logged_steps(watcher) != [0, 1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _logged_steps(watcher) == [0, 1]
+        assert watcher.errors["late_scalar"] == 0
+
+
+def test_scalars_racing_the_idle_flusher_are_filed_or_counted_never_lost():
+    """With a 5 ms grace, log() calls at random delays after the step race the flusher thread: each
+    value is either in the log under its step, exactly, or refused and counted as late."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rng = np.random.default_rng(0)
+    steps = 200
+    with gradwatch.watch(model, opt, config={"measure": {"flush_every": 7, "max_flush_interval": 0.01}}) as watcher:
+        for step in range(steps):
+            loss = model(torch.randn(4, 12)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            time.sleep(float(rng.choice([0.0, 0.002, 0.004, 0.006, 0.008])))
+            watcher.log(loss=float(step))
+        late = watcher.errors["late_scalar"]
+    values = {int(s): float(v) for r in runlog.read_log(watcher.path) if isinstance(r, runlog.Frame)
+              for b in r.blocks if b.metric.name == "loss" for s, v, p in zip(b.steps, b.values[:, 0], b.present[:, 0])
+              if p}
+    assert all(v == s for s, v in values.items())
+    assert len(values) + late == steps
+
+
 def _logged_steps(watcher: gradwatch.Watcher) -> list[int]:
     blocks = [b for r in runlog.read_log(watcher.path) if isinstance(r, runlog.Frame) for b in r.blocks
               if b.metric.name == "loss"]

@@ -553,10 +553,11 @@ def test_param_norms_and_update_ratios_of_huge_weights_are_exact():
 
 
 def test_a_second_log_for_a_step_is_filed_under_that_step():
-    """Two `log()` calls for one step, with a flush possible between them (slow steps)."""
+    """Two `log()` calls for one step, 20 ms apart: both within max_flush_interval/2 of the step,
+    so neither a hook nor the idle flusher sends the step between them."""
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = {"measure": {"flush_every": 4, "max_flush_interval": 0.01}}
+    config = {"measure": {"flush_every": 4, "max_flush_interval": 2.0}}
     with gradwatch.watch(model, opt, config=config) as watcher:
         for step in range(9):
             model(torch.randn(8, 4)).sum().backward()

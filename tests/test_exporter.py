@@ -1,4 +1,8 @@
-"""The collector, fed from store-shaped snapshots: values, layer aggregates, grace, promtool."""
+"""The collector, fed from store-shaped snapshots: values, layer aggregates, grace, promtool.
+
+The label tiers (blocks, ranks, per-layer and per-param series) have their own tests in
+tests/test_exporter_tiers.py; here every layer is its own block (a Sequential-like model).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from tests.fixtures.prometheus import require_binary
 from gradwatch.service.catalog import METRICS
-from gradwatch.service.exporter import GradwatchCollector, RunLatest, layer_update_ratio, visible
+from gradwatch.service.exporter import GradwatchCollector, RunLatest, visible
+from gradwatch.service.tiers import TIER_METRICS, Tiers, exported
+from gradwatch.service.tiers import update_ratio as layer_update_ratio
 from gradwatch.store.models import LatestValue
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -50,7 +56,7 @@ def _run(run_id: str = "r1", status: str = "running", ended_at: float | None = N
     return RunLatest(
         id=run_id, name="exp", project="proj", status=status, started_at=1000.0, ended_at=ended_at,
         host="node1", world_size=1, device="cpu", torch_version="2.13", gradwatch_version="0.1.0",
-        param_layers={"fc.weight": "fc", "fc.bias": "fc"}, values=values,
+        param_layers={"fc.weight": "fc", "fc.bias": "fc"}, layer_depths={"fc": 0, "act": 1}, values=values,
         counts={(rank, "clipped_steps"): 4.0, (rank, "skipped_steps"): 1.0, (rank, "nonfinite_steps"): 0.0})
 
 
@@ -60,9 +66,12 @@ def _registry(runs: list[RunLatest], **kwargs: object) -> CollectorRegistry:
     return registry
 
 
+RUN = {"run": "r1", "run_name": "exp", "project": "proj"}
+
+
 def test_run_level_values_and_counters() -> None:
     reg = _registry([_run()])
-    labels = {"run": "r1", "rank": "0"}
+    labels = {**RUN, "rank": "0"}
     assert reg.get_sample_value("gradwatch_global_grad_norm", labels) == 5.0
     assert reg.get_sample_value("gradwatch_global_grad_norm_clipped", labels) == 1.0
     assert reg.get_sample_value("gradwatch_clip_coefficient_ratio", labels) == 0.2
@@ -73,8 +82,9 @@ def test_run_level_values_and_counters() -> None:
     assert reg.get_sample_value("gradwatch_clipped_steps_total", labels) == 4.0
     assert reg.get_sample_value("gradwatch_skipped_steps_total", labels) == 1.0
     assert reg.get_sample_value("gradwatch_scalar", {**labels, "scalar": "skipped"}) is None
-    assert reg.get_sample_value("gradwatch_run_status", {"run": "r1", "status": "running"}) == 1.0
-    assert reg.get_sample_value("gradwatch_run_status", {"run": "r1", "status": "finished"}) == 0.0
+    assert reg.get_sample_value("gradwatch_run_status", {**RUN, "status": "running"}) == 1.0
+    assert reg.get_sample_value("gradwatch_run_status", {**RUN, "status": "finished"}) == 0.0
+    assert reg.get_sample_value("gradwatch_run_start_time_seconds", RUN) == 1000.0
     info = {"run": "r1", "name": "exp", "project": "proj", "host": "node1", "world_size": "1",
             "device": "cpu", "torch_version": "2.13", "gradwatch_version": "0.1.0"}
     assert reg.get_sample_value("gradwatch_run_info", info) == 1.0
@@ -83,21 +93,22 @@ def test_run_level_values_and_counters() -> None:
 
 def test_layer_aggregates_match_a_direct_computation() -> None:
     reg = _registry([_run()])
-    fc = {"run": "r1", "rank": "0", "layer": "fc"}
+    fc = {**RUN, "layer": "fc", "depth": "0"}
     assert reg.get_sample_value("gradwatch_layer_grad_norm", fc) == pytest.approx(5.0)
     assert reg.get_sample_value("gradwatch_layer_param_norm", fc) == pytest.approx(10.0)
     # ||Δθ|| = sqrt((0.01*6)² + (0.02*8)²), ||θ|| = 10
     expected = math.hypot(0.06, 0.16) / 10.0
     assert reg.get_sample_value("gradwatch_layer_update_ratio", fc) == pytest.approx(expected)
-    act = {"run": "r1", "rank": "0", "layer": "act"}
+    act = {**RUN, "layer": "act", "depth": "1"}
     assert reg.get_sample_value("gradwatch_layer_saturation_ratio", act) == 0.125
     assert reg.get_sample_value("gradwatch_layer_act_grad_norm", act) == pytest.approx(0.3)
-    assert reg.get_sample_value("gradwatch_param_grad_norm", {**fc, "param": "fc.weight"}) is None
+    assert reg.get_sample_value("gradwatch_layer_max_rank", {**act, "stat": "saturation_ratio"}) == 0.0
+    assert reg.get_sample_value("gradwatch_param_grad_norm", {**RUN, "layer": "fc", "param": "fc.weight"}) is None
 
 
 def test_per_param_series_when_enabled() -> None:
     reg = _registry([_run()], per_param=True)
-    labels = {"run": "r1", "rank": "0", "layer": "fc", "param": "fc.bias"}
+    labels = {**RUN, "layer": "fc", "param": "fc.bias"}
     assert reg.get_sample_value("gradwatch_param_grad_norm", labels) == 4.0
     assert reg.get_sample_value("gradwatch_param_update_ratio", labels) == 0.02
 
@@ -112,15 +123,15 @@ def test_grace_period(status: str, ended_at: float | None, now: float, shown: bo
     run = _run(status=status, ended_at=ended_at)
     assert visible(run.status, run.ended_at, now, grace=300.0) is shown
     reg = _registry([run], grace=300.0, clock=lambda: now)
-    value = reg.get_sample_value("gradwatch_global_grad_norm", {"run": "r1", "rank": "0"})
+    value = reg.get_sample_value("gradwatch_global_grad_norm", {**RUN, "rank": "0"})
     assert (value is not None) is shown
     assert reg.get_sample_value("gradwatch_exporter_runs") == (1.0 if shown else 0.0)
 
 
 def test_finished_run_reports_end_time() -> None:
     reg = _registry([_run(status="finished", ended_at=1234.5)], clock=lambda: 1300.0)
-    assert reg.get_sample_value("gradwatch_run_end_time_seconds", {"run": "r1"}) == 1234.5
-    assert reg.get_sample_value("gradwatch_run_status", {"run": "r1", "status": "finished"}) == 1.0
+    assert reg.get_sample_value("gradwatch_run_end_time_seconds", RUN) == 1234.5
+    assert reg.get_sample_value("gradwatch_run_status", {**RUN, "status": "finished"}) == 1.0
 
 
 def test_failing_store_reports_down_instead_of_failing_the_scrape() -> None:
@@ -141,7 +152,7 @@ def test_layer_update_ratio_uses_params_measured_at_the_same_step() -> None:
     run.values.append(LatestValue("r1", 0, "update_ratio", "param", "fc.weight", 9, 0.5))
     run.values.append(LatestValue("r1", 0, "param_norm", "param", "fc.weight", 9, 2.0))
     reg = _registry([run])
-    fc = {"run": "r1", "rank": "0", "layer": "fc"}
+    fc = {**RUN, "layer": "fc", "depth": "0"}
     # step 9 holds only fc.weight: the layer's values are fc.weight's alone
     assert reg.get_sample_value("gradwatch_layer_update_ratio", fc) == pytest.approx(0.5)
     assert reg.get_sample_value("gradwatch_layer_param_norm", fc) == pytest.approx(2.0)
@@ -169,7 +180,7 @@ def _nonfinite_run() -> RunLatest:
 
 def test_nonfinite_values_are_exported_as_nan_and_inf() -> None:
     reg = _registry([_nonfinite_run()], per_param=True)
-    labels = {"run": "r1", "rank": "0"}
+    labels = {**RUN, "rank": "0"}
     assert math.isnan(reg.get_sample_value("gradwatch_loss", labels))  # not the last finite loss
     assert reg.get_sample_value("gradwatch_global_grad_norm", labels) == math.inf
     assert reg.get_sample_value("gradwatch_clip_coefficient_ratio", labels) == -math.inf
@@ -177,16 +188,17 @@ def test_nonfinite_values_are_exported_as_nan_and_inf() -> None:
     assert reg.get_sample_value("gradwatch_overflow_steps_total", labels) == 1.0
     assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 17.0
     assert reg.get_sample_value("gradwatch_scalar", {**labels, "scalar": "overflow_params"}) is None
-    fc, act = {**labels, "layer": "fc"}, {**labels, "layer": "act"}
+    fc, act = {**RUN, "layer": "fc", "depth": "0"}, {**RUN, "layer": "act", "depth": "1"}
     assert reg.get_sample_value("gradwatch_layer_grad_norm", fc) == math.inf
-    assert reg.get_sample_value("gradwatch_param_grad_norm", {**fc, "param": "fc.weight"}) == math.inf
+    assert reg.get_sample_value("gradwatch_param_grad_norm", {**RUN, "layer": "fc", "param": "fc.weight"}) == math.inf
     assert math.isnan(reg.get_sample_value("gradwatch_layer_param_norm", fc))
     assert math.isnan(reg.get_sample_value("gradwatch_layer_update_ratio", fc))
     assert reg.get_sample_value("gradwatch_layer_activation_nonfinite", act) == 16.0
     text = generate_latest(reg).decode()
-    assert 'gradwatch_loss{rank="0",run="r1"} NaN' in text.splitlines()
-    assert 'gradwatch_global_grad_norm{rank="0",run="r1"} +Inf' in text.splitlines()
-    assert 'gradwatch_clip_coefficient_ratio{rank="0",run="r1"} -Inf' in text.splitlines()
+    ident = 'project="proj",rank="0",run="r1",run_name="exp"'
+    assert f'gradwatch_loss{{{ident}}} NaN' in text.splitlines()
+    assert f'gradwatch_global_grad_norm{{{ident}}} +Inf' in text.splitlines()
+    assert f'gradwatch_clip_coefficient_ratio{{{ident}}} -Inf' in text.splitlines()
 
 
 def test_nonfinite_exposition_passes_promtool_and_openmetrics() -> None:
@@ -199,11 +211,16 @@ def test_nonfinite_exposition_passes_promtool_and_openmetrics() -> None:
     assert math.isnan(loss.value)
 
 
-def test_exposition_passes_promtool() -> None:
+@pytest.mark.parametrize("tiers", [
+    pytest.param({}, id="default"),
+    pytest.param({"per_param": True}, id="per-param"),
+    pytest.param({"per_param": True, "per_layer": True, "per_rank": True}, id="everything"),
+])
+def test_exposition_passes_promtool(tiers: dict[str, bool]) -> None:
     promtool = require_binary("promtool")
     runs = [_run("r1"), _run("r2", status="finished", ended_at=1000.0), _run("r3", rank=1)]
-    text = generate_latest(_registry(runs, per_param=True, clock=lambda: 1001.0))
-    assert b"gradwatch_layer_update_ratio" in text and b"gradwatch_param_norm" in text
+    text = generate_latest(_registry(runs, clock=lambda: 1001.0, **tiers))
+    assert b"gradwatch_layer_update_ratio" in text and (b"gradwatch_param_norm" in text) == bool(tiers)
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
     assert proc.stdout.strip() == b"" and proc.stderr.strip() == b""
@@ -222,10 +239,11 @@ def test_exposition_is_valid_openmetrics() -> None:
 def test_every_metric_is_documented() -> None:
     doc = DOCS.read_text()
     documented = set(re.findall(r"^\| `(gradwatch_[a-z_]+)` \|", doc, flags=re.MULTILINE))
-    exported = {spec.name for spec in METRICS}
-    assert exported == documented, "docs/metrics.md and the exporter disagree"
-    for spec in METRICS:
+    specs = (*METRICS, *TIER_METRICS)
+    assert {spec.name for spec in specs} == documented, "docs/metrics.md and the exporter disagree"
+    everything = Tiers(per_layer=True, per_param=True, per_rank=True)
+    for spec in specs:
         row = next(line for line in doc.splitlines() if line.startswith(f"| `{spec.name}` |"))
         assert spec.type in row, f"{spec.name}: type {spec.type} not in its docs row"
-        for label in spec.labels:
+        for label in exported(spec, Tiers()).labels + exported(spec, everything).labels:
             assert f"`{label}`" in row, f"{spec.name}: label {label} not in its docs row"

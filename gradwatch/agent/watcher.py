@@ -10,6 +10,7 @@ raises into the training loop, by the user's choice.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import platform
@@ -98,7 +99,9 @@ class Watcher:
         self._scaler = scaler
         self._handles: list[RemovableHandle] = []
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writer thread's `_latest`, and `close()`
+        # Finished rows leave from the training thread's hooks and from the idle flusher thread.
+        self._send_lock = threading.Lock()
 
         self.layers, self.params = build_tables(model, optimizer)
         self._param_tensors: list[torch.Tensor] = [p.tensor for p in self.params]
@@ -155,6 +158,9 @@ class Watcher:
         self.step = 0  # index of the optimizer step in progress (0-based)
         self._unsent = 0  # first step not yet sent to the writer
         self._flushed_at = time.monotonic()
+        self._step_ended_at = time.monotonic()
+        self._step_stream: Any = None  # CUDA stream of the training thread at its last step
+        self._stop_flusher = threading.Event()
         self._act_row = -1  # step whose activation columns are initialised
         self._staged = _StagedValues()
         self._update_prev: list[torch.Tensor] | None = None
@@ -188,6 +194,8 @@ class Watcher:
             self._writer.close()
             self.path.unlink(missing_ok=True)  # a watch() that refuses its arguments leaves no run
             raise
+        self._flusher = threading.Thread(target=self._flush_when_idle, name="gradwatch-flusher", daemon=True)
+        self._flusher.start()
         if wrappers:
             log.info("gradwatch: watching %s inside %s", type(optimizer).__name__, " > ".join(wrappers))
         _attached.add(model)
@@ -223,6 +231,8 @@ class Watcher:
         _attached.discard(self._optimizer)
         _open.discard(self)
         self._update_prev = None
+        self._stop_flusher.set()
+        self._flusher.join(timeout=30)
         self._flush()
         errors = dict(self.errors)
         stats: dict[str, Any] = {"steps": self.step, "dropped_frames": self._writer.dropped, "errors": errors}
@@ -259,24 +269,33 @@ class Watcher:
             step = self.step if self._forward_since_step else self.step - 1
             if step < 0:
                 return
-            if step < self._unsent:
-                self.errors["late_scalar"] += 1
-                return
-            row = step % self._flush_every
-            for name, value in scalars.items():
-                slot = self._scalar_slot(name)
-                if slot is None:
-                    continue
-                cell = self._buf[row, self.layout.scalars + slot]
-                first = self._host.scalar_count[row, slot] == 0
-                if isinstance(value, torch.Tensor):
-                    v = value.detach().reshape(()).to(self.device, torch.float32, non_blocking=True)
-                    cell.copy_(v) if first else cell.add_(v)
-                else:
-                    cell.fill_(float(value)) if first else cell.add_(float(value))
-                self._host.scalar_count[row, slot] += 1
+            with self._send_lock:  # the idle flusher may be sending this step's row
+                self._log_scalars(step, scalars)
         except Exception as exc:  # the agent never breaks the training loop
             self._count_error("log", exc)
+
+    def _log_scalars(self, step: int, scalars: dict[str, float | torch.Tensor]) -> None:
+        """Add `scalars` into `step`'s row, or count them late if that row was already sent."""
+        if step < self._unsent:
+            if "late_scalar" not in self.errors:
+                log.warning("gradwatch: log() for step %d came after that step's records were sent to the run log "
+                        "(at the next forward pass, or max_flush_interval/2 after its optimizer step): counted "
+                        "as late_scalar and dropped; call log() right after optimizer.step()", step)
+            self.errors["late_scalar"] += 1
+            return
+        row = step % self._flush_every
+        for name, value in scalars.items():
+            slot = self._scalar_slot(name)
+            if slot is None:
+                continue
+            cell = self._buf[row, self.layout.scalars + slot]
+            first = self._host.scalar_count[row, slot] == 0
+            if isinstance(value, torch.Tensor):
+                v = value.detach().reshape(()).to(self.device, torch.float32, non_blocking=True)
+                cell.copy_(v) if first else cell.add_(v)
+            else:
+                cell.fill_(float(value)) if first else cell.add_(float(value))
+            self._host.scalar_count[row, slot] += 1
 
     def _notice_scaler_update(self) -> None:
         """Record the iteration the AMP scaler skipped: `scaler.update()` replaces its per-optimizer
@@ -366,6 +385,13 @@ class Watcher:
             self._count_error("step_post", exc)
         self._stepped_since_update = True
         self._forward_since_step = False
+        self._end_step()
+
+    def _end_step(self) -> None:
+        """Move on to the next step; the idle flusher may send the finished one from now on."""
+        if self.device.type == "cuda":
+            self._step_stream = torch.cuda.current_stream(self.device)
+        self._step_ended_at = time.monotonic()  # before the step count the flusher reads first
         self.step += 1
 
     def _measure_step(self, first: bool = True) -> None:
@@ -741,8 +767,8 @@ class Watcher:
         self._host.act_units[row] = 0
         self._record_lr(row)
         self._rows[row].blank()
-        self.step += 1
         self._forward_since_step = False
+        self._end_step()
 
     def _record_lr(self, row: int) -> None:
         """Each param group's learning rate (a group added after attach is not measured; neither is
@@ -761,9 +787,35 @@ class Watcher:
                 pending and time.monotonic() - self._flushed_at >= self.config.measure.max_flush_interval):
             self._flush()
 
+    def _flush_when_idle(self) -> None:
+        """Flusher thread: send the finished steps once the training loop has run no step for
+        half of `max_flush_interval`, so a slow step's records reach the log without waiting for
+        the next step's hooks, and `log()` calls right after `optimizer.step()` still file under it."""
+        grace = self.config.measure.max_flush_interval / 2
+        wait = grace
+        while not self._stop_flusher.wait(wait):
+            try:
+                pending = self.step > self._unsent
+                idle = time.monotonic() - self._step_ended_at
+                wait = grace - idle if pending and idle < grace else grace
+                if pending and idle >= grace:
+                    stream = self._step_stream  # order the copy after the step's writes on its stream
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        self._send_finished()
+            except Exception as exc:
+                self._count_error("flush", exc)
+
     def _flush(self, on_done: Callable[[], None] | None = None) -> None:
-        """Copy the finished rows to pinned host memory and hand them to the writer thread."""
+        """Add the staged values into their rows, then send the finished rows (training thread only)."""
         self._commit_staged()
+        self._send_finished(on_done)
+
+    def _send_finished(self, on_done: Callable[[], None] | None = None) -> None:
+        """Copy the finished rows to pinned host memory and hand them to the writer thread."""
+        with self._send_lock:
+            self._send_rows(on_done)
+
+    def _send_rows(self, on_done: Callable[[], None] | None) -> None:
         first, last = self._unsent, self.step  # steps [first, last) are complete
         if last <= first:
             # Nothing new: still wait behind the queued frames, so `latest` is complete.

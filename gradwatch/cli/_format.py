@@ -2,7 +2,8 @@
 
 One rule for every command: a value that was not measured is missing ('-' in a table, `null`
 in JSON); NaN, +Inf and -Inf are values, shown as `nan`, `inf` and `-inf` (JSON strings, since
-JSON has no such numbers). `nonfinite_text` is the only place that spells them.
+JSON has no such numbers). `nonfinite_text` is the only place that spells them. Counts are
+integers everywhere (`typed`), so a table's `6` is JSON's `6`, never `6.0`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 import click
 
 BARS = "▁▂▃▄▅▆▇█"
+#: Metrics whose values count something (params, outputs) or flag a step (0/1): stored as floats
+#: like every value, shown and written as integers.
+COUNT_METRICS = frozenset({"skipped", "nonfinite_params", "overflow_params", "act_nonfinite"})
 
 
 def nonfinite_text(x: float) -> str:
@@ -37,6 +41,39 @@ def num(x: Any, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}g}" if math.isfinite(x) else nonfinite_text(x)
     return str(x)
+
+
+def typed(metric: str, value: Any) -> Any:
+    """A stored value as what it is: an int for a count metric (`COUNT_METRICS`), else as it is;
+    None (not measured), NaN and ±Inf stay as they are."""
+    if metric in COUNT_METRICS and isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    return value
+
+
+def typed_list(metric: str, values: Any) -> list[Any]:
+    """`typed` over a sequence (a numpy array of a series' values)."""
+    return [typed(metric, v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+
+
+def factor(ratio: float | None) -> str:
+    """A ratio B/A in words: '×2.68e7 larger', '×1.5 smaller', 'same' (within 0.5%); '-' when missing."""
+    if ratio is None or not math.isfinite(ratio):
+        return "-" if ratio is None else nonfinite_text(ratio)
+    if ratio <= 0:
+        return "B is 0" if ratio == 0 else "-"
+    if abs(math.log(ratio)) < math.log(1.005):
+        return "same"
+    big = ratio if ratio > 1 else 1 / ratio
+    return f"×{compact(big)} {'larger' if ratio > 1 else 'smaller'}"
+
+
+def compact(x: float, digits: int = 3) -> str:
+    """A positive number with `digits` significant digits, a short exponent from 1e4 on: 1.5, 812, 2.68e7."""
+    if x < 1e4:
+        return f"{x:.{digits}g}"
+    mantissa, exp = f"{x:.{digits - 1}e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
 
 
 def pct(x: float | None) -> str:

@@ -15,7 +15,7 @@ import click
 from gradwatch.cli._errors import BadInput, CliError
 
 if TYPE_CHECKING:
-    from gradwatch.store import Store
+    from gradwatch.store import RunInfo, Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,24 +92,73 @@ def open_store(ctx: click.Context, db: str | None, home: Path | None, create: bo
 
 
 def resolve_run(store: Store, ref: str) -> str:
-    """The run id for what the user typed; unknown or ambiguous: a one-line error listing candidates."""
+    """The run id for what the user typed: a run id, a unique id prefix, a run name (its newest run)
+    or a prefix of one run name; unknown or ambiguous: a one-line error listing candidates.
+
+    A full name wins over a longer name it is a prefix of (`demo-rnn` over `demo-rnn-clipped`);
+    a reference that is a prefix of a run id and of another run's name is ambiguous.
+    """
     from gradwatch.store import AmbiguousRun, RunNotFound
 
     try:
-        return store.resolve_run(ref)
+        run_id = store.resolve_run(ref)
     except AmbiguousRun as exc:
         runs = {r.id: r for r in store.list_runs()}
         cands = [f"{c} ({runs[c].name})" if c in runs else c for c in exc.candidates[:8]]
         raise BadInput(f"run {ref!r} is ambiguous; candidates: {', '.join(cands)}") from None
     except RunNotFound:
-        import difflib
+        return _by_name_prefix(store, ref)
+    if run_id != ref and store.run(run_id).name != ref:  # an id prefix: no other run's name may start with it
+        others = list(dict.fromkeys(r.name for r in store.list_runs() if r.id != run_id and r.name.startswith(ref)))
+        if others:
+            raise BadInput(f"run {ref!r} is ambiguous; candidates: {run_id} ({store.run(run_id).name}), "
+                           f"{', '.join(others[:8])}")
+    return run_id
 
-        runs = store.list_runs()
-        names = list(dict.fromkeys(r.name for r in runs))
-        close = difflib.get_close_matches(ref, names, n=5, cutoff=0.5)
-        cands = close or [f"{r.id} ({r.name})" for r in runs[:5]]
-        hint = f"; candidates: {', '.join(cands)}" if cands else "; the store has no runs yet (try: gradwatch demo)"
-        raise BadInput(f"no run matches {ref!r}{hint}") from None
+
+def _by_name_prefix(store: Store, ref: str) -> str:
+    """The newest run whose name starts with `ref`, when exactly one name does."""
+    import difflib
+
+    runs = store.list_runs()  # newest first
+    names = list(dict.fromkeys(r.name for r in runs if r.name.startswith(ref)))
+    if len(names) == 1:
+        return next(r.id for r in runs if r.name == names[0])
+    if names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise BadInput(f"run {ref!r} is ambiguous; candidates: {shown}")
+    all_names = list(dict.fromkeys(r.name for r in runs))
+    close = difflib.get_close_matches(ref, all_names, n=5, cutoff=0.5)
+    cands = close or [f"{r.id} ({r.name})" for r in runs[:5]]
+    hint = f"; candidates: {', '.join(cands)}" if cands else "; the store has no runs yet (try: gradwatch demo)"
+    raise BadInput(f"no run matches {ref!r}{hint}")
+
+
+def rank_option(f: F) -> F:
+    """`--rank N`: read one rank's measurements of a distributed run (default rank 0)."""
+    return click.option("--rank", type=click.IntRange(min=0), metavar="N",
+                        help="Read rank N's measurements (a distributed run stores each rank's).  [default: 0]")(f)
+
+
+def rank_metrics(store: Store, run_id: str, rank: int | None) -> tuple[int, dict[str, str]]:
+    """(the rank to read, its metrics -> scope); `rank` None is rank 0. A rank the run does not
+    have is a one-line error listing the ranks it has."""
+    by_rank = store.rank_metric_names(run_id)
+    chosen = 0 if rank is None else rank
+    if rank is not None and rank not in by_rank:
+        ranks = sorted(set(by_rank) | {log.rank for log in store.logs(run_id) if log.rank is not None})
+        if rank not in ranks:
+            info = store.run(run_id)
+            listed = ", ".join(map(str, ranks)) or "none stored yet"
+            world = f" (world size {info.world_size})" if info.world_size > len(ranks) else ""
+            raise BadInput(f"run {info.name} ({run_id}) has no rank {rank}; its ranks are {listed}{world}")
+    return chosen, by_rank.get(chosen, {})
+
+
+def require_steps(info: RunInfo, what: str) -> None:
+    """A one-line error (exit 1) when a run stored no step yet: `what` cannot be done."""
+    if info.last_step is None:
+        raise CliError(f"run {info.name} ({info.id}, {info.status}) has no steps stored: {what}")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

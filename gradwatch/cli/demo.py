@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -36,6 +37,7 @@ def demo(home: Path | None, quick: bool) -> None:
     CPU; no server needed: runs go to the gradwatch home (--home, $GRADWATCH_HOME or ~/.gradwatch).
     """
     from gradwatch import demo as jobs
+    from gradwatch.cli._progress import progress
     from gradwatch.cli.diagnosis import diagnose_run, render_findings
 
     home = resolve_home(home)
@@ -43,10 +45,9 @@ def demo(home: Path | None, quick: bool) -> None:
     plan = [(job, jobs.job_steps(job, quick)) for job in jobs.JOBS]
     click.echo(f"training {len(plan)} demo jobs on the CPU, recording into {home}")
     run_ids = []
-    with click.progressbar(length=sum(n for _, n in plan), label="training", show_eta=True,
-                           item_show_func=lambda name: name or "") as bar:
+    with progress(sum(n for _, n in plan), sys.stderr) as bar:  # the agent's warnings print above the bar
         for job, steps in plan:
-            run_ids.append(jobs.train(job, home, steps, on_step=lambda name=job.name: bar.update(1, name)))
+            run_ids.append(jobs.train(job, home, steps, on_step=lambda name=job.name: bar.step(name)))
     store = open_store(click.get_current_context(), None, home, create=True)
     for (job, _), run_id in zip(plan, run_ids):
         name, findings = diagnose_run(store, run_id)

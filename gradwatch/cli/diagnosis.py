@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gradwatch.cli import _format as fmt
-from gradwatch.cli._options import CONTEXT, json_option, resolve_run, with_store
+from gradwatch.cli._options import CONTEXT, json_option, require_steps, resolve_run, with_store
 
 if TYPE_CHECKING:
     from gradwatch.diagnose import Finding
@@ -67,8 +67,10 @@ def diagnose(store: Store, run: str, brief: bool, strict: bool, as_json: bool) -
     """Find gradient problems in a run (non-finite values, exploding gradients, loss spikes,
     vanishing flow, saturation, dying units, clipping), each with its evidence (numbers, layers,
     steps), likely causes and remedies; `info` notes (such as the init check) are not problems.
-    Prints "no problems found" when nothing is an error or warning. Thresholds: docs/diagnosis.md."""
+    Prints "no problems found" when nothing is an error or warning; a run with no steps stored is
+    an error (exit 1), not a healthy run. Thresholds: docs/diagnosis.md."""
     run_id = resolve_run(store, run)
+    require_steps(store.run(run_id), "nothing to diagnose")
     name, findings = diagnose_run(store, run_id)
     data: dict[str, Any] = {"run": {"id": run_id, "name": name}, "healthy": not problems(findings),
                             "findings": [f.to_json() for f in findings]}

@@ -8,7 +8,16 @@ import click
 
 from gradwatch.cli import _format as fmt
 from gradwatch.cli._errors import BadInput
-from gradwatch.cli._options import CONTEXT, json_option, parse_steps, resolve_run, with_store
+from gradwatch.cli._options import (
+    CONTEXT,
+    json_option,
+    parse_steps,
+    rank_metrics,
+    rank_option,
+    require_steps,
+    resolve_run,
+    with_store,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,9 +30,9 @@ PREFERRED = ("grad_norm", "act_grad_norm", "saturation_ratio", "dead_ratio", "ze
              "act_std")
 
 
-def layer_metrics(store: Store, run_id: str) -> list[str]:
-    """The per-layer metrics of a run (grad_norm derived from params included), in display order."""
-    names = store.metric_names(run_id)
+def layer_metrics(names: dict[str, str]) -> list[str]:
+    """The per-layer metrics among `names` (metric -> scope, of one rank of a run; grad_norm derived
+    from params included), in display order."""
     have = [m for m, scope in names.items() if scope == "layer"] + (["grad_norm"] if names.get("grad_norm") == "param" else [])
     return sorted(have, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
 
@@ -35,11 +44,11 @@ def _aggregate(values: np.ndarray, how: str) -> float | None:
 
     import numpy as np
 
-    from gradwatch.diagnose.rundata import nanmedian
+    from gradwatch.cli._stats import median
 
     if not len(values):
         return None
-    funcs = {"median": nanmedian, "mean": np.nanmean, "min": np.nanmin, "max": np.nanmax}
+    funcs = {"median": median, "mean": np.nanmean, "min": np.nanmin, "max": np.nanmax}
     if how == "last":
         return float(values[-1])
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -48,9 +57,9 @@ def _aggregate(values: np.ndarray, how: str) -> float | None:
 
 
 def over_range(store: Store, run_id: str, layers: list[LayerInfo], metrics: list[str], start: int | None,
-               end: int | None, how: str) -> tuple[dict[str, list[float | None]], dict[str, list[int]]]:
-    """Each metric aggregated per layer over steps start..end (None where a layer has no value
-    there), and per layer how many of those values were NaN."""
+               end: int | None, how: str, rank: int = 0) -> tuple[dict[str, list[float | None]], dict[str, list[int]]]:
+    """Each metric aggregated per layer over steps start..end on one rank (None where a layer has no
+    value there), and per layer how many of those values were NaN."""
     import numpy as np
 
     from gradwatch.store import UnknownEntity, UnknownMetric
@@ -62,18 +71,21 @@ def over_range(store: Store, run_id: str, layers: list[LayerInfo], metrics: list
         counts: list[int] = []
         for ly in layers:
             try:
-                values = store.layer_history(run_id, ly.index, m, start, end).values
+                values = store.layer_history(run_id, ly.index, m, start, end, rank=rank).values
             except (UnknownMetric, UnknownEntity):
                 values = np.array([])
-            col.append(_aggregate(values, how))
+            value = _aggregate(values, how)
+            col.append(fmt.typed(m, value) if how in ("min", "max", "last") else value)
             counts.append(int(np.count_nonzero(np.isnan(values))))
         out[m], nans[m] = col, counts
     return out, nans
 
 
 def at_step(table: LayerTable, metrics: list[str]) -> dict[str, list[float | None]]:
-    """A layer table's columns with None where a layer was not measured (NaN stays a value)."""
-    return {m: [float(v) if ok else None for v, ok in zip(table.values[m], table.measured[m])] for m in metrics}
+    """A layer table's columns with None where a layer was not measured (NaN stays a value; counts
+    are ints)."""
+    return {m: [fmt.typed(m, float(v)) if ok else None for v, ok in zip(table.values[m], table.measured[m])]
+            for m in metrics}
 
 
 def _render(d: dict[str, Any]) -> str:
@@ -83,7 +95,8 @@ def _render(d: dict[str, Any]) -> str:
     where = f"step {d['step']}" if d["step"] is not None else f"steps {first}..{last} ({d['aggregate']})"
     rows = [(r["index"], r["layer"], r["type"], r["family"] or "-",
              *(fmt.pct(r[m]) if m.endswith("_ratio") else fmt.num(r[m]) for m in metrics)) for r in d["layers"]]
-    text = f"{d['run']['name']} ({d['run']['id']}), {where}\n" + fmt.table(
+    on_rank = f", rank {d['rank']}" if d["ranked"] else ""
+    text = f"{d['run']['name']} ({d['run']['id']}){on_rank}, {where}\n" + fmt.table(
         ("#", "LAYER", "TYPE", "FAMILY", *(m.upper() for m in metrics)), rows,
         right=[0, *range(4, 4 + len(metrics))])
     nans = [f"{r['layer']} {m} on {n} step{'s' * (n != 1)}"
@@ -97,7 +110,8 @@ def _render(d: dict[str, Any]) -> str:
 Example:
     gradwatch layers demo-sigmoid-default-init
     gradwatch layers demo-sigmoid-normal-init --step 100 --sort saturation_ratio
-    gradwatch layers demo-healthy --steps 50:250 --aggregate max --json""")
+    gradwatch layers demo-healthy --steps 50:250 --aggregate max --json
+    gradwatch layers my-ddp-run --rank 3 --sort dead_ratio""")
 @click.argument("run")
 @click.option("--step", type=click.IntRange(min=0), help="The step to show.  [default: the last measured]")
 @click.option("--steps", "step_range", metavar="START:END", help="Aggregate over this step range instead.")
@@ -105,29 +119,32 @@ Example:
               help="How --steps combines a layer's values.")
 @click.option("--sort", "sort_by", metavar="METRIC", help="Sort by this metric, largest first.  [default: depth]")
 @click.option("--asc", is_flag=True, help="With --sort: smallest first.")
+@rank_option
 @json_option
 @with_store
 def layers(store: Store, run: str, step: int | None, step_range: str | None, aggregate: str, sort_by: str | None,
-           asc: bool, as_json: bool) -> None:
+           asc: bool, rank: int | None, as_json: bool) -> None:
     """Every layer's measurements at a step (default: the last), or aggregated over a step range."""
     import math
 
     if step is not None and step_range is not None:
         raise BadInput("give either --step or --steps, not both")
     run_id = resolve_run(store, run)
-    metrics = layer_metrics(store, run_id)
+    info = store.run(run_id)
+    chosen, names = rank_metrics(store, run_id, rank)
+    require_steps(info, "no layer measurements to show")
+    metrics = layer_metrics(names)
     if sort_by is not None and sort_by not in metrics:
         raise BadInput(f"cannot sort by {sort_by!r}: this run's layer metrics are {', '.join(metrics) or 'none'}")
-    info = store.run(run_id)
     if step_range is not None:
         start, end = parse_steps(step_range)
         layer_list = store.layers(run_id)
-        values, nans = over_range(store, run_id, layer_list, metrics, start, end, aggregate)
+        values, nans = over_range(store, run_id, layer_list, metrics, start, end, aggregate, chosen)
         shown_step = None
     else:
         if step is not None and info.last_step is not None and step > info.last_step:
             raise BadInput(f"step {step} is after the run's last step {info.last_step}")
-        table = store.layers_at_step(run_id, step, metrics or None)
+        table = store.layers_at_step(run_id, step, metrics or None, rank=chosen)
         layer_list, shown_step = table.layers, table.step
         values, nans = at_step(table, metrics), {}
         start = end = None
@@ -145,6 +162,6 @@ def layers(store: Store, run: str, step: int | None, step_range: str | None, agg
         ordered.sort(key=lambda r: r[sort_by], reverse=not asc)
         rows = ordered + [r for r in rows if r[sort_by] is not None and math.isnan(r[sort_by])] + \
             [r for r in rows if r[sort_by] is None]
-    data = {"run": {"id": run_id, "name": info.name}, "step": shown_step, "start": start, "end": end,
-            "aggregate": aggregate if step_range is not None else None, "metrics": metrics, "layers": rows}
-    fmt.emit(data, as_json, _render)
+    data = {"run": {"id": run_id, "name": info.name}, "rank": chosen, "step": shown_step, "start": start,
+            "end": end, "aggregate": aggregate if step_range is not None else None, "metrics": metrics, "layers": rows}
+    fmt.emit(data, as_json, lambda d: _render({**d, "ranked": rank is not None or info.world_size > 1}))

@@ -9,7 +9,7 @@ import click
 
 from gradwatch.cli import _format as fmt
 from gradwatch.cli._errors import BadInput, CliError
-from gradwatch.cli._options import CONTEXT, json_option, resolve_run, with_store
+from gradwatch.cli._options import CONTEXT, json_option, require_steps, resolve_run, with_store
 
 if TYPE_CHECKING:
     from gradwatch.store import Store
@@ -35,6 +35,7 @@ def plot(store: Store, run: str, out: Path, as_json: bool) -> None:
     if not out.parent.is_dir():
         raise CliError(f"cannot write {out}: folder {out.parent} does not exist")  # as export: exit 1
     run_id = resolve_run(store, run)
+    require_steps(store.run(run_id), "nothing to plot")
     from gradwatch.diagnose.load import load_run_data
     from gradwatch.plots import save_run_plot
 

@@ -32,7 +32,8 @@ def delete(store: Store, run: str, remove_logs: bool, yes: bool, as_json: bool) 
     if info.status == "running":
         raise BadInput(f"run {run_id} ({info.name}) is still running; stop it first")
     if not yes:
-        click.confirm(f"delete run {run_id} ({info.name}, last step {fmt.num(info.last_step)})?", abort=True)
+        click.confirm(f"delete run {run_id} ({info.name}, last step {fmt.num(info.last_step)})?", abort=True,
+                      err=True)  # stdout stays the answer (--json stays JSON)
     store.delete_run(run_id, remove_logs=remove_logs)
     fmt.emit({"deleted": [run_id], "names": [info.name], "logs_removed": remove_logs}, as_json,
              lambda d: f"deleted run {run_id} ({info.name})")
@@ -62,7 +63,7 @@ def gc(store: Store, older_than: str, remove_logs: bool, dry_run: bool, yes: boo
                  or f"no run ended more than {older_than} ago")
         return
     if not yes:
-        click.confirm(f"delete {len(due)} runs that ended more than {older_than} ago?", abort=True)
+        click.confirm(f"delete {len(due)} runs that ended more than {older_than} ago?", abort=True, err=True)
     deleted = store.gc(age, remove_logs=remove_logs, now=now)
     names = {r.id: r.name for r in due}
     data = {"deleted": deleted, "would_delete": [], "names": [names.get(i, "") for i in deleted]}

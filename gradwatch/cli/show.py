@@ -1,5 +1,5 @@
 """`gradwatch show RUN`: one run's summary: config, status, steps, non-finite values, init check, guard
-events, layers at risk."""
+events, layers at risk (the per-step parts of one rank: rank 0 unless --rank)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gradwatch.cli import _format as fmt
-from gradwatch.cli._options import CONTEXT, json_option, resolve_run, with_store
+from gradwatch.cli._options import CONTEXT, json_option, rank_metrics, rank_option, resolve_run, with_store
 from gradwatch.cli.runs import run_row
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from gradwatch.store import LayerTable, Store
+    from gradwatch.store import LayerTable, Series, Store
 
 #: How many layers each "at risk" list names.
 AT_RISK = 3
@@ -25,16 +25,26 @@ EVENTS_SHOWN = 10
 COUNTS = ("nonfinite_params", "overflow_params")
 
 
-def nonfinite_summary(store: Store, run_id: str, metrics: dict[str, str]) -> list[dict[str, Any]]:
-    """Per run-level metric (rank 0) with NaN/Inf values, or a count of bad params above zero: how
-    many steps of each kind, the first step and the step ranges (exact: every stored step)."""
+def run_level(store: Store, run_id: str, rank: int, metrics: dict[str, str]) -> dict[str, Series]:
+    """Every run-level series of one rank (`metrics`: that rank's metric -> scope), by name."""
+    return {m: store.run_series(run_id, m, rank=rank) for m in sorted(metrics) if metrics[m] == "run"}
+
+
+def latest(series: dict[str, Series]) -> dict[str, dict[str, Any]]:
+    """The last stored step and value of each run-level series (counts as ints)."""
+    return {m: {"step": int(s.steps[-1]), "value": fmt.typed(m, float(s.values[-1]))}
+            for m, s in series.items() if len(s.steps)}
+
+
+def nonfinite_summary(series: dict[str, Series]) -> list[dict[str, Any]]:
+    """Per run-level metric with NaN/Inf values, or a count of bad params above zero: how many
+    steps of each kind, the first step and the step ranges (exact: every stored step)."""
     import numpy as np
 
     from gradwatch.diagnose.nonfinite import step_ranges
 
     out = []
-    for metric in sorted(m for m, scope in metrics.items() if scope == "run"):
-        steps, values = store.run_series(run_id, metric)
+    for metric, (steps, values) in series.items():
         if metric in COUNTS:
             bad = np.nan_to_num(values, nan=1.0) > 0
             kinds: dict[str, int] = {}
@@ -84,18 +94,21 @@ def at_risk(table: LayerTable) -> dict[str, Any]:
             "most_dead": _ranked(table, "dead_ratio", largest=True), "nonfinite": _nonfinite_layers(table)}
 
 
-def summarise(store: Store, run_id: str) -> dict[str, Any]:
-    """Everything `show` prints, as plain data with stable keys."""
+def summarise(store: Store, run_id: str, rank: int | None = None) -> dict[str, Any]:
+    """Everything `show` prints, as plain data with stable keys; the per-step parts (latest values,
+    non-finite values, layers at risk) are rank `rank`'s (default 0)."""
     s = store.run_summary(run_id)
+    chosen, names = rank_metrics(store, run_id, rank)
     events = store.events(run_id)
-    table = store.layers_at_step(run_id)
+    table = store.layers_at_step(run_id, rank=chosen)
+    series = run_level(store, run_id, chosen, names)
     return {
-        "run": run_row(store, s.run),
+        "run": run_row(store, s.run), "rank": chosen,
         "versions": {"torch": s.torch_version, "gradwatch": s.gradwatch_version, "python": s.python_version},
-        "device": s.device, "model": s.model, "optimizer": s.optimizer, "num_params": s.num_params,
+        "device": s.device, "model": s.model, "optimizer": s.optimizer, "num_param_tensors": s.num_params,
         "num_layers": s.num_layers, "groups": s.groups, "config": s.config, "metrics": s.metrics,
-        "latest": {m: {"step": st, "value": v} for m, (st, v) in sorted(s.latest.items())},
-        "nonfinite": nonfinite_summary(store, run_id, s.metrics),
+        "latest": latest(series),
+        "nonfinite": nonfinite_summary(series),
         "init_check": s.init_check,
         "event_counts": s.event_counts,
         "events": [{"kind": e.kind, "step": e.step, "rank": e.rank, "time": e.time, "data": e.data}
@@ -155,15 +168,30 @@ def _clip_text(clip: dict[str, Any]) -> str:
     return mode
 
 
+def _model_text(d: dict[str, Any]) -> str:
+    """'MLP, 1,249 parameters in 6 tensors, 5 layers': the model's size as the header recorded it
+    (`model.num_params` elements) beside the named parameter tensors stored (`num_param_tensors`)."""
+    model = d["model"]
+    n, trainable = model.get("num_params"), model.get("num_trainable")
+    counted = isinstance(n, int) and not isinstance(n, bool)
+    size = f"{n:,} parameters in {d['num_param_tensors']} tensors" if counted else \
+        f"{d['num_param_tensors']} parameter tensors"
+    if counted and isinstance(trainable, int) and trainable != n:
+        size += f" ({trainable:,} trainable)"
+    return f"{model.get('class', '-')}, {size}, {d['num_layers']} layers, device {d['device'] or '-'}"
+
+
 def _render(d: dict[str, Any]) -> str:
     r, cfg = d["run"], d["config"]
     measure = cfg.get("measure", {})
+    steps = "no steps stored" if r["steps"] is None else f"{fmt.num(r['steps'])} steps"
     lines = [
         f"run        {r['id']}  {r['name']}  (project {r['project']})",
-        f"status     {r['status']}, {fmt.num(r['steps'])} steps in {fmt.duration(r['duration_s'])}, "
+        f"status     {r['status']}, {steps} in {fmt.duration(r['duration_s'])}, "
         f"started {fmt.when(r['started_at'])} on {r['host'] or '-'}",
-        f"model      {d['model'].get('class', '-')}, {d['num_params']} params, {d['num_layers']} layers, "
-        f"device {d['device'] or '-'}",
+        *([f"rank       {d['rank']} of {r['world_size']} (latest, non-finite values and layers at risk; "
+           "--rank N for another)"] if d["ranked"] else []),
+        f"model      {_model_text(d)}",
         "optimizer  " + _optimizer_text(d["optimizer"])
         + ", ".join(f"group {g.get('index')}: lr {fmt.num(g.get('lr'))}" for g in d["groups"]),
         f"clipping   {_clip_text(cfg.get('clip', {}))}",
@@ -189,8 +217,12 @@ def _render(d: dict[str, Any]) -> str:
     lines += ["", "guard events"]
     if d["event_counts"]:
         lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(d["event_counts"].items())))
-        lines.append(fmt.table(("STEP", "KIND", "DETAIL"), [(e["step"], e["kind"], _event_text(e["data"]))
-                                                              for e in d["events"]], right=(0,)))
+        if d["ranked"]:  # events of every rank
+            lines.append(fmt.table(("STEP", "RANK", "KIND", "DETAIL"), [
+                (e["step"], e["rank"], e["kind"], _event_text(e["data"])) for e in d["events"]], right=(0, 1)))
+        else:
+            lines.append(fmt.table(("STEP", "KIND", "DETAIL"), [(e["step"], e["kind"], _event_text(e["data"]))
+                                                                  for e in d["events"]], right=(0,)))
     else:
         lines.append("  none")
     risk = d["at_risk"]
@@ -216,11 +248,14 @@ def _render(d: dict[str, Any]) -> str:
 @click.command(context_settings=CONTEXT, epilog="""\b
 Example:
     gradwatch show demo-rnn-high-lr
-    gradwatch show 3f9a --json""")
+    gradwatch show 3f9a --json
+    gradwatch show my-ddp-run --rank 3""")
 @click.argument("run")
+@rank_option
 @json_option
 @with_store
-def show(store: Store, run: str, as_json: bool) -> None:
+def show(store: Store, run: str, rank: int | None, as_json: bool) -> None:
     """Summarise one run: config, status, steps, NaN/Inf values, the init check, guard events and the
     layers most at risk (smallest and largest gradient flow, most saturated, most dead, NaN/Inf)."""
-    fmt.emit(summarise(store, resolve_run(store, run)), as_json, _render)
+    data = summarise(store, resolve_run(store, run), rank)
+    fmt.emit(data, as_json, lambda d: _render({**d, "ranked": rank is not None or d["run"]["world_size"] > 1}))

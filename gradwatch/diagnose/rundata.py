@@ -104,7 +104,29 @@ class RunData:
 
 
 def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
-    """`np.nanmedian` without the warning on all-NaN slices (they give NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(values, axis=axis)
+    """`np.nanmedian` without the warning on all-NaN slices (they give NaN), bit for bit, by sorting.
+
+    NumPy takes a masked-array path for slices under 600 values, where 80% of the rules' time
+    went; sorting (NaN sorts last) and averaging the middle of each slice's non-NaN values is
+    4 times faster. Like NumPy: an odd count takes the middle value, except that along an axis
+    of fewer than 600 values it is (x + x) / 2 (which differs only when x + x overflows)."""
+    a = np.asarray(values)
+    if a.dtype.kind != "f":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(a, axis=axis)
+    pairwise = axis is not None and a.ndim > 1 and a.shape[axis] < 600
+    s = np.sort(a.reshape(-1) if axis is None else np.moveaxis(a, axis, -1), axis=-1)
+    n = s.shape[-1] - np.count_nonzero(np.isnan(s), axis=-1)
+    lo = np.expand_dims(np.maximum(n - 1, 0) // 2, -1)
+    hi = np.expand_dims(np.minimum(n // 2, max(s.shape[-1] - 1, 0)), -1)
+    if s.shape[-1] == 0:
+        med = np.full(s.shape[:-1], np.nan, dtype=a.dtype)
+    else:
+        low = np.take_along_axis(s, lo, -1)[..., 0]
+        high = np.take_along_axis(s, hi, -1)[..., 0]
+        med = (low + high) / 2
+        if not pairwise:
+            med = np.where(n % 2 == 1, low, med)
+        med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False)
+    return med[()] if axis is None else med

@@ -3,18 +3,19 @@
 `GradwatchCollector.collect()` asks its source for one `Snapshot` (one store read per
 scrape) and turns it into metric families. Runs that ended more than `grace` seconds ago
 are left out, so a finished run's series disappear and cardinality stays bounded. The
-metrics themselves are declared in `catalog` and documented in docs/metrics.md. A NaN or ±Inf
-value is exported as such (the exposition formats spell them NaN, +Inf, -Inf), so alert rules
-see a non-finite loss or norm for what it is.
+metrics themselves are declared in `catalog` and documented in docs/metrics.md; which layer
+and param series are emitted, and with which labels, is the label tiers' (`tiers.Tiers`:
+blocks reduced across ranks by default). A NaN or ±Inf value is exported as such (the
+exposition formats spell them NaN, +Inf, -Inf), so alert rules see a non-finite loss or norm
+for what it is.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -42,14 +43,31 @@ from gradwatch.service.catalog import (
     MetricSpec,
 )
 from gradwatch.service.logs import log_event
+from gradwatch.service.tiers import (
+    LAYER_MAX_RANK,
+    TIER_METRICS,
+    Placement,
+    Tiers,
+    aggregate,
+    exported,
+    param_aggregates,
+    placements,
+    rank_max,
+)
 from gradwatch.store.models import LatestValue
+
+# Layer-scope run-log metric -> exported layer gauge (grad_norm: the store's L2 of the layer's params).
+LAYER_SCOPE: dict[str, MetricSpec] = {"grad_norm": LAYER_GRAD_NORM, **LAYER_GAUGES}
+Measured = dict[str, tuple[int, float]]  # entity -> (step, value)
+
 
 @dataclass
 class RunLatest:
-    """One run as the exporter needs it: metadata, its params' layers, and latest values.
+    """One run as the exporter needs it: metadata, its layers and params, and latest values.
 
     `values` are the store's latest values (entity = param / layer name, group index or "");
-    `param_layers` maps a param name to its layer's name; `counts` maps (rank, counter) to a
+    `param_layers` maps a param name to its layer's name; `layer_depths` maps a layer's name to
+    its index in model order (the run's layer table); `counts` maps (rank, counter) to a
     cumulative count (see `RUN_COUNTERS`).
     """
 
@@ -65,6 +83,7 @@ class RunLatest:
     torch_version: str | None = None
     gradwatch_version: str | None = None
     param_layers: dict[str, str] = field(default_factory=dict)
+    layer_depths: dict[str, int] = field(default_factory=dict)
     values: list[LatestValue] = field(default_factory=list)
     counts: dict[tuple[int, str], float] = field(default_factory=dict)
 
@@ -80,18 +99,22 @@ def visible(status: str, ended_at: float | None, now: float, grace: float) -> bo
 
 
 class _Families:
-    """Metric families built lazily in `METRICS` order, so output is stable."""
+    """Metric families built lazily in `METRICS` order (then the tiers' own), with the labels
+    each has at `tiers`, so output is stable."""
 
-    def __init__(self) -> None:
+    def __init__(self, tiers: Tiers) -> None:
+        self.tiers = tiers
+        self._specs = {spec.name: exported(spec, tiers) for spec in (*METRICS, *TIER_METRICS)}
         self._by_name: dict[str, Metric] = {}
 
-    def add(self, spec: MetricSpec, labels: Iterable[str], value: float) -> None:
-        self._family(spec).add_metric(list(labels), value)
+    def add(self, spec: MetricSpec, labels: Mapping[str, str], value: float) -> None:
+        exported_spec = self._specs[spec.name]
+        self._family(exported_spec).add_metric([labels[name] for name in exported_spec.labels], value)
 
-    def add_info(self, spec: MetricSpec, labels: Iterable[str]) -> None:
-        family = self._family(spec)
+    def add_info(self, spec: MetricSpec, labels: Mapping[str, str]) -> None:
+        family = self._family(self._specs[spec.name])
         assert isinstance(family, InfoMetricFamily)
-        family.add_metric([], dict(zip(spec.labels, labels)))
+        family.add_metric([], dict(labels))
 
     def _family(self, spec: MetricSpec) -> Metric:
         family = self._by_name.get(spec.name)
@@ -101,8 +124,8 @@ class _Families:
         return family
 
     def ordered(self) -> Iterator[Metric]:
-        for spec in METRICS:
-            family = self._by_name.get(spec.name)
+        for name in self._specs:
+            family = self._by_name.get(name)
             if family is not None:
                 yield family
 
@@ -115,118 +138,146 @@ def _new_family(spec: MetricSpec) -> Metric:
     return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
 
 
-def families_for(runs: Snapshot, per_param: bool = False) -> Iterator[Metric]:
+def families_for(runs: Snapshot, tiers: Tiers = Tiers()) -> Iterator[Metric]:
     """Metric families for runs (all of them: filter with `visible` first)."""
-    out = _Families()
+    out = _Families(tiers)
     for run in runs:
-        _add_run(out, run, per_param)
+        _add_run(out, run)
     return out.ordered()
 
 
-def _add_run(out: _Families, run: RunLatest, per_param: bool) -> None:
-    info = (run.id, run.name, run.project, run.host or "", str(run.world_size), run.device or "",
-            run.torch_version or "", run.gradwatch_version or "")
-    out.add_info(RUN_INFO, info)
+def _add_run(out: _Families, run: RunLatest) -> None:
+    ident = {"run": run.id, "run_name": run.name, "project": run.project}
+    out.add_info(RUN_INFO, {"run": run.id, "name": run.name, "project": run.project, "host": run.host or "",
+                            "world_size": str(run.world_size), "device": run.device or "",
+                            "torch_version": run.torch_version or "",
+                            "gradwatch_version": run.gradwatch_version or ""})
     for status in STATUSES:
-        out.add(RUN_STATUS, (run.id, status), 1.0 if run.status == status else 0.0)
+        out.add(RUN_STATUS, {**ident, "status": status}, 1.0 if run.status == status else 0.0)
     if run.started_at is not None:
-        out.add(RUN_START, (run.id,), run.started_at)
+        out.add(RUN_START, ident, run.started_at)
     if run.ended_at is not None and run.status != "running":
-        out.add(RUN_END, (run.id,), run.ended_at)
+        out.add(RUN_END, ident, run.ended_at)
 
     steps: dict[int, int] = {}
-    # (rank, layer) -> metric -> param -> (step, value), for the per-layer aggregates
-    by_layer: dict[tuple[int, str], dict[str, dict[str, tuple[int, float]]]] = \
-        defaultdict(lambda: defaultdict(dict))
+    layer_values: dict[int, dict[str, Measured]] = defaultdict(lambda: defaultdict(dict))  # rank -> metric -> layer
+    param_values: dict[int, dict[str, Measured]] = defaultdict(lambda: defaultdict(dict))  # rank -> metric -> param
     for v in run.values:
         steps[v.rank] = max(steps.get(v.rank, v.step), v.step)
-        rank = str(v.rank)
+        labels = {**ident, "rank": str(v.rank)}
         if v.scope == "run":
             spec = RUN_GAUGES.get(v.metric)
             if spec is not None:
-                out.add(spec, (run.id, rank), v.value)
+                out.add(spec, labels, v.value)
             elif v.metric != "skipped":
-                out.add(SCALAR, (run.id, rank, v.metric), v.value)
+                out.add(SCALAR, {**labels, "scalar": v.metric}, v.value)
         elif v.scope == "group" and v.metric == "lr":
-            out.add(LEARNING_RATE, (run.id, rank, v.entity), v.value)
-        elif v.scope == "layer" and v.metric == "grad_norm":
-            out.add(LAYER_GRAD_NORM, (run.id, rank, v.entity), v.value)
-        elif v.scope == "layer" and v.metric in LAYER_GAUGES:
-            out.add(LAYER_GAUGES[v.metric], (run.id, rank, v.entity), v.value)
+            out.add(LEARNING_RATE, {**labels, "group": v.entity}, v.value)
+        elif v.scope == "layer" and v.metric in LAYER_SCOPE:
+            layer_values[v.rank][v.metric][v.entity] = (v.step, v.value)
         elif v.scope == "param" and v.metric in PARAM_GAUGES:
-            layer = run.param_layers.get(v.entity, "")
-            if per_param:
-                out.add(PARAM_GAUGES[v.metric], (run.id, rank, layer, v.entity), v.value)
-            if layer:
-                by_layer[(v.rank, layer)][v.metric][v.entity] = (v.step, v.value)
+            param_values[v.rank][v.metric][v.entity] = (v.step, v.value)
 
-    _add_layer_aggregates(out, run.id, by_layer)
+    seen = {layer for by_metric in layer_values.values() for by_layer in by_metric.values() for layer in by_layer}
+    seen |= {run.param_layers[p] for by_metric in param_values.values() for by_param in by_metric.values()
+             for p in by_param if run.param_layers.get(p)}
+    place = placements(run.layer_depths, seen, out.tiers)
+    _add_layers(out, ident, {rank: _unit_values(layer_values[rank], param_values[rank], run.param_layers, place)
+                             for rank in sorted(set(layer_values) | set(param_values))}, place)
+    if out.tiers.per_param:
+        _add_params(out, ident, param_values, run.param_layers, place)
     for rank, step in sorted(steps.items()):
-        out.add(STEP, (run.id, str(rank)), float(step))
+        out.add(STEP, {**ident, "rank": str(rank)}, float(step))
     for (rank, counter), count in sorted(run.counts.items()):
         spec = RUN_COUNTERS.get(counter)
         if spec is not None:
-            out.add(spec, (run.id, str(rank)), count)
+            out.add(spec, {**ident, "rank": str(rank)}, count)
 
 
-def _add_layer_aggregates(out: _Families, run_id: str,
-                          by_layer: dict[tuple[int, str], dict[str, dict[str, tuple[int, float]]]]) -> None:
-    """A layer's param norm and update ratio from its params' values at their latest common step."""
-    for (rank, layer), metrics in sorted(by_layer.items()):
-        labels = (run_id, str(rank), layer)
-        _, norms = _at_latest_step(metrics.get("param_norm", {}))
-        if norms:
-            out.add(LAYER_PARAM_NORM, labels, l2(norms.values()))
-        step, ratios = _at_latest_step(metrics.get("update_ratio", {}))
-        all_norms = metrics.get("param_norm", {})
-        paired = [(r, all_norms[p][1]) for p, r in ratios.items() if all_norms.get(p, (None,))[0] == step]
-        ratio = layer_update_ratio([r for r, _ in paired], [n for _, n in paired])
+def _unit_values(layer_values: dict[str, Measured], param_values: dict[str, Measured], param_layers: dict[str, str],
+                 place: dict[str, Placement]) -> dict[tuple[str, str], float]:
+    """One rank's {(unit, exported metric name): value}: each unit's layers folded (`aggregate`),
+    its parameter norm and update ratio from its params (`param_aggregates`)."""
+    out: dict[tuple[str, str], float] = {}
+    for metric, by_layer in layer_values.items():
+        grouped: dict[str, dict[int, tuple[int, float]]] = defaultdict(dict)
+        for layer, measured in by_layer.items():
+            grouped[place[layer].unit][place[layer].order] = measured
+        for unit, values in grouped.items():
+            value = aggregate(metric, values)
+            if value is not None:
+                out[(unit, LAYER_SCOPE[metric].name)] = value
+    by_unit: dict[str, dict[str, Measured]] = defaultdict(lambda: defaultdict(dict))
+    for metric in ("param_norm", "update_ratio"):
+        for param, measured in param_values.get(metric, {}).items():
+            layer = param_layers.get(param)
+            if layer:
+                by_unit[place[layer].unit][metric][param] = measured
+    for unit, metrics in by_unit.items():
+        norm, ratio = param_aggregates(metrics.get("param_norm", {}), metrics.get("update_ratio", {}))
+        if norm is not None:
+            out[(unit, LAYER_PARAM_NORM.name)] = norm
         if ratio is not None:
-            out.add(LAYER_UPDATE_RATIO, labels, ratio)
+            out[(unit, LAYER_UPDATE_RATIO.name)] = ratio
+    return out
 
 
-def _at_latest_step(values: dict[str, tuple[int, float]]) -> tuple[int | None, dict[str, float]]:
-    """The latest step any param has, and the params' values at it (params are measured together)."""
-    if not values:
-        return None, {}
-    last = max(step for step, _ in values.values())
-    return last, {p: value for p, (step, value) in values.items() if step == last}
+_LAYER_SPECS = {spec.name: spec for spec in (*LAYER_SCOPE.values(), LAYER_PARAM_NORM, LAYER_UPDATE_RATIO)}
 
 
-def l2(values: Iterable[float]) -> float:
-    """L2 norm of norms: the norm of the concatenation of the vectors they measure."""
-    return math.sqrt(sum(x * x for x in values))
+def _add_layers(out: _Families, ident: dict[str, str], by_rank: dict[int, dict[tuple[str, str], float]],
+                place: dict[str, Placement]) -> None:
+    """Each unit's layer series: per rank, or the largest over the ranks and the rank that has it."""
+    depth = {p.unit: p.depth for p in place.values()}
+    keys = sorted({key for values in by_rank.values() for key in values},
+                  key=lambda k: (depth[k[0]], list(_LAYER_SPECS).index(k[1])))
+    for unit, name in keys:
+        spec = _LAYER_SPECS[name]
+        labels = {**ident, "layer": unit, "depth": depth[unit]}
+        ranks = {rank: values[(unit, name)] for rank, values in by_rank.items() if (unit, name) in values}
+        if out.tiers.per_rank:
+            for rank, value in ranks.items():
+                out.add(spec, {**labels, "rank": str(rank)}, value)
+        else:
+            value, rank = rank_max(ranks)
+            out.add(spec, labels, value)
+            out.add(LAYER_MAX_RANK, {**labels, "stat": name.removeprefix("gradwatch_layer_")}, float(rank))
 
 
-def layer_update_ratio(ratios: list[float], param_norms: list[float]) -> float | None:
-    """||delta theta_layer|| / ||theta_layer|| from per-param ratios and norms.
-
-    ||delta theta_p|| = ratio_p * ||theta_p||, so the layer ratio is
-    sqrt(sum (ratio_p * norm_p)^2) / sqrt(sum norm_p^2). None when no norm is known or they are
-    all zero; NaN when a norm or ratio is NaN (a measured value, not a gap to skip).
-    """
-    if not param_norms:
-        return None
-    denominator = l2(param_norms)
-    if denominator == 0:
-        return None
-    return l2(r * n for r, n in zip(ratios, param_norms)) / denominator
+def _add_params(out: _Families, ident: dict[str, str], param_values: dict[int, dict[str, Measured]],
+                param_layers: dict[str, str], place: dict[str, Placement]) -> None:
+    """Per-param series (opt-in): per rank, or the largest over the ranks."""
+    series: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)  # (metric, param) -> rank -> value
+    for rank, by_metric in sorted(param_values.items()):
+        for metric, by_param in by_metric.items():
+            for param, (_, value) in by_param.items():
+                series[(metric, param)][rank] = value
+    for (metric, param), ranks in series.items():
+        layer = param_layers.get(param, "")
+        labels = {**ident, "layer": place[layer].unit if layer else "", "param": param}
+        if out.tiers.per_rank:
+            for rank, value in ranks.items():
+                out.add(PARAM_GAUGES[metric], {**labels, "rank": str(rank)}, value)
+        else:
+            out.add(PARAM_GAUGES[metric], labels, rank_max(ranks)[0])
 
 
 class GradwatchCollector(Collector):
     """Yields the latest stored values of live runs at scrape time.
 
     `source` returns a `Snapshot` (one store read); `clock` is injected for the grace
-    period. A failing source is logged and reported as ``gradwatch_exporter_store_up 0``
-    instead of failing the scrape.
+    period. `per_param`, `per_layer`, `per_rank` and `block_levels` choose the label tiers
+    (`tiers.Tiers`; by default blocks, reduced across ranks). A failing source is logged and
+    reported as ``gradwatch_exporter_store_up 0`` instead of failing the scrape.
     """
 
     def __init__(self, source: Callable[[], Snapshot], grace: float = 300.0, per_param: bool = False,
+                 per_layer: bool = False, per_rank: bool = False, block_levels: int | None = None,
                  clock: Callable[[], float] = time.time, logger: logging.Logger | None = None,
                  errors: tuple[type[Exception], ...] = (Exception,)) -> None:
         self.source = source
         self.grace = grace
-        self.per_param = per_param
+        self.tiers = Tiers(per_layer=per_layer, per_param=per_param, per_rank=per_rank, block_levels=block_levels)
         self.clock = clock
         self.logger = logger
         self.errors = errors
@@ -246,7 +297,7 @@ class GradwatchCollector(Collector):
         self._failing = False
         now = self.clock()
         live = [run for run in runs if visible(run.status, run.ended_at, now, self.grace)]
-        yield from families_for(live, self.per_param)
+        yield from families_for(live, self.tiers)
         yield _single(RUNS_EXPORTED, float(len(live)))
         yield _single(STORE_UP, 1.0)
 

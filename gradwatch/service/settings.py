@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -117,11 +117,25 @@ class ServiceSettings(BaseSettings):
     poll_interval: float = Field(default=0.5, gt=0, le=60)
     grace: float = Field(default=300.0, ge=0)
     per_param: bool = False
+    per_layer: bool = False
+    per_rank: bool = False
+    block_levels: int | None = None  # "auto" in files and the environment
     log_format: LogFormat = "text"
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
     pushgateway: PushConfig = Field(default_factory=PushConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("block_levels", mode="before")
+    @classmethod
+    def _auto_or_levels(cls, value: Any) -> int | None:
+        """`"auto"` (None: `tiers.block_of` groups layers) or a whole number of name levels >= 1."""
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+                or int(value) < 1:
+            raise ValueError('must be "auto" or a whole number of name levels >= 1')
+        return int(value)
 
 
 class _PasswordEnvSource(PydanticBaseSettingsSource):

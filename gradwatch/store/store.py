@@ -203,6 +203,18 @@ class Store:
             return dict(conn.execute(select(s.series.c.metric, s.series.c.scope).distinct()
                                      .where(s.series.c.run_id == run_id)).all())
 
+    def rank_metric_names(self, run_id: str) -> dict[int, dict[str, str]]:
+        """Every rank that stored measurements of the run, with its metrics and their scopes (under
+        DDP rank 0 alone records the gradient norms, every rank its activations)."""
+        ser = s.series.c
+        with self._read() as conn:
+            self._run_row(conn, run_id)
+            out: dict[int, dict[str, str]] = {}
+            for rank, metric, scope in conn.execute(select(ser.rank, ser.metric, ser.scope).distinct()
+                                                    .where(ser.run_id == run_id)):
+                out.setdefault(int(rank), {})[metric] = scope
+        return dict(sorted(out.items()))
+
     def logs(self, run_id: str | None = None) -> list[LogInfo]:
         """Ingest state of every run log (of one run when given)."""
         q = select(*_LOG_COLS).order_by(s.logs.c.name)
