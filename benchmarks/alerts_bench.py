@@ -108,10 +108,11 @@ class LiveRun:
 
 
 def measure(n_runs: int, n_params: int, seconds: float, steps_per_s: int, window: int,
-            poll_interval: float = 0.5) -> dict:
+            poll_interval: float = 0.5, fed: bool = True) -> dict:
     """CPU time of `AlertEngine.evaluate()` over `seconds` of simulated service time: a pass every
     `poll_interval`, each run flushing `steps_per_s` steps once a second (the agent's default
-    max_flush_interval); each run starts with a full window already stored."""
+    max_flush_interval); each run starts with a full window already stored. `fed`: the ingester
+    hands the engine its batches, as in `gradwatch serve` (else every window reads the store)."""
     home = Path(tempfile.mkdtemp(prefix="gw-alerts-bench-"))
     now = [time.time()]
     try:
@@ -120,9 +121,9 @@ def measure(n_runs: int, n_params: int, seconds: float, steps_per_s: int, window
             for _ in range(window // 20 + 1):
                 run.write(20)
         store = Store.open(home=home)
-        ingester = Ingester(store, home, stale_after=1e9)
-        ingester.poll_once()
         engine = AlertEngine(store, AlertsConfig(window_steps=window), rules=RULES, clock=lambda: now[0])
+        ingester = Ingester(store, home, stale_after=1e9, on_batch=engine.feed if fed else None)
+        ingester.poll_once()
         engine.start()
         engine.evaluate()  # the first pass reads every run's window: a one-off
         cpu, alerts, passes = [], 0, round(seconds / poll_interval)
@@ -141,7 +142,7 @@ def measure(n_runs: int, n_params: int, seconds: float, steps_per_s: int, window
         store.close()
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return {"runs": n_runs, "params": n_params, "window_steps": window, "steps_per_s": steps_per_s,
+    return {"runs": n_runs, "params": n_params, "window_steps": window, "steps_per_s": steps_per_s, "fed": fed,
             "seconds": seconds, "passes": passes, "cpu_ms_per_pass_mean": round(1000 * statistics.mean(cpu), 2),
             "cpu_ms_per_pass_max": round(1000 * max(cpu), 1), "core_share": round(sum(cpu) / seconds, 4),
             "alerts": alerts}

@@ -470,7 +470,13 @@ def test_accelerate_prepared_optimizer_is_watched_through_its_wrapper():
 # ------------------------------------------------------------------------------ torch.compile
 
 
-def _compiled_run(watched: bool) -> tuple[dict[str, int], int, gradwatch.Watcher | None]:
+LAYER_METRICS = ("act_grad_norm", "act_mean", "act_std", "act_nonfinite", "saturation_ratio", "dead_ratio",
+                 "zero_ratio")
+
+
+def _compiled_run(backend: str | None, watched: bool) -> tuple[dict[str, int], int, gradwatch.Watcher | None]:
+    """12 steps of 2 micro-batches each of an MLP with ReLU and tanh, compiled with `backend`
+    (None: eager); returns dynamo's stats, its graph breaks and the (closed) watcher."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -478,41 +484,64 @@ def _compiled_run(watched: bool) -> tuple[dict[str, int], int, gradwatch.Watcher
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    compiled = torch.compile(model, backend="eager")  # graph capture is dynamo's alone; no C++ build
+    compiled = torch.compile(model, backend=backend) if backend else model
     watcher = gradwatch.watch(compiled, opt, config={"measure": {"activation_every": 2}}) if watched else None
     gen = torch.Generator().manual_seed(0)
     for _ in range(12):
-        loss = compiled(torch.randn(8, 16, generator=gen)).sum()
-        loss.backward()
+        for _ in range(2):
+            loss = compiled(torch.randn(8, 16, generator=gen)).sum()
+            loss.backward()
+            if watcher is not None:
+                watcher.log(loss=loss)
+        with torch.no_grad():
+            compiled(torch.randn(4, 16, generator=gen))  # an evaluation pass: not measured, no recompile
         opt.step()
         opt.zero_grad()
-        if watcher is not None:
-            watcher.log(loss=loss)
     if watcher is not None:
         watcher.close()
     return dict(counters["stats"]), sum(counters["graph_break"].values()), watcher
 
 
-def test_a_compiled_model_gets_no_extra_graph_break_or_recompile_and_eager_norms():
-    bare_stats, bare_breaks, _ = _compiled_run(watched=False)
-    stats, breaks, watcher = _compiled_run(watched=True)
+# "eager" captures the graph only; "aot_eager" traces the backward too, as inductor does (which
+# would compile C++ here for minutes on a 2-core machine and adds nothing to what is tested).
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_model_gets_no_extra_graph_and_the_eager_measurements(backend):
+    bare_stats, bare_breaks, _ = _compiled_run(backend, watched=False)
+    stats, breaks, watcher = _compiled_run(backend, watched=True)
     assert (stats.get("unique_graphs"), breaks) == (bare_stats.get("unique_graphs"), bare_breaks)
-    assert stats.get("unique_graphs") == 1
     assert watcher is not None and watcher.errors == {}
     header = records(watcher)[0]
     assert isinstance(header, runlog.Header) and header.info["model"]["wrappers"] == ["OptimizedModule"]
     assert [p["name"] for p in header.info["params"]][0] == "0.weight"  # no `_orig_mod.` prefix
+    _, _, eager = _compiled_run(None, watched=True)
+    assert eager is not None
+    for metric in ("grad_norm", "grad_norm_total", "loss") + LAYER_METRICS:
+        e_steps, e_values, e_present = series(eager, metric)
+        c_steps, c_values, c_present = series(watcher, metric)
+        assert list(c_steps) == list(e_steps) and (c_present == e_present).all(), metric
+        np.testing.assert_allclose(c_values[c_present], e_values[e_present], rtol=1e-5, atol=1e-7, err_msg=metric)
+    assert list(series(watcher, "act_mean")[0]) == list(range(0, 12, 2))  # activation_every: 2
+
+
+def test_a_model_compiled_in_place_files_log_calls_and_activations_under_their_step():
+    """`model.compile()` traces the watcher's root pre-hook too: the start of each forward pass
+    reaches the watcher through the graph's op, so a `log()` before `optimizer.step()` files under
+    the step in progress, as in eager mode."""
     torch.manual_seed(0)
-    eager = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
-    gen, expected = torch.Generator().manual_seed(0), []
-    for _ in range(12):
-        eager(torch.randn(8, 16, generator=gen)).sum().backward()
-        expected.append(eager[0].weight.grad.norm().item())
-        opt.step()
-        opt.zero_grad()
-    norms = column(watcher, "grad_norm", "0.weight")
-    np.testing.assert_allclose([norms[s] for s in range(12)], expected, rtol=1e-5)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.compile(backend="eager")
+    with gradwatch.watch(model, opt, config={"measure": {"activation_every": 1}}) as watcher:
+        for step in range(4):
+            model(torch.randn(8, 16)).sum().backward()
+            watcher.log(loss=float(step))
+            opt.step()
+            opt.zero_grad()
+    assert watcher.errors == {}
+    steps, values, _ = series(watcher, "loss")
+    assert list(steps) == [0, 1, 2, 3] and list(values[:, 0]) == [0.0, 1.0, 2.0, 3.0]
+    assert list(series(watcher, "dead_ratio")[0]) == [0, 1, 2, 3]
+    assert list(series(watcher, "act_grad_norm")[0]) == [0, 1, 2, 3]
 
 
 def test_hugging_face_conv1d_is_a_weighted_layer_of_the_init_check():

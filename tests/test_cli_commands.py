@@ -222,7 +222,7 @@ def test_compare_ranks_layers_by_difference(home, store):
 def test_compare_text_shows_both_runs(home):
     text = ok("compare", "demo-rnn-high-lr", "demo-rnn-high-lr-clipped", "--home", home, "--top", "1")
     assert "A: demo-rnn-high-lr (" in text and "B: demo-rnn-high-lr-clipped (" in text
-    assert "... 1 more layers" in text
+    assert "... 1 more layer (--top 0 shows all)" in text
 
 
 # ---------------------------------------------------------------- export

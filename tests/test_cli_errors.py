@@ -177,11 +177,15 @@ def test_malformed_fields_of_a_foreign_log_do_not_break_show_or_diagnose(tmp_pat
     """A header and an event whose JSON fields have the wrong shapes: stored as empty, readable."""
     from gradwatch.agent import runlog
 
+    import numpy as np
+
     path = runlog.log_path("foreign000001", 0, tmp_path)
     path.parent.mkdir(parents=True)
     header = runlog.Header({"run_id": "foreign000001", "name": "foreign", "config": ["x"], "init_check": [1],
-                            "groups": "g", "model": 3})
-    path.write_bytes(runlog.encode_header(header)
+                            "groups": "g", "model": 3}, [runlog.MetricDef(0, "loss", "run")])
+    steps = np.arange(3, dtype=np.int64)  # steps, so that diagnose reads them with the malformed fields
+    frame = runlog.encode_frame([(0, steps, np.ones((3, 1), dtype=np.float32), np.ones((3, 1), dtype=bool))])
+    path.write_bytes(runlog.encode_header(header) + frame
                      + runlog.encode_event(runlog.Event("nonfinite", 1, 0.0, [1]))  # type: ignore[arg-type]
                      + runlog.encode_close(runlog.Close(0.0, 2, {})))
     assert "foreign" in ok("show", "foreign", "--home", tmp_path)

@@ -95,7 +95,8 @@ def test_delete_never_guesses_between_an_id_prefix_and_a_name_prefix(named):
 
 def test_demo_run_names_by_prefix(demo, store):
     assert _id(demo, "demo-h") == store.resolve_run("demo-healthy")
-    assert "candidates: demo-sigmoid-normal-init, demo-sigmoid-default-init" in fails(2, "show", "demo-s", "--home", demo)
+    line = fails(2, "show", "demo-s", "--home", demo)
+    assert line == "Error: run 'demo-s' is ambiguous; candidates: demo-sigmoid-normal-init, demo-sigmoid-default-init"
 
 
 # ---------------------------------------------------------------- the same numbers, named the same way
@@ -251,7 +252,7 @@ def test_diagnose_a_run_with_no_steps_says_so_and_fails(empty, name):
     (("layers", "no-steps"), "no layer measurements to show"),
     (("history", "no-steps", "-m", "loss"), "no history to show"),
     (("compare", "no-steps", "header-only"), "nothing to compare"),
-], ids=lambda c: c[0] if isinstance(c, tuple) else "")
+], ids=["plot", "layers", "history", "compare"])
 def test_other_commands_on_a_run_with_no_steps(empty, tmp_path, command, what):
     home, run_id = empty
     args = [str(tmp_path / a) if a == "x.png" else a for a in command]

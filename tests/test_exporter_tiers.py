@@ -169,7 +169,8 @@ def test_blocks_reduced_across_ranks_match_a_direct_computation(metric: str, fol
     ranks = {labels["layer"]: value for labels, value in samples["gradwatch_layer_max_rank"]
              if labels["stat"] == metric}
     assert ranks == {block: float(rank) for block, (_, rank) in expected.items()}
-    assert {0.0, 1.0} <= set(ranks.values()) or metric in ("activation_nonfinite",), "both ranks win somewhere"
+    if metric != "activation_nonfinite":  # the counts written here grow with the rank
+        assert set(ranks.values()) == {0.0, 1.0}, "each rank holds the maximum of some block"
 
 
 def test_default_labels_have_no_rank_and_name_the_run() -> None:

@@ -17,6 +17,21 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.home == tmp_path / ".gradwatch"
     assert s.poll_interval <= 1.0
     assert s.tls.cert is None and s.basic_auth.user is None and s.pushgateway.url is None
+    assert (s.per_layer, s.per_rank, s.block_levels) == (False, False, None)  # blocks, reduced across ranks
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), [
+    pytest.param("per_layer = true\nper_rank = true\n", {}, (True, True, None), id="file"),
+    pytest.param('block_levels = "auto"\n', {"GRADWATCH_BLOCK_LEVELS": "3"}, (False, False, 3), id="env-over-file"),
+    pytest.param("block_levels = 2\n", {"GRADWATCH_PER_RANK": "1"}, (False, True, 2), id="file-and-env"),
+    pytest.param("", {"GRADWATCH_BLOCK_LEVELS": "AUTO"}, (False, False, None), id="auto-any-case"),
+])
+def test_label_tiers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, env: dict[str, str],
+                     expected: tuple[bool, bool, int | None]) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = load_settings({}, toml_file(tmp_path, text))
+    assert (s.per_layer, s.per_rank, s.block_levels) == expected
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,6 +73,12 @@ def test_password_from_file(tmp_path: Path) -> None:
     pytest.param({"basic_auth": {"user": "prom"}}, {}, rf"needs a password: set {PASSWORD_ENV}", id="no-password"),
     pytest.param({"pushgateway": {"url": "gw:9091"}}, {}, r"must start with http:// or https://", id="push-url"),
     pytest.param({"poll_interval": 0}, {}, r"poll_interval: .*greater than 0", id="poll-interval"),
+    pytest.param({}, {"GRADWATCH_BLOCK_LEVELS": "0"},
+                 r"^invalid configuration: block_levels: must be \"auto\" or a whole number of name levels >= 1 "
+                 r"\(got '0'\)$", id="block-levels-zero"),
+    pytest.param({"block_levels": "two"}, {}, r"block_levels: must be \"auto\" .*\(got 'two'\)$", id="block-levels-word"),
+    pytest.param({"block_levels": True}, {}, r"block_levels: must be \"auto\" .*\(got True\)$", id="block-levels-bool"),
+    pytest.param({}, {"GRADWATCH_PER_RANK": "often"}, r"per_rank: .*valid boolean.*\(got 'often'\)$", id="per-rank"),
 ])
 def test_invalid_settings_one_line(flags: dict, env: dict[str, str], message: str,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,3 +108,19 @@ def test_bad_config_file(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"cannot read config file .*nope.toml: No such file"):
         load_settings({}, tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(("text", "env", "message"), [
+    pytest.param("block_levels = 0\n", {}, "block_levels: must be", id="file"),
+    pytest.param("", {"GRADWATCH_PER_LAYER": "sometimes"}, "per_layer: Input should be a valid boolean", id="env"),
+])
+def test_serve_refuses_bad_tiers_in_one_line_with_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str,
+                                                          env: dict[str, str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from gradwatch.service.cli import serve
+
+    result = CliRunner().invoke(serve, ["--home", str(tmp_path), "--config", str(toml_file(tmp_path, text))], env=env)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: invalid configuration: ") and message in line

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradwatch.agent import runlog
+from gradwatch.agent import graphop, runlog
 from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
 from gradwatch.agent.clipping import make_clipper, norm_kwargs, wide_norm_kwargs
 from gradwatch.agent.guards import GradientGuardError, Guards
@@ -170,6 +170,10 @@ class Watcher:
         self._shifts: dict[int, Any] = {}  # activation layer -> its shift for this step, or a marker
         self._shift_step = -1
         self._latest: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        # Under torch.compile the hooks' work reaches the watcher through an op in the graph.
+        self._graph_measures: dict[int, tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]] = {}
+        self._graph_key = graphop.register(self._on_graph_tensor)
+        self._graph_token = torch.zeros(1, device=self.device)
 
         self.run_id, rank, world = _run_identity()
         # Under DDP every rank holds the same all-reduced gradients: rank 0 records their norms.
@@ -225,6 +229,7 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        graphop.unregister(self._graph_key)
         model = self._model_ref()
         if model is not None:
             _attached.discard(model)
@@ -325,14 +330,20 @@ class Watcher:
     def _on_forward(self, module: nn.Module, inputs: Any) -> None:
         """A forward pass: the last step's `log()` calls are done, so its records may go (at most
         `max_flush_interval` after it); a training forward also starts the next step's scalars."""
-        if _compiling():
-            return  # traced by torch.compile: Python state stays out of the graph
+        training = torch.is_grad_enabled() and module.training  # evaluation: its scalars belong to the last step
+        if _compiling():  # inside the graph (`model.compile()`): the same, at run time, through the op
+            if graphop.AVAILABLE:
+                graphop.observe(self._graph_token, self._graph_token, self._graph_key, int(training), graphop.FORWARD)
+            return
+        self._forward_started(training)
+
+    def _forward_started(self, training: bool) -> None:
         try:
             self._notice_scaler_update()
             self._maybe_flush()
         except Exception as exc:
             self._count_error("flush", exc)
-        if torch.is_grad_enabled() and module.training:  # evaluation: its scalars belong to the last step
+        if training:
             self._forward_since_step = True
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any,
@@ -601,38 +612,76 @@ class Watcher:
             except Exception as exc:
                 self._count_error("activation_grad", exc)
 
+        def measure(y: torch.Tensor) -> None:
+            """The statistics of a layer's output at a step that measures activations."""
+            self._init_act_row()
+            row = self.step % self._flush_every
+            if has_stats:
+                with torch.no_grad():
+                    d = y.detach()
+                    finite = self._stage_moments(index, stat_col, d)
+                    extra = stat_col + 4
+                    if bounded:
+                        self._stage(extra, saturated_count(d, low, high, eps))
+                        extra += 1
+                    if relu:
+                        per_unit = nonzero_per_unit(d, nonnegative, channels, finite)
+                        self._stage(extra + 1, per_unit.sum())
+                        if self._stage(extra, per_unit, "units"):
+                            self._host.act_units[row, slot] += per_unit.numel()
+            self._host.act_count[row, slot] += 1
+            self._host.act_elems[row, slot] += y.numel()
+
+        def traced_grad_hook(grad: torch.Tensor) -> None:  # traced into the compiled backward
+            graphop.observe(grad, self._graph_token, self._graph_key, index, graphop.GRADIENT)
+
+        def trace(output: Any) -> None:  # every step in the graph; the watcher picks the steps at run time
+            tensors = [t for t in _output_tensors(output) if t.is_floating_point()]
+            if graphop.AVAILABLE and tensors and torch.is_grad_enabled():
+                graphop.observe(tensors[0].detach(), self._graph_token, self._graph_key, index, graphop.OUTPUT)
+                for t in tensors:
+                    if t.requires_grad:
+                        t.register_hook(traced_grad_hook)
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if _compiling() or self.step % every or not torch.is_grad_enabled():
+            if _compiling():
+                trace(output)
+                return
+            if self.step % every or not torch.is_grad_enabled():
                 return
             try:
                 tensors = [t for t in _output_tensors(output) if t.is_floating_point()]
                 if not tensors:
                     return
-                y = tensors[0]  # the statistics are of the first output (an RNN's sequence output)
-                self._init_act_row()
-                row = self.step % self._flush_every
-                if has_stats:
-                    with torch.no_grad():
-                        d = y.detach()
-                        finite = self._stage_moments(index, stat_col, d)
-                        extra = stat_col + 4
-                        if bounded:
-                            self._stage(extra, saturated_count(d, low, high, eps))
-                            extra += 1
-                        if relu:
-                            per_unit = nonzero_per_unit(d, nonnegative, channels, finite)
-                            self._stage(extra + 1, per_unit.sum())
-                            if self._stage(extra, per_unit, "units"):
-                                self._host.act_units[row, slot] += per_unit.numel()
-                self._host.act_count[row, slot] += 1
-                self._host.act_elems[row, slot] += y.numel()
+                measure(tensors[0])  # the statistics are of the first output (an RNN's sequence output)
                 for t in tensors:  # the gradient w.r.t. the output is that of all its tensors (LSTM: h_n, c_n too)
                     if t.requires_grad:
                         t.register_hook(grad_hook)
             except Exception as exc:
                 self._count_error("activation", exc)
 
+        self._graph_measures[index] = (measure, grad_hook)
         return hook
+
+    def _on_graph_tensor(self, layer: int, kind: int, y: torch.Tensor) -> None:
+        """A compiled graph's `gradwatch::observe` op at run time: a forward pass starts (`layer`
+        1 in training), or measure `y` (a layer's output, or the gradient w.r.t. it) as the eager
+        hooks do, at the steps that measure activations."""
+        if self._closed:
+            return
+        if kind == graphop.FORWARD:
+            self._forward_started(bool(layer))
+            return
+        if self.step % self.config.measure.activation_every:
+            return
+        try:
+            measure, grad_hook = self._graph_measures[layer]
+            if kind == graphop.OUTPUT:
+                measure(y)
+            elif self._act_row == self.step:  # as in eager mode: only after a measured forward
+                grad_hook(y)
+        except Exception as exc:
+            self._count_error("activation", exc)
 
     # ------------------------------------------------------------------ internals
 
@@ -1052,8 +1101,9 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 def _compiling() -> bool:
-    """Whether torch.compile is tracing: the hooks then do nothing, so they add no graph, graph
-    break or recompile (their branches on the step would put guards on it)."""
+    """Whether torch.compile is tracing: the hooks then branch on nothing that changes between
+    steps (a branch on the step would put a guard on it), so they add no graph, graph break or
+    recompile."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     if is_compiling is None:  # torch < 2.3
         from torch._dynamo import is_compiling

@@ -2,11 +2,14 @@
 run's recent steps, their alerts through the lifecycle, into the store, the log and the receivers.
 
 `AlertEngine.evaluate()` is one pass. A run is evaluated again only when its rank-0 data
-moved, at most every `evaluate_every` seconds (`RunWindow` reads just the new rows; its layer
-and param measurements, hundreds of series in a large model, at most every `layers_every`
-seconds); its findings are kept between evaluations, so a run that did not move costs one
-comparison plus the `stalled_run` check. A run that ended (or was decided in this ingest pass)
-gets a last evaluation of its whole tail, then its alerts resolve.
+moved, at most every `evaluate_every` seconds; its findings are kept between evaluations, so a
+run that did not move costs one comparison plus the `stalled_run` check. Its `RunWindow` is
+fed the batches the service's ingester committed from rank 0's log (`feed`, called from the
+ingest thread), so a live run costs no read of the store; a new window, a gap in those batches
+(another process ingested part of the log) and an engine that nobody feeds read the store,
+just the new rows (layer and param measurements, hundreds of series in a large model, at most
+every `layers_every` seconds when nothing feeds the engine). A run that ended (or was decided
+in this ingest pass) gets a last evaluation of its whole tail, then its alerts resolve.
 Nothing here waits on a receiver: notifiers queue and deliver in their own threads.
 """
 
@@ -36,6 +39,7 @@ from gradwatch.alerts.rules import DEFAULT_FOR_STEPS, Rule, run_rules, threshold
 from gradwatch.alerts.stalled import stalled
 from gradwatch.diagnose import RULES, Finding, RunData
 from gradwatch.diagnose.load import RunWindow
+from gradwatch.ingest import Batch
 from gradwatch.ingest.liveness import pid_alive
 from gradwatch.service.logs import log_event
 from gradwatch.store import RunInfo, RunNotFound, Store
@@ -56,6 +60,10 @@ class _Watched:
 
 #: Run-level counts of params whose gradients went non-finite or overflowed.
 _BAD_COUNTS = ("nonfinite_params", "overflow_params")
+#: Log bytes of batches a run may have waiting for its next evaluation; past it the oldest are
+#: dropped, and the window, seeing the gap, reads the store instead (an evaluation thread that
+#: fell far behind must not hold a backlog in memory).
+MAX_WAITING_BYTES = 64 * 1024 * 1024
 
 
 def _went_nonfinite(data: RunData, after: int | None) -> bool:
@@ -86,6 +94,7 @@ class AlertEngine:
     the receivers a bounded time to deliver what is queued. `snapshot()` is thread-safe.
     With a `home`, only the runs whose logs lie in it are evaluated (the ones this service
     ingests), so services on several hosts sharing one store never alert twice on a run.
+    `feed` takes the ingester's committed batches (`Ingester(on_batch=engine.feed)`).
     """
 
     def __init__(self, store: Store, config: AlertsConfig, notifiers: Iterable[Notifier] = (),
@@ -105,6 +114,9 @@ class AlertEngine:
         self._failed_rules: set[str] = set()
         self._lock = threading.Lock()
         self._snapshot = AlertsSnapshot()
+        self._fed = False  # an ingester hands this engine its batches
+        self._waiting: dict[str, list[Batch]] = {}  # per watched run, the batches since its last evaluation
+        self._waiting_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle of the engine
 
@@ -124,6 +136,26 @@ class AlertEngine:
     def snapshot(self) -> AlertsSnapshot:
         with self._lock:
             return self._snapshot
+
+    def feed(self, batch: Batch) -> None:
+        """Take a batch the ingester has just committed (called in its thread; never reads the
+        store): rank 0's batches of a watched run wait for its next evaluation, which appends
+        them to its window. Other runs' are dropped: a window, when made, reads the store."""
+        with self._waiting_lock:
+            self._fed = True
+            waiting = self._waiting.get(batch.run_id)
+            if batch.rank != 0 or waiting is None:
+                return
+            waiting.append(batch)
+            while len(waiting) > 1 and sum(b.end - b.start for b in waiting) > MAX_WAITING_BYTES:
+                waiting.pop(0)
+
+    def _take(self, run_id: str) -> list[Batch]:
+        with self._waiting_lock:
+            batches = self._waiting.get(run_id, [])
+            if batches:
+                self._waiting[run_id] = []
+            return batches
 
     # ------------------------------------------------------------------ one pass
 
@@ -158,30 +190,50 @@ class AlertEngine:
     def _pass(self, run: RunInfo, now: float) -> list[Transition]:
         w = self._watched.get(run.id)
         if w is None:
+            with self._waiting_lock:  # before its first read: a batch committed after that read waits for it
+                self._waiting[run.id] = []
             try:
                 window = RunWindow(self.store, run.id, self.config.window_steps)
             except RunNotFound:  # deleted since it was listed
+                self._forget(run.id)
                 return []
             w = self._watched[run.id] = _Watched(window, now, run.last_step)
         if run.last_step != w.last_step:
             w.progress_at, w.last_step = now, run.last_step
-        behind = run.last_step is not None and (w.window.last_step is None or run.last_step > w.window.last_step)
-        if behind and now - w.evaluated_at >= self.config.evaluate_every:
-            layers = now - w.layers_at >= self.config.layers_every
-            until, read_to = (run.last_step if run.world_size == 1 else None), w.window.last_step
-            w.window.refresh(until, layers=layers)
-            if not layers and _went_nonfinite(w.window.data, read_to):  # NaN/Inf: the layers' too, at once
-                layers = True
-                w.window.refresh(until, layers=True)
+        if now - w.evaluated_at >= self.config.evaluate_every and self._update(w, run, now):
             w.findings = self._findings(w.window.data)
             w.evaluated_at = now
-            if layers:  # after the first read, each run at its own phase: not all in one pass
-                w.layers_at = now if math.isfinite(w.layers_at) else now - self._phase(run.id)
         findings = list(w.findings)
         if self._alive(run):
             findings += self._kept(stalled(now - w.progress_at, self.config.stalled_after, run.last_step, run.pid))
         step = w.window.last_step if w.window.last_step is not None else (run.last_step or 0)
         return self.lifecycle.observe(run.id, w.window.name, findings, step, now)
+
+    def _update(self, w: _Watched, run: RunInfo, now: float) -> bool:
+        """Bring a run's window up to date; False when there was nothing new to evaluate.
+
+        Fed, the window appends the batches the ingester handed over; batches that it cannot
+        append (a gap) make a new window read from the store. A window never read, or not fed,
+        reads the store when the run moved: the run-level rows, and the layers' every
+        `layers_every` seconds or at once when the new rows hold a NaN/Inf."""
+        batches = self._take(run.id)
+        if batches:
+            if not w.window.feed(batches):
+                w.window = RunWindow(self.store, run.id, self.config.window_steps)
+                w.window.refresh()
+            return True
+        behind = run.last_step is not None and (w.window.last_step is None or run.last_step > w.window.last_step)
+        if not behind or (self._fed and w.window.offset is not None):  # fed: its batches are on their way
+            return False
+        layers = now - w.layers_at >= self.config.layers_every
+        read_to = w.window.last_step
+        w.window.refresh(layers=layers)
+        if not layers and _went_nonfinite(w.window.data, read_to):  # NaN/Inf: the layers' too, at once
+            layers = True
+            w.window.refresh(layers=True)
+        if layers:  # after the first read, each run at its own phase: not all in one pass
+            w.layers_at = now if math.isfinite(w.layers_at) else now - self._phase(run.id)
+        return True
 
     def _last_pass(self, run_id: str, now: float) -> list[Transition]:
         """A run that is no longer running: its tail evaluated once more, then its alerts resolved."""
@@ -194,7 +246,12 @@ class AlertEngine:
         except RunNotFound:  # deleted meanwhile: its stored alerts went with it
             pass
         self._watched.pop(run_id, None)
+        self._forget(run_id)
         return out + self.lifecycle.end_run(run_id, now)
+
+    def _forget(self, run_id: str) -> None:
+        with self._waiting_lock:
+            self._waiting.pop(run_id, None)
 
     def _phase(self, run_id: str) -> float:
         """A fraction of `layers_every` fixed by the run id, so runs started together spread their

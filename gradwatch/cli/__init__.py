@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("gradwatch.cli.plot:plot", "Draw a run's gradient pictures into an image file."),
     "diagnose": ("gradwatch.cli.diagnosis:diagnose", "Find gradient problems, with evidence and remedies."),
     "alerts": ("gradwatch.cli.alerts:alerts", "Alerts raised by gradwatch serve, firing and past."),
+    "dashboards": ("gradwatch.cli.dashboards:dashboards", "Regenerate the Grafana dashboards, or upload them."),
     "demo": ("gradwatch.cli.demo:demo", "Train small jobs that show each problem, then diagnose them."),
     "run": ("gradwatch.cli.run:run", "Run a training command with gradwatch attached, no code changes."),
     "serve": ("gradwatch.service.cli:serve", "Ingest run logs continuously and serve /metrics."),

@@ -69,9 +69,12 @@ def factor(ratio: float | None) -> str:
 
 
 def compact(x: float, digits: int = 3) -> str:
-    """A positive number with `digits` significant digits, a short exponent from 1e4 on: 1.5, 812, 2.68e7."""
-    if x < 1e4:
+    """A positive number with `digits` significant digits (a whole number from 100 to 1e4), a short
+    exponent from 1e4 on: 1.5, 812, 5183, 2.68e7."""
+    if x < 100:
         return f"{x:.{digits}g}"
+    if x < 1e4:
+        return f"{x:.0f}"
     mantissa, exp = f"{x:.{digits - 1}e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
 

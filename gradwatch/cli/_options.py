@@ -108,11 +108,11 @@ def resolve_run(store: Store, ref: str) -> str:
         raise BadInput(f"run {ref!r} is ambiguous; candidates: {', '.join(cands)}") from None
     except RunNotFound:
         return _by_name_prefix(store, ref)
-    if run_id != ref and store.run(run_id).name != ref:  # an id prefix: no other run's name may start with it
+    name = store.run(run_id).name if run_id != ref else ref
+    if name != ref:  # found as an id prefix: no other run's name may start with it
         others = list(dict.fromkeys(r.name for r in store.list_runs() if r.id != run_id and r.name.startswith(ref)))
         if others:
-            raise BadInput(f"run {ref!r} is ambiguous; candidates: {run_id} ({store.run(run_id).name}), "
-                           f"{', '.join(others[:8])}")
+            raise BadInput(f"run {ref!r} is ambiguous; candidates: {run_id} ({name}), {', '.join(others[:8])}")
     return run_id
 
 

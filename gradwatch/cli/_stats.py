@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch.cli._format import typed
+
 
 def median(values: Any) -> float | None:
     """Median with NaN values left out and ±Inf kept (they order with the rest); NaN when every
@@ -22,8 +24,6 @@ def summary(metric: str, values: Any) -> dict[str, Any]:
     """A series in numbers, as `history` prints them: how many values; min, median and max with NaN
     left out (NaN when every value is NaN, None when there is none); the last value; how many
     values were NaN, +Inf and -Inf. Counts stay integers (`typed`)."""
-    from gradwatch.cli._format import typed
-
     v = np.asarray(values, dtype=np.float64)
     ordered = v[~np.isnan(v)]
 

@@ -119,14 +119,21 @@ def _render(d: dict[str, Any]) -> str:
                                                             fmt.factor(r["ratio"])) for r in rows], right=(1, 2))
                  if rows else "  no layer has this metric in both runs")
     if d["top"] and len(d["layers"]) > d["top"]:
-        lines.append(f"... {len(d['layers']) - d['top']} more layers (--top 0 shows all)")
+        more = len(d["layers"]) - d["top"]
+        lines.append(f"... {more} more layer{'s' * (more != 1)} (--top 0 shows all)")
     for key, label in (("only_a", "only in A"), ("only_b", "only in B")):
         if d[key]:
-            lines.append(f"{label}: {', '.join(d[key])}")
+            lines.append(f"{label}: {_some(d[key])}")
     if d["type_differs"]:
         lines.append("same name, another type (not compared): "
-                     + ", ".join(f"{t['layer']} ({t['a']} in A, {t['b']} in B)" for t in d["type_differs"]))
+                     + _some([f"{t['layer']} ({t['a']} in A, {t['b']} in B)" for t in d["type_differs"]]))
     return "\n".join(lines)
+
+
+def _some(names: list[str], shown: int = 8) -> str:
+    """The first `shown` names, and how many more (--json lists them all)."""
+    more = f", ... {len(names) - shown} more (--json lists all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @click.command(context_settings=CONTEXT, epilog="""\b

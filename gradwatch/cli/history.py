@@ -66,7 +66,8 @@ def _render(d: dict[str, Any]) -> str:
     if s["nan"] < s["values"]:
         spread.append(f"min {fmt.num(s['min'])}, median {fmt.num(s['median'])}, max {fmt.num(s['max'])}"
                       + (" (NaN left out)" if s["nan"] else ""))
-    stats = f"{s['values']} values, steps {steps[0]}..{steps[-1]}; " + ", ".join([*spread, f"last {fmt.num(s['last'])}"])
+    stats = f"{s['values']} values, steps {steps[0]}..{steps[-1]}; " + ", ".join(
+        [*spread, f"last {fmt.num(s['last'])}"])
     spark = fmt.sparkline(values, width=d["width"])
     scale = " (log scale)" if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min() else ""
     kinds = nonfinite_counts(steps, values)

@@ -33,7 +33,8 @@ PREFERRED = ("grad_norm", "act_grad_norm", "saturation_ratio", "dead_ratio", "ze
 def layer_metrics(names: dict[str, str]) -> list[str]:
     """The per-layer metrics among `names` (metric -> scope, of one rank of a run; grad_norm derived
     from params included), in display order."""
-    have = [m for m, scope in names.items() if scope == "layer"] + (["grad_norm"] if names.get("grad_norm") == "param" else [])
+    have = [m for m, scope in names.items() if scope == "layer"]
+    have += ["grad_norm"] if names.get("grad_norm") == "param" else []
     return sorted(have, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
 
 

@@ -1,9 +1,11 @@
 """Read a run from the store into a `RunData`: the bridge between the query API and the rules.
 
-`RunWindow` keeps the last `steps` steps of one run up to date incrementally: each
-`refresh()` reads, in one store read, only the rows stored since the previous one (bounded
-by the step rank 0's log had reached, so a batch committed in between is never read in part;
-series that did not move are not read at all) and drops what fell out of the window.
+`RunWindow` keeps the last `steps` steps of one run up to date incrementally, two ways that
+give the same data: `refresh()` reads, in one store read, only the rows stored since the
+previous one (bounded by the step rank 0's log had reached, so a batch committed in between
+is never read in part; series that did not move are not read at all); `feed()` appends the
+batches the ingester has just committed from rank 0's log, as that read would have found them
+(`gradwatch.diagnose.frames`), with no read at all. Both drop what fell out of the window.
 `load_run_data` is the same reader with no bound, for a whole run: the service's live rules
 and `gradwatch diagnose` see data built by one code path.
 """
@@ -15,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradwatch.agent.runlog import Event, Frame
+from gradwatch.diagnose import frames as fr
 from gradwatch.diagnose.rundata import LayerInfo, RunData, Series
 
 if TYPE_CHECKING:
-    from gradwatch.store import Store
+    from gradwatch.ingest import Batch
+    from gradwatch.store import LogInfo, Store
 
 #: Run-level metrics the rules and plots read, when the run has them.
 RUN_METRICS = ("grad_norm_total", "grad_norm_total_clipped", "clip_coef", "clip_threshold", "loss",
@@ -86,7 +91,8 @@ def _after(series: Series, first: int) -> Series:
 
 class RunWindow:
     """One run's measurements over its last `steps` steps (all of them when None), as a `RunData`
-    refreshed incrementally from the store. Rank 0, as everything diagnosis reads."""
+    kept up to date from the store (`refresh`) or from the ingester's batches (`feed`). Rank 0,
+    as everything diagnosis reads."""
 
     def __init__(self, store: Store, run_id: str, steps: int | None = None) -> None:
         if steps is not None and steps < 1:
@@ -111,15 +117,16 @@ class RunWindow:
         self._last_event_id = 0  # events are read by id: one stored late for an earlier step is still read
         self.last_step: int | None = None  # every run-level row up to this step has been read
         self.layer_step: int | None = None  # and every layer and param row up to this one
+        self.offset: int | None = None  # rank 0's log is held up to this byte, all of it: `feed` goes on from here
         self._data: RunData | None = None
 
-    def refresh(self, until: int | None = None, layers: bool = True) -> bool:
-        """Read what was stored after the last read, up to step `until` (default: where rank 0's
-        log stands); True when something new was read. Run-level and group metrics are read
-        every time; layer and param metrics (hundreds of series in a large model) and events
-        only with `layers`, from where they were last read, so a caller can read them less often."""
-        if until is None:
-            until = self._rank0_step()
+    def refresh(self, layers: bool = True) -> bool:
+        """Read what was stored after the last read, up to the step rank 0's log stands at; True
+        when something new was read. Run-level and group metrics are read every time; layer
+        and param metrics (hundreds of series in a large model) and events only with `layers`,
+        from where they were last read, so a caller can read them less often."""
+        log = self._rank0_log()
+        until = None if log is None else log.last_step
         read = self._read_events() if layers else False
         if until is not None and (self.last_step is None or until > self.last_step):
             self._read(self._start(self.last_step, until), until, FAST_METRICS)
@@ -127,9 +134,36 @@ class RunWindow:
         if until is not None and layers and (self.layer_step is None or until > self.layer_step):
             self._read(self._start(self.layer_step, until), until, self._slow_metrics())
             self.layer_step, read = until, True
+        self.offset = log.offset if layers and log is not None else None
         if read:
             self._trim()
         return read
+
+    def feed(self, batches: Iterable[Batch]) -> bool:
+        """Append the batches the ingester committed from rank 0's log, as `refresh` would read
+        them; True when every batch was appended or already held. False, with what came before
+        it appended, at the first batch that does not follow on from what the window holds (its
+        offset: rows that another process ingested, or a window read with `layers=False`) or
+        whose rows do not all come after the window's last step: then only a read of the store
+        gives the same data (`refresh`, or a new window for rows out of order)."""
+        for batch in batches:
+            if self.offset is not None and batch.end <= self.offset:
+                continue  # a read already found it
+            if batch.start != self.offset or batch.rank != 0 or batch.run_id != self.run_id:
+                return False
+            columns = fr.metric_columns(r for r in batch.records if isinstance(r, Frame))
+            first = None if columns is None else fr.first_step(columns)
+            if columns is None or (first is not None and self.last_step is not None and first <= self.last_step):
+                return False
+            self._append_columns(columns)
+            last = fr.last_step(columns)
+            if last is not None:
+                self.last_step = self.layer_step = last
+            if any(isinstance(r, Event) for r in batch.records):  # read by id, as `refresh` reads them
+                self._read_events()
+            self._trim()
+            self.offset = batch.end
+        return True
 
     def _start(self, read_to: int | None, until: int) -> int | None:
         """Where to read from: after what was read, and never before the window."""
@@ -140,9 +174,11 @@ class RunWindow:
 
     @property
     def data(self) -> RunData:
-        """The window as a `RunData` for the rules (rebuilt only after a refresh read something)."""
+        """The window as a `RunData` for the rules (rebuilt only after something new was read);
+        a metric with no value in the window is left out."""
         if self._data is None:
-            self._data = RunData(self.run_id, self.name, self.layers, run=dict(self._run),
+            self._data = RunData(self.run_id, self.name, self.layers,
+                                 run={m: s for m, s in self._run.items() if len(s.steps)},
                                  layer={m: s for m, s in self._layer.items() if len(s.steps)},
                                  group={m: s for m, s in self._group.items() if len(s.steps)},
                                  events=tuple(self._events), init_check=self._init_check, config=self._config)
@@ -150,9 +186,10 @@ class RunWindow:
 
     # ------------------------------------------------------------------ reading
 
-    def _rank0_step(self) -> int | None:
-        steps = [log.last_step for log in self.store.logs(self.run_id) if log.rank == 0 and log.last_step is not None]
-        return max(steps) if steps else None
+    def _rank0_log(self) -> LogInfo | None:
+        """Rank 0's log as the store has it (its offset and last step come from one row), or None."""
+        logs = [log for log in self.store.logs(self.run_id) if log.rank == 0]
+        return max(logs, key=lambda log: -1 if log.last_step is None else log.last_step) if logs else None
 
     def _read_events(self) -> bool:
         new = [e for e in self.store.events(self.run_id, after_id=self._last_event_id) if e.rank == 0]
@@ -166,9 +203,14 @@ class RunWindow:
 
     def _slow_metrics(self) -> tuple[str, ...]:
         """Layer and param metrics; per-param grad_norm only for a run without gradient flow."""
-        if not self._has_flow:
-            self._has_flow = self.store.metric_names(self.run_id).get(FLOW) == "layer"
+        if not self._has_flow and self.store.metric_names(self.run_id).get(FLOW) == "layer":
+            self._flow_found()
         return LAYER_METRICS + (PARAM_NORM,) + (() if self._has_flow else (PARAM_GRAD,))
+
+    def _flow_found(self) -> None:
+        """The run has gradient flow after all: the layers' grad_norm stand-in is not read, nor kept."""
+        self._has_flow = True
+        self._layer.pop(PARAM_GRAD, None)
 
     def _read(self, start: int | None, end: int | None, metrics: tuple[str, ...]) -> None:
         """Append the rows in [start, end] (unbounded where None) of `metrics`."""
@@ -177,8 +219,8 @@ class RunWindow:
             series = got.get(metric, {}).get(0)
             if series is not None:
                 self._run[metric] = _append(self._run.get(metric), Series(series.steps, series.values))
-        if got.get(PARAM_NORM):
-            steps, values = l2((s.steps, s.values) for s in got[PARAM_NORM].values())
+        if got.get(PARAM_NORM):  # entity after entity: the sum of squares is the same however it was read
+            steps, values = l2((s.steps, s.values) for _, s in sorted(got[PARAM_NORM].items()))
             self._run["param_norm_total"] = _append(self._run.get("param_norm_total"), Series(steps, values))
         for metric in LAYER_METRICS:
             rows = {self._row_of[e]: (s.steps, s.values) for e, s in got.get(metric, {}).items()
@@ -193,6 +235,41 @@ class RunWindow:
             rows = {e: (s.steps, s.values) for e, s in got.get(metric, {}).items() if 0 <= e < self._groups}
             self._add(self._group, metric, rows, self._groups)
         self._data = None
+
+    def _append_columns(self, columns: dict[str, fr.Columns]) -> None:
+        """Append a batch's rows of every metric the window holds, as `_read` appends the store's."""
+        for metric in RUN_METRICS:
+            got = columns.get(metric)
+            rows = None if got is None else fr.entity_rows(got, 0)
+            if rows is not None and len(rows[0]):
+                self._run[metric] = _append(self._run.get(metric), Series(*rows))
+        if PARAM_NORM in columns:
+            c = columns[PARAM_NORM]
+            steps, values = fr.l2_columns(c, sorted(range(len(c.entities)), key=lambda j: c.entities[j]))
+            if len(steps):
+                self._run["param_norm_total"] = _append(self._run.get("param_norm_total"), Series(steps, values))
+        for metric in LAYER_METRICS:
+            if metric == FLOW and not self._has_flow and metric in columns and columns[metric].present.any():
+                self._flow_found()
+            self._extend(self._layer, metric, columns.get(metric), self._row_of, len(self.layers))
+        if PARAM_GRAD in columns and not self._has_flow and PARAM_GRAD in self._slow_metrics():
+            c = columns[PARAM_GRAD]
+            rows = {}
+            for row, ps in self._params_of.items():
+                cols = [j for j in (c.column(p) for p in ps) if j is not None]
+                if cols:
+                    rows[row] = fr.l2_columns(c, cols)
+            self._add(self._layer, PARAM_GRAD, rows, len(self.layers))
+        for metric in GROUP_METRICS:
+            self._extend(self._group, metric, columns.get(metric), {g: g for g in range(self._groups)}, self._groups)
+        self._data = None
+
+    @staticmethod
+    def _extend(into: dict[str, Series], metric: str, c: fr.Columns | None, row_of: dict[int, int],
+                n_rows: int) -> None:
+        got = None if c is None else fr.matrix_rows(c, row_of, n_rows)
+        if got is not None:
+            into[metric] = _append(into.get(metric), Series(*got))
 
     @staticmethod
     def _add(into: dict[str, Series], metric: str, rows: Histories, n_rows: int) -> None:

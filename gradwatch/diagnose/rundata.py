@@ -117,16 +117,14 @@ def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float
             return np.nanmedian(a, axis=axis)
     pairwise = axis is not None and a.ndim > 1 and a.shape[axis] < 600
     s = np.sort(a.reshape(-1) if axis is None else np.moveaxis(a, axis, -1), axis=-1)
-    n = s.shape[-1] - np.count_nonzero(np.isnan(s), axis=-1)
-    lo = np.expand_dims(np.maximum(n - 1, 0) // 2, -1)
-    hi = np.expand_dims(np.minimum(n // 2, max(s.shape[-1] - 1, 0)), -1)
     if s.shape[-1] == 0:
-        med = np.full(s.shape[:-1], np.nan, dtype=a.dtype)
-    else:
-        low = np.take_along_axis(s, lo, -1)[..., 0]
-        high = np.take_along_axis(s, hi, -1)[..., 0]
+        return np.full(s.shape[:-1], np.nan, dtype=a.dtype)[()]
+    n = s.shape[-1] - np.count_nonzero(np.isnan(s), axis=-1)
+    low = np.take_along_axis(s, np.expand_dims(np.maximum(n - 1, 0) // 2, -1), -1)[..., 0]
+    high = np.take_along_axis(s, np.expand_dims(n // 2, -1), -1)[..., 0]
+    with np.errstate(over="ignore", invalid="ignore"):  # -Inf + Inf is NaN, as in NumPy
         med = (low + high) / 2
-        if not pairwise:
-            med = np.where(n % 2 == 1, low, med)
-        med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False)
-    return med[()] if axis is None else med
+    if not pairwise:
+        med = np.where(n % 2 == 1, low, med)
+    med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False)
+    return med[()] if med.ndim == 0 else med

@@ -24,7 +24,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from gradwatch.agent.runlog import LOG_SUFFIX, LogReader, logs_dir
 from gradwatch.ingest.batch import LogState, OffsetConflict, apply_batch, refresh_run_status
 from gradwatch.ingest.liveness import DEFAULT_STALE_AFTER_S, writer_gone
-from gradwatch.ingest.report import IngestReport
+from gradwatch.ingest.report import Batch, IngestReport
 from gradwatch.store import Store, StoreError
 from gradwatch.store import schema as s
 from gradwatch.store.engine import writing
@@ -41,17 +41,19 @@ class Ingester:
     `poll_once()` is one pass (what the CLI runs before it answers); `poll_forever()` is
     the service's loop. `stale_after` is how long an unclosed log may stay silent before
     its run is declared crashed (sooner when its writer ran on this host and is gone).
+    `on_batch`, when given, is called with each batch of a run's records once it is committed.
     """
 
     def __init__(self, store: Store, home: Path | None = None, stale_after: float = DEFAULT_STALE_AFTER_S,
                  max_batch_bytes: int = MAX_BATCH_BYTES, clock: Callable[[], float] = time.time,
-                 hostname: str | None = None) -> None:
+                 hostname: str | None = None, on_batch: Callable[[Batch], None] | None = None) -> None:
         self.store = store
         self.dir = logs_dir(home)
         self.stale_after = stale_after
         self.max_batch_bytes = max_batch_bytes
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
+        self.on_batch = on_batch
         self._logs: dict[str, LogState] = {}
 
     def poll_once(self) -> IngestReport:
@@ -133,8 +135,8 @@ class Ingester:
                     records = st.reader.read()  # one record (or a damaged stretch) larger than a batch
                 if not records:
                     return False
-                rep = apply_batch(conn, st, offset, records, st.reader.offset, self.clock(), grew_at,
-                                  tail=st.reader.torn_tail)
+                end = st.reader.offset
+                rep = apply_batch(conn, st, offset, records, end, self.clock(), grew_at, tail=st.reader.torn_tail)
         except OffsetConflict:
             st.reset()
             return True
@@ -147,6 +149,8 @@ class Ingester:
             report.errors += 1
             return False
         report.add(rep)
+        if self.on_batch is not None and st.run_id is not None:
+            self.on_batch(Batch(st.run_id, st.rank, offset, end, tuple(record for _, record in records)))
         return True
 
     def _mark_broken(self, st: LogState, reason: str) -> None:

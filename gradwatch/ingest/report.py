@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gradwatch.agent.runlog import Record
+
 
 @dataclass
 class IngestReport:
@@ -32,3 +34,18 @@ class IngestReport:
         self.busy += other.busy
         self.crashed += other.crashed
         self.finished += other.finished
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The records one committed ingest transaction took from one log, between two byte offsets.
+
+    Handed to `Ingester(on_batch=...)` once committed, so that a reader can follow what the
+    store holds without reading it back (the rules engine's windows, docs/alerts.md).
+    """
+
+    run_id: str
+    rank: int
+    start: int
+    end: int
+    records: tuple[Record, ...]

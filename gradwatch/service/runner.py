@@ -4,7 +4,8 @@
 before it touches anything), opens the store, takes up the alerts still firing, binds the
 port, then starts ingesting and pushing. After every ingest pass the rules engine evaluates
 the live runs (`gradwatch.alerts`) in a thread of its own, so a long evaluation never delays
-ingestion. `Service.stop()` ends the ingest loop after its current pass, runs one last pass
+ingestion; the ingester hands it each batch it commits, so the live windows need no read of
+the store. `Service.stop()` ends the ingest loop after its current pass, runs one last pass
 so everything written so far is committed, and one last evaluation of it, gives the alert
 receivers a few seconds to take what is queued, pushes once more, closes the socket and the
 store, and releases the lock. Each failure to start is a one-line `ServiceError`.
@@ -127,7 +128,8 @@ class Service:
 
     def _ingest_loop(self) -> None:
         assert self.store is not None
-        ingester = Ingester(self.store, self.home, clock=self.clock)
+        feed = self.alerts.feed if self.alerts is not None else None  # live windows follow what it commits
+        ingester = Ingester(self.store, self.home, clock=self.clock, on_batch=feed)
         while not self._stop_ingest.is_set():
             self._alerts_after(self.ingest_once(ingester))
             self._stop_ingest.wait(self.settings.poll_interval)

@@ -1,0 +1,134 @@
+"""gradwatch / Layers: one run block by block (or layer by layer), in depth order.
+
+Layer series carry `layer` (a block by default, a layer with `per_layer`) and `depth`, its
+position in model order zero-padded to one width. Every query keeps exactly those two labels
+(`max by (depth, layer)`: the largest over ranks and over the hosts whose services export the
+run, as the exporter reduces ranks), so Prometheus returns the rows sorted by depth and every
+legend starts with it: heatmap rows and legends go 00, 01, ..., 10, 11 as the model does,
+never by name. `$rank` narrows to one rank when the service exports per-rank series
+(`per_rank`); by default layer series have no rank and "All" keeps them.
+"""
+
+from __future__ import annotations
+
+from gradwatch.dashboards.builder import Dashboard, Heatmap, Query, QueryVariable, Row, Table, TimeSeries
+from gradwatch.dashboards.variables import DATASOURCE_VARIABLE, PROJECT, runs
+
+__all__ = ["layers"]
+
+RANK = QueryVariable("rank", "Rank", 'label_values(gradwatch_layer_grad_norm{run="$run"}, rank)', multi=True,
+                     include_all=True, all_value=".*", sort=3)
+LAYER = QueryVariable("layer", "Layer", 'label_values(gradwatch_layer_grad_norm{run="$run"}, layer)', multi=True,
+                      include_all=True, all_value=".*", sort=7)
+LEGEND = "{{depth}} {{layer}}"
+
+
+def _layer(metric: str, filtered: bool = True) -> str:
+    """The metric's series of the run, one per block or layer, in depth order."""
+    layer = ', layer=~"$layer"' if filtered else ""
+    return f'max by (depth, layer) ({metric}{{run="$run", rank=~"$rank"{layer}}})'
+
+
+def _param(metric: str) -> str:
+    return f'max by (param) ({metric}{{run="$run", rank=~"$rank", layer=~"$layer"}})'
+
+
+def _flow_row() -> Row:
+    return Row("Gradient flow through depth: ${run:text}", (
+        Heatmap("Gradient flow: log10 ‖∂loss/∂output‖ by depth",
+                "L2 norm of the gradient of the loss with respect to each block's (or layer's) outputs, on a log10 "
+                "scale, one row per block, the first at the bottom. Rows that fade towards the first blocks: "
+                "vanishing gradients; rows that glow: exploding.",
+                (Query(f"log10({_layer('gradwatch_layer_act_grad_norm', filtered=False)})", LEGEND),)),
+        Heatmap("Parameter gradients: log10 ‖∇θ‖ by depth",
+                "L2 norm of each block's (or layer's) parameter gradients at the last step, before clipping, on a "
+                "log10 scale, one row per block, the first at the bottom.",
+                (Query(f"log10({_layer('gradwatch_layer_grad_norm', filtered=False)})", LEGEND),)),
+        TimeSeries("Gradient flow relative to the largest block",
+                   "Each block's ‖∂loss/∂output‖ divided by the largest block's at the same time. Below 1e-4 for "
+                   "10 minutes fires GradwatchGradientFlowVanishing.",
+                   (Query(f"{_layer('gradwatch_layer_act_grad_norm', filtered=False)}\n  / on() group_left()\n"
+                          f"    max({_layer('gradwatch_layer_act_grad_norm', filtered=False)})", LEGEND),),
+                   log=True),
+        TimeSeries("Gradient norm", "L2 norm of the block's parameter gradients at the last step, before clipping.",
+                   (Query(_layer("gradwatch_layer_grad_norm"), LEGEND),), log=True),
+    ))
+
+
+def _updates_row() -> Row:
+    return Row("Updates: ${run:text}", (
+        TimeSeries("Update ratio ‖Δθ‖/‖θ‖",
+                   "Relative size of the last measured update of each block's parameters. Around 1e-3 is usual; "
+                   "far below: the block barely trains, far above: unstable.",
+                   (Query(_layer("gradwatch_layer_update_ratio"), LEGEND),), log=True),
+        TimeSeries("Parameter norm", "L2 norm of each block's parameters.",
+                   (Query(_layer("gradwatch_layer_param_norm"), LEGEND),)),
+    ))
+
+
+def _activations_row() -> Row:
+    def ratio(title: str, metric: str, description: str, alert: bool) -> TimeSeries:
+        return TimeSeries(title, description, (Query(_layer(metric), LEGEND),), unit="percentunit", min=0, max=1,
+                          thresholds=((0.5, "red"),) if alert else (), width=8)
+
+    return Row("Activations: ${run:text}", (
+        ratio("Saturation ratio", "gradwatch_layer_saturation_ratio",
+              "Fraction of a bounded activation's (sigmoid, tanh) outputs within ε of its asymptotes; a block shows "
+              "its most saturated layer. Above 0.5 for 10 minutes fires GradwatchActivationSaturation.", True),
+        ratio("Dead units ratio", "gradwatch_layer_dead_ratio",
+              "Fraction of a ReLU-family layer's units that output zero for every sample of the batch; a block "
+              "shows its worst layer. Above 0.5 for 10 minutes fires GradwatchDyingReLU.", True),
+        ratio("Zero outputs ratio", "gradwatch_layer_zero_ratio",
+              "Fraction of a ReLU-family layer's outputs equal to zero; a block shows its largest.", False),
+        TimeSeries("Activation mean", "Mean of each block's output (its deepest measured layer's).",
+                   (Query(_layer("gradwatch_layer_activation_mean"), LEGEND),), width=8, height=8),
+        TimeSeries("Activation standard deviation",
+                   "Standard deviation of each block's output (its deepest measured layer's).",
+                   (Query(_layer("gradwatch_layer_activation_std"), LEGEND),), width=8, height=8),
+        TimeSeries("Non-finite activation outputs",
+                   "NaN/Inf outputs of the block's activation layers at their last measured step (they never count "
+                   "as dead or zero). Above 0 fires GradwatchActivationsNotFinite.",
+                   (Query(_layer("gradwatch_layer_activation_nonfinite"), LEGEND),), min=0,
+                   thresholds=((1, "red"),), width=8, height=8),
+    ))
+
+
+def _ranks_row() -> Row:
+    return Row("Ranks: ${run:text}", (
+        Table("Rank with the largest value",
+              "With layer series reduced across ranks (the default), the rank whose value is the largest, per "
+              "block (rows, in depth order) and statistic (columns): where to look first on a multi-GPU run "
+              "(gradwatch_layer_max_rank). Empty with per_rank, where every rank has its own series.",
+              (Query('label_join(max by (depth, layer, stat) (gradwatch_layer_max_rank{run="$run", layer=~"$layer"}),'
+                     ' "block", " ", "depth", "layer")', table=True),),
+              transformations=(
+                  {"id": "groupingToMatrix", "options": {"columnField": "stat", "rowField": "block",
+                                                         "valueField": "Value"}},
+                  {"id": "sortBy", "options": {"fields": {}, "sort": [{"field": "block\\stat"}]}},
+              )),
+    ))
+
+
+def _per_param_row() -> Row:
+    return Row("Per parameter (gradwatch serve --per-param): ${run:text}", (
+        TimeSeries("Parameter gradient norm",
+                   "L2 norm of each parameter's gradient at the last step, before clipping. Exported only with "
+                   "per-param series (gradwatch serve --per-param).",
+                   (Query(_param("gradwatch_param_grad_norm"), "{{param}}"),), log=True, width=8),
+        TimeSeries("Parameter update ratio", "‖Δθ‖/‖θ‖ of each parameter's last measured update (--per-param).",
+                   (Query(_param("gradwatch_param_update_ratio"), "{{param}}"),), log=True, width=8),
+        TimeSeries("Parameter norm (per param)", "L2 norm of each parameter (--per-param).",
+                   (Query(_param("gradwatch_param_norm"), "{{param}}"),), width=8),
+    ), collapsed=True)
+
+
+def layers() -> Dashboard:
+    """The layers dashboard. Rows for the statistics of issues 15 (attention, output logits,
+    activation scale per block) and 16 (Adam state, update bands, spikes) belong between
+    `_activations_row()` and `_ranks_row()`, once the exporter serves their metrics."""
+    return Dashboard(
+        uid="gradwatch-layers", title="gradwatch / Layers",
+        description="One run block by block, in depth order: gradient flow through depth, parameter gradients, "
+                    "update ratios, saturation and dead units, and the rank with the largest value.",
+        variables=(DATASOURCE_VARIABLE, PROJECT, runs(multi=False), RANK, LAYER),
+        rows=(_flow_row(), _updates_row(), _activations_row(), _ranks_row(), _per_param_row()))

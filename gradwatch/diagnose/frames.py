@@ -1,0 +1,108 @@
+"""A run log's frames as the rows a store read would give: what lets the rules engine's windows
+follow the ingester instead of reading the store back (`RunWindow.feed`).
+
+The store keeps one series per metric and entity (param, layer or group index; 0 for a
+run-level metric), with a row at each step where the column was measured, its float32 value
+read back as float64. These functions give the same rows, a metric at a time and vectorised
+over its columns, and the same float64 arithmetic as the store path's `load.l2` (squares added
+one entity after the other), so a window fed frames holds exactly what a read would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.agent.runlog import Frame, MetricDef
+
+
+@dataclass(frozen=True)
+class Columns:
+    """One metric's rows in a batch of frames: `values` and `present` are (steps, entities), the
+    entities in their columns' order."""
+
+    entities: tuple[int, ...]
+    steps: np.ndarray
+    values: np.ndarray
+    present: np.ndarray
+
+    def column(self, entity: int) -> int | None:
+        """The column of an entity, None when the metric has none for it."""
+        return self.entities.index(entity) if entity in self.entities else None
+
+
+def metric_columns(frames: Iterable[Frame]) -> dict[str, Columns] | None:
+    """Every metric's rows in `frames`, by name; None when the frames cannot be read as a store
+    read would give them: a metric's steps that do not strictly increase, a name defined twice
+    differently, or an entity given two columns."""
+    blocks: dict[str, list] = {}
+    defs: dict[str, MetricDef] = {}
+    for frame in frames:
+        for block in frame.blocks:
+            if defs.setdefault(block.metric.name, block.metric) != block.metric:
+                return None
+            if block.steps.shape[0]:
+                blocks.setdefault(block.metric.name, []).append(block)
+    out = {}
+    for name, parts in blocks.items():
+        metric = defs[name]
+        entities = (0,) if metric.scope == "run" else tuple(metric.indices)
+        steps = np.concatenate([b.steps for b in parts]).astype(np.int64)
+        if len(set(entities)) != len(entities) or np.any(np.diff(steps) <= 0):
+            return None
+        values = np.concatenate([b.values for b in parts]).astype(np.float32, copy=False).astype(np.float64)
+        out[name] = Columns(entities, steps, values, np.concatenate([b.present for b in parts]))
+    return out
+
+
+def last_step(columns: dict[str, Columns]) -> int | None:
+    """The last step at which any column was measured (what the ingester records as the log's)."""
+    ends = [int(c.steps[np.flatnonzero(c.present.any(axis=1))[-1]]) for c in columns.values() if c.present.any()]
+    return max(ends) if ends else None
+
+
+def first_step(columns: dict[str, Columns]) -> int | None:
+    """The first step at which any column was measured."""
+    starts = [int(c.steps[np.argmax(c.present.any(axis=1))]) for c in columns.values() if c.present.any()]
+    return min(starts) if starts else None
+
+
+def entity_rows(c: Columns, entity: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """One entity's (steps, values) where it was measured; None when it has no column."""
+    j = c.column(entity)
+    if j is None:
+        return None
+    keep = c.present[:, j]
+    return c.steps[keep], c.values[keep, j]
+
+
+def l2_columns(c: Columns, cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per step where one of `cols` (at least one) was measured, the L2 norm over those measured there, the
+    squares added column after column as `load.l2` adds them entity after entity (adding 0.0
+    for a column not measured changes nothing)."""
+    present = c.present[:, cols]
+    keep = present.any(axis=1)
+    values = c.values[keep][:, cols]
+    squares = np.where(present[keep], values * values, 0.0)
+    total = np.add.accumulate(squares, axis=1)[:, -1]
+    return c.steps[keep], np.sqrt(total)
+
+
+def matrix_rows(c: Columns, row_of: dict[int, int], n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, values, present) of a layer or group matrix: one row per entity in `row_of`, a
+    column per step where one of them was measured; None when none was."""
+    cols = [j for j, e in enumerate(c.entities) if e in row_of]
+    if not cols:
+        return None
+    present = c.present[:, cols]
+    keep = present.any(axis=1)
+    if not keep.any():
+        return None
+    rows = [row_of[c.entities[j]] for j in cols]
+    values = np.full((n_rows, int(keep.sum())), np.nan)
+    mask = np.zeros(values.shape, dtype=bool)
+    values[rows] = np.where(present[keep], c.values[keep][:, cols], np.nan).T
+    mask[rows] = present[keep].T
+    return c.steps[keep], values, mask
