@@ -102,17 +102,35 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
 
 
 def test_alerts_have_severity_and_annotations_with_their_labels(served: Served) -> None:  # noqa: F811
+    """Runs are named by their names (and the description adds project and id), layers by name."""
     for alert in _alerts():
         name = alert["alert"]
         assert alert["labels"]["severity"] in SEVERITIES, name
         annotations = alert["annotations"]
         assert set(annotations) >= {"summary", "description"}, name
         labels = set.intersection(*(served.labels.get(m, {"job", "instance"}) for m in metric_names(alert["expr"])))
-        for label in ("run", "layer"):
+        for label in ("run_name", "layer"):
             if label in labels:
                 for key in ("summary", "description"):
-                    assert f"$labels.{label}" in annotations[key], f"{name}: {key} should name the {label}"
+                    assert f"$labels.{label} " in annotations[key], f"{name}: {key} should name the {label}"
+        if "run_name" in labels:
+            assert "$labels.project " in annotations["description"], f"{name}: the description should name the project"
+            assert "$labels.run " in annotations["description"], f"{name}: the description should give the run id"
+            assert "$labels.run }}" not in annotations["summary"], f"{name}: the summary names the run by its id"
     assert {a["labels"]["severity"] for a in _alerts()} == SEVERITIES
+
+
+def test_layer_alerts_work_with_and_without_per_rank_series() -> None:
+    """Layer series have no rank by default: layer rules group by run and rank (an absent
+    label groups as empty), and their annotations print a rank only when there is one."""
+    for alert in _alerts():
+        if "gradwatch_layer_" not in alert["expr"]:
+            continue
+        for grouping in re.findall(r"\b(?:on|by)\s*\(([^)]*)\)", alert["expr"]):
+            assert {g.strip() for g in grouping.split(",")} == {"run", "rank"}, alert["alert"]
+        text = alert["annotations"]["summary"] + alert["annotations"]["description"]
+        guarded = text.replace("{{ with $labels.rank }}", "").replace("{{ if not $labels.rank }}", "")
+        assert "$labels.rank }}" not in guarded, alert["alert"]
 
 
 def test_alert_rules_use_only_served_metrics_and_labels(served: Served) -> None:  # noqa: F811

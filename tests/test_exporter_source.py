@@ -1,4 +1,4 @@
-"""The collector on a real SQLite store fed by the real ingester: counters, names, grace."""
+"""The collector on a real SQLite store fed by the real ingester: counters, names, depth, grace."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def _registry(source: StoreSource, **kwargs: object) -> CollectorRegistry:
     return registry
 
 
+def _value(registry: CollectorRegistry, sample: str, **labels: str) -> float | None:
+    """The value of the one `sample` whose labels include `labels` (None when there is none)."""
+    found = [s.value for family in registry.collect() for s in family.samples
+             if s.name == sample and labels.items() <= s.labels.items()]
+    assert len(found) <= 1, f"{sample}{labels}: {len(found)} samples"
+    return found[0] if found else None
+
+
 def _expected_counts(run: SyntheticRun, steps: int) -> dict[str, int]:
     s = np.arange(steps)
     return {
@@ -46,16 +54,16 @@ def test_counters_follow_new_rows_incrementally(tmp_path: Path, store: Store) ->
     reg = _registry(StoreSource(store))
     labels = {"run": "cnt1", "rank": "0"}
     for name, count in _expected_counts(run, 100).items():
-        assert reg.get_sample_value(name, labels) == count, name
-    assert reg.get_sample_value("gradwatch_step", labels) == 99
+        assert _value(reg, name, **labels) == count, name
+    assert _value(reg, "gradwatch_step", **labels) == 99
 
     run.write(tmp_path, steps=150, start=100, header=False, close=False)
     ingester.poll_once()
     expected = _expected_counts(run, 250)
     assert expected["gradwatch_clipped_steps_total"] > _expected_counts(run, 100)["gradwatch_clipped_steps_total"]
     for name, count in expected.items():
-        assert reg.get_sample_value(name, labels) == count, name
-    assert reg.get_sample_value("gradwatch_step", labels) == 249
+        assert _value(reg, name, **labels) == count, name
+    assert _value(reg, "gradwatch_step", **labels) == 249
 
 
 def test_names_and_layer_values_from_the_store(tmp_path: Path, store: Store) -> None:
@@ -63,23 +71,35 @@ def test_names_and_layer_values_from_the_store(tmp_path: Path, store: Store) -> 
     run.write(tmp_path, steps=25, close=False)
     Ingester(store, tmp_path).poll_once()
     reg = _registry(StoreSource(store), per_param=True)
-    layer = {"run": "names1", "rank": "0", "layer": "net.0"}
+    layer = {"run": "names1", "run_name": "tiny", "project": "proj", "layer": "net.0", "depth": "0"}
     step = np.array([24])
     weight, bias = (run.value("grad_norm", step, i)[0] for i in (0, 1))
-    assert reg.get_sample_value("gradwatch_layer_grad_norm", layer) == pytest.approx(np.hypot(weight, bias), rel=1e-6)
-    assert reg.get_sample_value("gradwatch_param_grad_norm", {**layer, "param": "net.0.bias"}) == \
+    assert _value(reg, "gradwatch_layer_grad_norm", **layer) == pytest.approx(np.hypot(weight, bias), rel=1e-6)
+    assert _value(reg, "gradwatch_param_grad_norm", run="names1", layer="net.0", param="net.0.bias") == \
         pytest.approx(bias, rel=1e-6)
     at20 = np.array([20])  # param_norm / update_ratio measured every 10 steps
     pn = [run.value("param_norm", at20, i)[0] for i in (0, 1)]
     ur = [run.value("update_ratio", at20, i)[0] for i in (0, 1)]
     expected = np.hypot(ur[0] * pn[0], ur[1] * pn[1]) / np.hypot(*pn)
-    assert reg.get_sample_value("gradwatch_layer_update_ratio", layer) == pytest.approx(expected, rel=1e-6)
-    relu = {"run": "names1", "rank": "0", "layer": "net.1"}
-    assert reg.get_sample_value("gradwatch_layer_dead_ratio", relu) == \
+    assert _value(reg, "gradwatch_layer_update_ratio", **layer) == pytest.approx(expected, rel=1e-6)
+    relu = {"run": "names1", "layer": "net.1", "depth": "1"}
+    assert _value(reg, "gradwatch_layer_dead_ratio", **relu) == \
         pytest.approx(run.value("dead_ratio", at20, 1)[0], rel=1e-6)
     info = {"run": "names1", "name": "tiny", "project": "proj", "host": run.header().info["host"],
             "world_size": "1", "device": "cpu", "torch_version": "2.13.0", "gradwatch_version": "0.1.0"}
-    assert reg.get_sample_value("gradwatch_run_info", info) == 1
+    assert _value(reg, "gradwatch_run_info", **info) == 1
+
+
+def test_depth_comes_from_the_layer_table(tmp_path: Path, store: Store) -> None:
+    """12 layers: depth labels are their model order, zero-padded (net.10 after net.9, not after net.1)."""
+    run = SyntheticRun(run_id="deep1", n_linear=6, param_every=1, act_every=1)
+    run.write(tmp_path, steps=3, close=False)
+    Ingester(store, tmp_path).poll_once()
+    reg = _registry(StoreSource(store))
+    depths = {s.labels["layer"]: s.labels["depth"] for family in reg.collect() for s in family.samples
+              if s.name == "gradwatch_layer_act_grad_norm"}
+    assert depths == {f"net.{i}": str(i).zfill(2) for i in range(12)}
+    assert [layer for layer, _ in sorted(depths.items(), key=lambda kv: kv[1])][9:] == ["net.9", "net.10", "net.11"]
 
 
 def test_finished_run_leaves_after_grace(tmp_path: Path, store: Store) -> None:
@@ -91,11 +111,11 @@ def test_finished_run_leaves_after_grace(tmp_path: Path, store: Store) -> None:
     now = [ended + 5.0]
     source = StoreSource(store, grace=60.0, clock=lambda: now[0])
     reg = _registry(source, grace=60.0, clock=lambda: now[0])
-    assert reg.get_sample_value("gradwatch_run_status", {"run": "done1", "status": "finished"}) == 1
-    assert reg.get_sample_value("gradwatch_step", {"run": "done1", "rank": "0"}) == 9
+    assert _value(reg, "gradwatch_run_status", **{"run": "done1", "status": "finished"}) == 1
+    assert _value(reg, "gradwatch_step", **{"run": "done1", "rank": "0"}) == 9
     now[0] = ended + 61.0
-    assert reg.get_sample_value("gradwatch_step", {"run": "done1", "rank": "0"}) is None
-    assert reg.get_sample_value("gradwatch_step", {"run": "live1", "rank": "0"}) == 9
+    assert _value(reg, "gradwatch_step", **{"run": "done1", "rank": "0"}) is None
+    assert _value(reg, "gradwatch_step", **{"run": "live1", "rank": "0"}) == 9
     assert reg.get_sample_value("gradwatch_exporter_runs") == 1
 
 
@@ -120,16 +140,16 @@ def test_a_nan_loss_is_served_as_nan_and_counted_exactly(tmp_path: Path, store: 
     Ingester(store, tmp_path).poll_once()
     reg = _registry(StoreSource(store, grace=1e9), grace=1e9)
     labels = {"run": trained.run_id, "rank": "0"}
-    assert np.isnan(reg.get_sample_value("gradwatch_loss", labels))  # not the last finite loss
-    assert np.isnan(reg.get_sample_value("gradwatch_global_grad_norm", labels))
-    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 7
-    assert reg.get_sample_value("gradwatch_nonfinite_steps_total", labels) == 7
-    assert reg.get_sample_value("gradwatch_overflow_steps_total", labels) == 0
-    assert reg.get_sample_value("gradwatch_overflow_params", labels) == 0
-    relu = {**labels, "layer": "1"}
-    assert reg.get_sample_value("gradwatch_layer_activation_nonfinite", relu) == trained.nonfinite_outputs[59] == 8
-    assert np.isnan(reg.get_sample_value("gradwatch_layer_act_grad_norm", relu))
-    assert np.isnan(reg.get_sample_value("gradwatch_layer_grad_norm", {**labels, "layer": "0"}))
+    assert np.isnan(_value(reg, "gradwatch_loss", **labels))  # not the last finite loss
+    assert np.isnan(_value(reg, "gradwatch_global_grad_norm", **labels))
+    assert _value(reg, "gradwatch_nonfinite_loss_steps_total", **labels) == 7
+    assert _value(reg, "gradwatch_nonfinite_steps_total", **labels) == 7
+    assert _value(reg, "gradwatch_overflow_steps_total", **labels) == 0
+    assert _value(reg, "gradwatch_overflow_params", **labels) == 0
+    relu = {"run": trained.run_id, "layer": "1"}
+    assert _value(reg, "gradwatch_layer_activation_nonfinite", **relu) == trained.nonfinite_outputs[59] == 8
+    assert np.isnan(_value(reg, "gradwatch_layer_act_grad_norm", **relu))
+    assert np.isnan(_value(reg, "gradwatch_layer_grad_norm", run=trained.run_id, layer="0"))
 
 
 def test_nonfinite_loss_steps_are_counted_across_scrapes(tmp_path: Path, store: Store) -> None:
@@ -151,10 +171,10 @@ def test_nonfinite_loss_steps_are_counted_across_scrapes(tmp_path: Path, store: 
     ingester.poll_once()
     reg = _registry(StoreSource(store))
     labels = {"run": "nanloss1", "rank": "0"}
-    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 7
-    assert np.isnan(reg.get_sample_value("gradwatch_loss", labels))
+    assert _value(reg, "gradwatch_nonfinite_loss_steps_total", **labels) == 7
+    assert np.isnan(_value(reg, "gradwatch_loss", **labels))
     with path.open("ab") as f:
         f.write(frame(60, 99))
     ingester.poll_once()
-    assert reg.get_sample_value("gradwatch_nonfinite_loss_steps_total", labels) == 17
-    assert reg.get_sample_value("gradwatch_loss", labels) == pytest.approx(1.0 / 100)
+    assert _value(reg, "gradwatch_nonfinite_loss_steps_total", **labels) == 17
+    assert _value(reg, "gradwatch_loss", **labels) == pytest.approx(1.0 / 100)

@@ -120,6 +120,11 @@ def test_training_values_reach_prometheus(tmp_path: Path, serve_factory, prometh
 
         grad = _by_layer(prom, "gradwatch_layer_grad_norm", run)
         assert grad == {name: approx(value) for name, value in ref["layers"].items()}
+        # the default label tiers: a Sequential's children are its blocks, at their depth, without rank
+        (first,) = prom.query(f'gradwatch_layer_grad_norm{{run="{run}",layer="0"}}')
+        assert {k: v for k, v in first["metric"].items() if k not in ("instance", "job")} == {
+            "__name__": "gradwatch_layer_grad_norm", "run": run, "run_name": "e2e", "project": "default",
+            "layer": "0", "depth": "0"}
         assert _by_layer(prom, "gradwatch_layer_act_grad_norm", run) == {
             name: approx(v["act_grad_norm"]) for name, v in snap["layers"].items()}
         assert _by_layer(prom, "gradwatch_layer_zero_ratio", run) == {"1": approx(snap["layers"]["1"]["zero_ratio"])}

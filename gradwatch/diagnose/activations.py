@@ -7,7 +7,7 @@ import numpy as np
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.causes import init_cause, lr_burst
 from gradwatch.diagnose.findings import Evidence, Finding
-from gradwatch.diagnose.rundata import RunData, Series, nanmedian
+from gradwatch.diagnose.rundata import RunData, Series
 from gradwatch.diagnose.text import listing, plural, span
 
 GLOROT_CALL = "nn.init.xavier_normal_(w)  # std = sqrt(2 / (fan_in + fan_out)), for sigmoid/tanh"
@@ -20,7 +20,7 @@ def _over(data: RunData, metric: str, limit: float) -> tuple[Series, np.ndarray,
     if series is None or series.values.size == 0:
         return None
     window = series.window(th.WINDOW_FRACTION)
-    med = np.asarray(nanmedian(np.where(window.measured, window.values, np.nan), axis=1))
+    med = series.row_medians(th.WINDOW_FRACTION)
     rows = np.flatnonzero(np.nan_to_num(med, nan=0.0) > limit)
     return (window, med, rows) if len(rows) else None
 

@@ -7,7 +7,7 @@ import numpy as np
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.causes import init_cause
 from gradwatch.diagnose.findings import Evidence, Finding
-from gradwatch.diagnose.rundata import RunData, nanmedian
+from gradwatch.diagnose.rundata import RunData
 from gradwatch.diagnose.text import listing, num, plural, span
 
 RELU_INIT = ("use a ReLU-family activation (ReLU, LeakyReLU, ELU, GELU) in hidden layers with He (Kaiming) init: "
@@ -24,7 +24,7 @@ def vanishing(data: RunData) -> list[Finding]:
     if series is None or series.values.size == 0:
         return []
     window = series.window(th.WINDOW_FRACTION)
-    med = np.asarray(nanmedian(np.where(window.measured, window.values, np.nan), axis=1))
+    med = series.row_medians(th.WINDOW_FRACTION)
     rows = np.flatnonzero(np.isfinite(med))
     if len(rows) < th.VANISHING_MIN_LAYERS or med[rows[-1]] <= 0:
         return []

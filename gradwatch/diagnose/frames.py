@@ -15,18 +15,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.agent.runlog import Frame, MetricDef
+from gradwatch.agent.runlog import Block, Frame
 
 
 @dataclass(frozen=True)
 class Columns:
     """One metric's rows in a batch of frames: `values` and `present` are (steps, entities), the
-    entities in their columns' order."""
+    entities in their columns' order; `measured` says which steps have a column measured."""
 
     entities: tuple[int, ...]
     steps: np.ndarray
     values: np.ndarray
     present: np.ndarray
+    measured: np.ndarray
 
     def column(self, entity: int) -> int | None:
         """The column of an entity, None when the metric has none for it."""
@@ -37,36 +38,36 @@ def metric_columns(frames: Iterable[Frame]) -> dict[str, Columns] | None:
     """Every metric's rows in `frames`, by name; None when the frames cannot be read as a store
     read would give them: a metric's steps that do not strictly increase, a name defined twice
     differently, or an entity given two columns."""
-    blocks: dict[str, list] = {}
-    defs: dict[str, MetricDef] = {}
+    blocks: dict[str, list[Block]] = {}
     for frame in frames:
         for block in frame.blocks:
-            if defs.setdefault(block.metric.name, block.metric) != block.metric:
-                return None
             if block.steps.shape[0]:
                 blocks.setdefault(block.metric.name, []).append(block)
     out = {}
     for name, parts in blocks.items():
-        metric = defs[name]
-        entities = (0,) if metric.scope == "run" else tuple(metric.indices)
-        steps = np.concatenate([b.steps for b in parts]).astype(np.int64)
-        if len(set(entities)) != len(entities) or np.any(np.diff(steps) <= 0):
+        metric = parts[0].metric
+        entities = (0,) if metric.scope == "run" else metric.indices
+        if len(parts) == 1:
+            steps, values, present = parts[0].steps, parts[0].values, parts[0].present
+        elif any(b.metric != metric for b in parts):
             return None
-        values = np.concatenate([b.values for b in parts]).astype(np.float32, copy=False).astype(np.float64)
-        out[name] = Columns(entities, steps, values, np.concatenate([b.present for b in parts]))
+        else:
+            steps = np.concatenate([b.steps for b in parts])
+            values = np.concatenate([b.values for b in parts])
+            present = np.concatenate([b.present for b in parts])
+        if (steps.shape[0] > 1 and bool(np.any(steps[1:] <= steps[:-1]))) or len(set(entities)) != len(entities):
+            return None
+        out[name] = Columns(entities, steps.astype(np.int64, copy=False),
+                            values.astype(np.float32, copy=False).astype(np.float64), present, present.any(axis=1))
     return out
 
 
-def last_step(columns: dict[str, Columns]) -> int | None:
-    """The last step at which any column was measured (what the ingester records as the log's)."""
-    ends = [int(c.steps[np.flatnonzero(c.present.any(axis=1))[-1]]) for c in columns.values() if c.present.any()]
-    return max(ends) if ends else None
-
-
-def first_step(columns: dict[str, Columns]) -> int | None:
-    """The first step at which any column was measured."""
-    starts = [int(c.steps[np.argmax(c.present.any(axis=1))]) for c in columns.values() if c.present.any()]
-    return min(starts) if starts else None
+def step_range(columns: dict[str, Columns]) -> tuple[int, int] | None:
+    """The first and last steps at which any column was measured (the last is what the ingester
+    records as the log's); None when none was."""
+    ends = [(int(c.steps[np.argmax(c.measured)]), int(c.steps[len(c.measured) - 1 - np.argmax(c.measured[::-1])]))
+            for c in columns.values() if c.measured.any()]
+    return (min(a for a, _ in ends), max(b for _, b in ends)) if ends else None
 
 
 def entity_rows(c: Columns, entity: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -141,29 +141,37 @@ class RunWindow:
 
     def feed(self, batches: Iterable[Batch]) -> bool:
         """Append the batches the ingester committed from rank 0's log, as `refresh` would read
-        them; True when every batch was appended or already held. False, with what came before
+        them; True when every batch was appended or already held. False, with the batches before
         it appended, at the first batch that does not follow on from what the window holds (its
-        offset: rows that another process ingested, or a window read with `layers=False`) or
-        whose rows do not all come after the window's last step: then only a read of the store
-        gives the same data (`refresh`, or a new window for rows out of order)."""
+        `offset`: rows that another process ingested, or a window last read with `layers=False`),
+        or when the rows do not all come after the window's last step: then only a read of the
+        store gives the same data (`refresh`, or a new window for rows out of order)."""
+        chain: list[Batch] = []
+        end = self.offset
+        complete = True
         for batch in batches:
-            if self.offset is not None and batch.end <= self.offset:
+            if end is not None and batch.end <= end:
                 continue  # a read already found it
-            if batch.start != self.offset or batch.rank != 0 or batch.run_id != self.run_id:
-                return False
-            columns = fr.metric_columns(r for r in batch.records if isinstance(r, Frame))
-            first = None if columns is None else fr.first_step(columns)
-            if columns is None or (first is not None and self.last_step is not None and first <= self.last_step):
-                return False
-            self._append_columns(columns)
-            last = fr.last_step(columns)
-            if last is not None:
-                self.last_step = self.layer_step = last
-            if any(isinstance(r, Event) for r in batch.records):  # read by id, as `refresh` reads them
-                self._read_events()
-            self._trim()
-            self.offset = batch.end
-        return True
+            if batch.start != end or batch.rank != 0 or batch.run_id != self.run_id:
+                complete = False
+                break
+            chain.append(batch)
+            end = batch.end
+        if not chain:
+            return complete
+        records = [r for batch in chain for r in batch.records]
+        columns = fr.metric_columns(r for r in records if isinstance(r, Frame))
+        steps = None if columns is None else fr.step_range(columns)
+        if columns is None or (steps is not None and self.last_step is not None and steps[0] <= self.last_step):
+            return False
+        self._append_columns(columns)
+        if steps is not None:
+            self.last_step = self.layer_step = steps[1]
+        if any(isinstance(r, Event) for r in records):  # read by id, as `refresh` reads them
+            self._read_events()
+        self._trim()
+        self.offset = end
+        return complete
 
     def _start(self, read_to: int | None, until: int) -> int | None:
         """Where to read from: after what was read, and never before the window."""

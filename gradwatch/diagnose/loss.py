@@ -8,7 +8,7 @@ import numpy as np
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.causes import lr_burst
 from gradwatch.diagnose.findings import Evidence, Finding
-from gradwatch.diagnose.rundata import RunData
+from gradwatch.diagnose.rundata import RunData, Series
 from gradwatch.diagnose.spikes import LossSpike, find_loss_spikes, isolated, local_factor
 from gradwatch.diagnose.text import num, plural, ranges_text
 
@@ -21,13 +21,20 @@ ADAM = ("with Adam: a second-moment estimate (beta2) gone stale while gradients 
         "gradient through at full step size")
 
 
+def loss_spikes(loss: Series) -> tuple[LossSpike, ...]:
+    """`find_loss_spikes` of a loss series, computed once per series and thresholds (this rule and
+    exploding_gradients both need them)."""
+    key = ("loss_spikes", th.LOSS_LOOKBACK, th.LOSS_MIN_HISTORY, th.LOSS_SPIKE_Z, th.LOSS_SPIKE_RISE,
+           th.LOSS_SPIKE_MIN_RISE)
+    return loss.derived(key, lambda s: tuple(find_loss_spikes(s.steps, s.values)))
+
+
 def batch_spike_steps(data: RunData) -> np.ndarray:
     """Steps of the loss spikes that a bad batch explains (one logged step, back the next)."""
     s = data.run.get("loss")
     if s is None or not s.values.size:
         return np.array([], dtype=np.int64)
-    return np.array([sp.first for sp in find_loss_spikes(s.steps, s.values) if isolated(sp, s.steps)],
-                    dtype=np.int64)
+    return np.array([sp.first for sp in loss_spikes(s) if isolated(sp, s.steps)], dtype=np.int64)
 
 
 def _gradient_at(data: RunData, step: int) -> tuple[str, float]:
@@ -65,7 +72,7 @@ def loss_spike(data: RunData) -> list[Finding]:
     s = data.run.get("loss")
     if s is None or not s.values.size:
         return []
-    spikes = find_loss_spikes(s.steps, s.values)
+    spikes = loss_spikes(s)
     if not spikes:
         return []
     worst = max(spikes, key=lambda sp: (sp.loss - sp.median) / (sp.limit - sp.median))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,33 @@ class Series:
 
     `present` (same shape, bool) is False where nothing was measured (a layer not measured at
     that step, or not of the metric's family); None means every value was measured. NaN, +Inf
-    and -Inf in `values` are measured values wherever `present` is True.
+    and -Inf in `values` are measured values wherever `present` is True. A series is never
+    changed in place (a window makes a new one as it moves), so what rules derive from it is
+    kept with it (`derived`).
     """
 
     steps: np.ndarray
     values: np.ndarray
     present: np.ndarray | None = None
+    _derived: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key: Hashable, compute: Callable[[Series], T]) -> T:
+        """`compute(self)`, computed once per `key`: rules that need the same medians or spikes
+        of a series share them, and a live window's series that did not move keeps them from one
+        evaluation to the next. The key names the computation and every threshold it reads."""
+        if key not in self._derived:
+            self._derived[key] = compute(self)
+        return self._derived[key]  # type: ignore[no-any-return]
+
+    def row_medians(self, fraction: float) -> np.ndarray:
+        """Each row's median of its measured values over the last `fraction` of the steps (NaN for a
+        row with none there): what the rules over a steady state judge."""
+        def medians(s: Series) -> np.ndarray:
+            window = s.window(fraction)
+            med = np.asarray(nanmedian(np.where(window.measured, window.values, np.nan), axis=1))
+            med.flags.writeable = False  # shared by every rule that reads it
+            return med
+        return self.derived(("row_medians", fraction), medians)
 
     @property
     def measured(self) -> np.ndarray:
@@ -116,15 +140,19 @@ def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmedian(a, axis=axis)
     pairwise = axis is not None and a.ndim > 1 and a.shape[axis] < 600
-    s = np.sort(a.reshape(-1) if axis is None else np.moveaxis(a, axis, -1), axis=-1)
-    if s.shape[-1] == 0:
+    s = np.sort(a, axis=None if axis is None else axis)
+    if axis is not None and axis % a.ndim != a.ndim - 1:
+        s = np.moveaxis(s, axis, -1)
+    k = s.shape[-1]
+    if k == 0:
         return np.full(s.shape[:-1], np.nan, dtype=a.dtype)[()]
-    n = s.shape[-1] - np.count_nonzero(np.isnan(s), axis=-1)
-    low = np.take_along_axis(s, np.expand_dims(np.maximum(n - 1, 0) // 2, -1), -1)[..., 0]
-    high = np.take_along_axis(s, np.expand_dims(n // 2, -1), -1)[..., 0]
+    rows = s.reshape(-1, k)
+    n = k - np.count_nonzero(np.isnan(rows), axis=1)
+    r = np.arange(rows.shape[0])
+    low, high = rows[r, np.maximum(n - 1, 0) // 2], rows[r, n // 2]
     with np.errstate(over="ignore", invalid="ignore"):  # -Inf + Inf is NaN, as in NumPy
         med = (low + high) / 2
     if not pairwise:
         med = np.where(n % 2 == 1, low, med)
-    med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False)
+    med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False).reshape(s.shape[:-1])
     return med[()] if med.ndim == 0 else med
