@@ -160,7 +160,7 @@ def train_step(
 
 
 def _attach(name: str, model_name: str, workload: Workload, workdir: Path,
-            backend: str | None) -> tuple[Method, torch.nn.Module, Any, int]:
+            backend: str | None = None) -> tuple[Method, torch.nn.Module, Any, int]:
     model = copy.deepcopy(workload.model)
     optimizer = make_optimizer(model)
     if backend is not None:
