@@ -26,6 +26,8 @@ from tests.test_dashboards import Served, check_against_served, metric_names, se
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+LONGTERM_CONFIG = DEPLOY / "prometheus" / "prometheus-longterm.yml"
+LONGTERM_COMPOSE = DEPLOY / "docker-compose.longterm.yml"
 RULES = DEPLOY / "prometheus" / "gradwatch-alerts.yml"
 RULES_TEST = DEPLOY / "prometheus" / "gradwatch-alerts.test.yml"
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
@@ -58,6 +60,73 @@ def test_prometheus_config_scrapes_serve_and_alerts_alertmanager() -> None:
     text = PROM_CONFIG.read_text()
     assert re.search(r"^\s*# - job_name: gradwatch-pushgateway$", text, re.MULTILINE)
     assert re.search(r"^\s*#\s+honor_labels: true$", text, re.MULTILINE)
+
+
+def test_longterm_config_passes_promtool() -> None:
+    proc = _run(require_binary("promtool"), "check", "config", str(LONGTERM_CONFIG))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(_alerts())} rules found" in proc.stdout + proc.stderr
+
+
+def test_longterm_config_is_the_base_config_plus_remote_write() -> None:
+    """prometheus-longterm.yml cannot drift from prometheus.yml: only `remote_write` differs, and
+    it keeps every gradwatch metric, the scrape health and the alerts."""
+    from gradwatch.service.catalog import METRICS
+    from gradwatch.service.tiers import TIER_METRICS
+
+    base, longterm = yaml.safe_load(PROM_CONFIG.read_text()), yaml.safe_load(LONGTERM_CONFIG.read_text())
+    (remote,) = longterm.pop("remote_write")
+    assert longterm == base
+    assert remote["url"] == "http://127.0.0.1:8428/api/v1/write"
+    (keep,) = remote["write_relabel_configs"]
+    assert keep["action"] == "keep" and keep["source_labels"] == ["__name__"]
+    pattern = re.compile(keep["regex"])
+    kept = [spec.name for spec in (*METRICS, *TIER_METRICS)] + ["gradwatch_run_info", "up", "ALERTS"]
+    assert all(pattern.fullmatch(name) for name in kept)
+    assert not pattern.fullmatch("prometheus_tsdb_head_series") and not pattern.fullmatch("scrape_duration_seconds")
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge of two files for what these tests read: services' keys replaced, volumes
+    merged by their target path (the override's win)."""
+    services = {name: dict(service) for name, service in base["services"].items()}
+    for name, extra in override["services"].items():
+        merged = services.setdefault(name, {})
+        for key, value in extra.items():
+            if key == "volumes":
+                by_target = {v.split(":")[1]: v for v in merged.get("volumes", [])}
+                by_target.update({v.split(":")[1]: v for v in value})
+                merged["volumes"] = list(by_target.values())
+            else:
+                merged[key] = value
+    return services
+
+
+def test_longterm_compose_profile() -> None:
+    override = yaml.safe_load(LONGTERM_COMPOSE.read_text())
+    services = _merged(yaml.safe_load(COMPOSE.read_text()), override)
+    vm = services["victoriametrics"]
+    assert vm["network_mode"] == "host" and "-httpListenAddr=127.0.0.1:8428" in vm["command"]
+    assert "-retentionPeriod=12" in vm["command"] and re.search(r":v\d+\.\d+\.\d+$", vm["image"])
+    mounts = {name: {v.split(":")[1]: v.split(":")[0] for v in s.get("volumes", [])} for name, s in services.items()}
+    assert mounts["prometheus"]["/etc/prometheus/prometheus.yml"] == "./prometheus/prometheus-longterm.yml"
+    assert mounts["prometheus"][f"/etc/prometheus/{RULES.name}"] == f"./prometheus/{RULES.name}"  # kept from the base
+    assert mounts["grafana"]["/etc/grafana/provisioning/datasources"] == "./grafana/provisioning-longterm/datasources"
+    assert "victoriametrics" in services["prometheus"]["depends_on"]
+    for name, by_target in mounts.items():
+        for source in by_target.values():
+            if source.startswith("."):
+                assert (DEPLOY / source).exists() or source == "./secrets", f"{name}: {source} does not exist"
+    assert set(override["volumes"]) == {"victoriametrics-data"}
+
+
+def test_longterm_datasources() -> None:
+    base = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/gradwatch.yml").read_text())
+    longterm = yaml.safe_load((DEPLOY / "grafana/provisioning-longterm/datasources/gradwatch.yml").read_text())
+    prometheus, victoria = longterm["datasources"]
+    assert base["datasources"] == [prometheus]  # the same Prometheus data source, unchanged
+    assert victoria["type"] == "prometheus" and victoria["url"] == "http://127.0.0.1:8428"
+    assert victoria["uid"] != prometheus["uid"] and not victoria["isDefault"]
 
 
 def test_alert_rules_pass_promtool_check() -> None:

@@ -97,8 +97,9 @@ def _ranks_row() -> Row:
     return Row("Ranks: ${run:text}", (
         Table("Rank with the largest value",
               "With layer series reduced across ranks (the default), the rank whose value is the largest, per "
-              "block (rows, in depth order) and statistic (columns): where to look first on a multi-GPU run "
-              "(gradwatch_layer_max_rank). Empty with per_rank, where every rank has its own series.",
+              "block (rows, in depth order) and activation statistic (columns): where to look first on a "
+              "multi-GPU run (gradwatch_layer_max_rank; one per service that exports the run). Empty with "
+              "per_rank, where every rank has its own series.",
               (Query('label_join(max by (depth, layer, stat) (gradwatch_layer_max_rank{run="$run", layer=~"$layer"}),'
                      ' "block", " ", "depth", "layer")', table=True),),
               transformations=(

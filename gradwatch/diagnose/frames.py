@@ -21,13 +21,14 @@ from gradwatch.agent.runlog import Block, Frame
 @dataclass(frozen=True)
 class Columns:
     """One metric's rows in a batch of frames: `values` and `present` are (steps, entities), the
-    entities in their columns' order; `measured` says which steps have a column measured."""
+    entities in their columns' order; `span` is the first and last step at which a column was
+    measured (None when none was)."""
 
     entities: tuple[int, ...]
     steps: np.ndarray
     values: np.ndarray
     present: np.ndarray
-    measured: np.ndarray
+    span: tuple[int, int] | None
 
     def column(self, entity: int) -> int | None:
         """The column of an entity, None when the metric has none for it."""
@@ -49,7 +50,7 @@ def metric_columns(frames: Iterable[Frame]) -> dict[str, Columns] | None:
         entities = (0,) if metric.scope == "run" else metric.indices
         if len(parts) == 1:
             steps, values, present = parts[0].steps, parts[0].values, parts[0].present
-        elif any(b.metric != metric for b in parts):
+        elif any(b.metric is not metric and b.metric != metric for b in parts):
             return None
         else:
             steps = np.concatenate([b.steps for b in parts])
@@ -57,17 +58,18 @@ def metric_columns(frames: Iterable[Frame]) -> dict[str, Columns] | None:
             present = np.concatenate([b.present for b in parts])
         if (steps.shape[0] > 1 and bool(np.any(steps[1:] <= steps[:-1]))) or len(set(entities)) != len(entities):
             return None
+        measured = np.flatnonzero(present.any(axis=1))
+        span = (int(steps[measured[0]]), int(steps[measured[-1]])) if len(measured) else None
         out[name] = Columns(entities, steps.astype(np.int64, copy=False),
-                            values.astype(np.float32, copy=False).astype(np.float64), present, present.any(axis=1))
+                            values.astype(np.float32, copy=False).astype(np.float64), present, span)
     return out
 
 
 def step_range(columns: dict[str, Columns]) -> tuple[int, int] | None:
     """The first and last steps at which any column was measured (the last is what the ingester
     records as the log's); None when none was."""
-    ends = [(int(c.steps[np.argmax(c.measured)]), int(c.steps[len(c.measured) - 1 - np.argmax(c.measured[::-1])]))
-            for c in columns.values() if c.measured.any()]
-    return (min(a for a, _ in ends), max(b for _, b in ends)) if ends else None
+    spans = [c.span for c in columns.values() if c.span is not None]
+    return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
 
 
 def entity_rows(c: Columns, entity: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -79,10 +81,10 @@ def entity_rows(c: Columns, entity: int) -> tuple[np.ndarray, np.ndarray] | None
     return c.steps[keep], c.values[keep, j]
 
 
-def l2_columns(c: Columns, cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per step where one of `cols` (at least one) was measured, the L2 norm over those measured there, the
-    squares added column after column as `load.l2` adds them entity after entity (adding 0.0
-    for a column not measured changes nothing)."""
+def l2_columns(c: Columns, cols: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per step where one of `cols` (at least one) was measured, the L2 norm over those measured
+    there, the squares added column after column as `load.l2` adds them entity after entity
+    (adding 0.0 for a column not measured changes nothing)."""
     present = c.present[:, cols]
     keep = present.any(axis=1)
     values = c.values[keep][:, cols]
@@ -91,17 +93,23 @@ def l2_columns(c: Columns, cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return c.steps[keep], np.sqrt(total)
 
 
-def matrix_rows(c: Columns, row_of: dict[int, int], n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(steps, values, present) of a layer or group matrix: one row per entity in `row_of`, a
-    column per step where one of them was measured; None when none was."""
-    cols = [j for j, e in enumerate(c.entities) if e in row_of]
-    if not cols:
+def layout(entities: tuple[int, ...], row_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of the entities that `row_of` maps to a matrix row, and those rows."""
+    cols = [j for j, e in enumerate(entities) if e in row_of]
+    return np.array(cols, dtype=np.intp), np.array([row_of[entities[j]] for j in cols], dtype=np.intp)
+
+
+def matrix_rows(c: Columns, cols: np.ndarray, rows: np.ndarray,
+                n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, values, present) of a layer or group matrix of `n_rows` rows: the columns `cols`
+    in the rows `rows` (`layout`), a column per step where one of them was measured; None when
+    none was."""
+    if not len(cols):
         return None
     present = c.present[:, cols]
     keep = present.any(axis=1)
     if not keep.any():
         return None
-    rows = [row_of[c.entities[j]] for j in cols]
     values = np.full((n_rows, int(keep.sum())), np.nan)
     mask = np.zeros(values.shape, dtype=bool)
     values[rows] = np.where(present[keep], c.values[keep][:, cols], np.nan).T

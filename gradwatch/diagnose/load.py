@@ -118,6 +118,7 @@ class RunWindow:
         self.last_step: int | None = None  # every run-level row up to this step has been read
         self.layer_step: int | None = None  # and every layer and param row up to this one
         self.offset: int | None = None  # rank 0's log is held up to this byte, all of it: `feed` goes on from here
+        self._layouts: dict[str, tuple[tuple[int, ...], np.ndarray, np.ndarray]] = {}  # see `_layout`
         self._data: RunData | None = None
 
     def refresh(self, layers: bool = True) -> bool:
@@ -251,13 +252,13 @@ class RunWindow:
             rows = None if got is None else fr.entity_rows(got, 0)
             if rows is not None and len(rows[0]):
                 self._run[metric] = _append(self._run.get(metric), Series(*rows))
-        if PARAM_NORM in columns:
+        if PARAM_NORM in columns:  # entity after entity, as `_read` adds them
             c = columns[PARAM_NORM]
-            steps, values = fr.l2_columns(c, sorted(range(len(c.entities)), key=lambda j: c.entities[j]))
+            steps, values = fr.l2_columns(c, self._layout(PARAM_NORM, c.entities, None)[0])
             if len(steps):
                 self._run["param_norm_total"] = _append(self._run.get("param_norm_total"), Series(steps, values))
         for metric in LAYER_METRICS:
-            if metric == FLOW and not self._has_flow and metric in columns and columns[metric].present.any():
+            if metric == FLOW and not self._has_flow and metric in columns and columns[metric].span is not None:
                 self._flow_found()
             self._extend(self._layer, metric, columns.get(metric), self._row_of, len(self.layers))
         if PARAM_GRAD in columns and not self._has_flow and PARAM_GRAD in self._slow_metrics():
@@ -272,10 +273,24 @@ class RunWindow:
             self._extend(self._group, metric, columns.get(metric), {g: g for g in range(self._groups)}, self._groups)
         self._data = None
 
-    @staticmethod
-    def _extend(into: dict[str, Series], metric: str, c: fr.Columns | None, row_of: dict[int, int],
+    def _layout(self, metric: str, entities: tuple[int, ...],
+                row_of: dict[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """`frames.layout` of a metric's entities (with no `row_of`: every column, by entity),
+        kept while its definition stays the same object, as it does from frame to frame."""
+        cached = self._layouts.get(metric)
+        if cached is None or cached[0] is not entities:
+            if row_of is None:
+                got = (np.argsort(np.asarray(entities, dtype=np.int64), kind="stable"), np.zeros(0, dtype=np.intp))
+            else:
+                got = fr.layout(entities, row_of)
+            cached = self._layouts[metric] = (entities, *got)
+        return cached[1], cached[2]
+
+    def _extend(self, into: dict[str, Series], metric: str, c: fr.Columns | None, row_of: dict[int, int],
                 n_rows: int) -> None:
-        got = None if c is None else fr.matrix_rows(c, row_of, n_rows)
+        if c is None:
+            return
+        got = fr.matrix_rows(c, *self._layout(metric, c.entities, row_of), n_rows)
         if got is not None:
             into[metric] = _append(into.get(metric), Series(*got))
 

@@ -44,6 +44,7 @@ from gradwatch.service.catalog import (
 )
 from gradwatch.service.logs import log_event
 from gradwatch.service.tiers import (
+    ATTRIBUTED,
     LAYER_MAX_RANK,
     TIER_METRICS,
     Placement,
@@ -223,11 +224,13 @@ def _unit_values(layer_values: dict[str, Measured], param_values: dict[str, Meas
 
 
 _LAYER_SPECS = {spec.name: spec for spec in (*LAYER_SCOPE.values(), LAYER_PARAM_NORM, LAYER_UPDATE_RATIO)}
+_ATTRIBUTED = {LAYER_SCOPE[metric].name for metric in ATTRIBUTED}
 
 
 def _add_layers(out: _Families, ident: dict[str, str], by_rank: dict[int, dict[tuple[str, str], float]],
                 place: dict[str, Placement]) -> None:
-    """Each unit's layer series: per rank, or the largest over the ranks and the rank that has it."""
+    """Each unit's layer series: per rank, or the largest over the ranks (and, for the activation
+    statistics, the rank that has it)."""
     depth = {p.unit: p.depth for p in place.values()}
     keys = sorted({key for values in by_rank.values() for key in values},
                   key=lambda k: (depth[k[0]], list(_LAYER_SPECS).index(k[1])))
@@ -241,7 +244,8 @@ def _add_layers(out: _Families, ident: dict[str, str], by_rank: dict[int, dict[t
         else:
             value, rank = rank_max(ranks)
             out.add(spec, labels, value)
-            out.add(LAYER_MAX_RANK, {**labels, "stat": name.removeprefix("gradwatch_layer_")}, float(rank))
+            if name in _ATTRIBUTED:
+                out.add(LAYER_MAX_RANK, {**labels, "stat": name.removeprefix("gradwatch_layer_")}, float(rank))
 
 
 def _add_params(out: _Families, ident: dict[str, str], param_values: dict[int, dict[str, Measured]],

@@ -2,8 +2,8 @@
 
 By default a run's layer metrics are exported per *block* (a group of layers: by default a
 transformer block or a Sequential's numbered child, see `block_of`) and without a `rank` label:
-the value is the largest over the ranks the service sees, and `gradwatch_layer_max_rank`
-names the rank that has it. Per-layer, per-param and per-rank series are opt-in (`Tiers`).
+the value is the largest over the ranks the service sees, and for the activation statistics
+`gradwatch_layer_max_rank` names the rank that has it. Per-layer, per-param and per-rank series are opt-in (`Tiers`).
 Every series of a run carries `run_name` and `project`, which add no series (one name and one
 project per run). docs/metrics.md documents the label sets and the series each tier costs.
 
@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from gradwatch.service.catalog import RUN_INFO, MetricSpec
 
-__all__ = ["LAYER_MAX_RANK", "TIER_METRICS", "Placement", "Tiers", "aggregate", "block_of", "exported", "l2",
+__all__ = ["ATTRIBUTED", "LAYER_MAX_RANK", "TIER_METRICS", "Placement", "Tiers", "aggregate", "block_of", "exported", "l2",
            "largest", "param_aggregates", "placements", "rank_max", "update_ratio"]
 
 K = TypeVar("K")
@@ -40,9 +40,15 @@ class Tiers:
 
 LAYER_MAX_RANK = MetricSpec(
     "gradwatch_layer_max_rank", "gauge", ("run", "layer", "depth", "stat"),
-    "Rank whose value of the layer metric named by `stat` is the largest (lowest such rank; NaN counts as "
-    "largest); exported when layer series are reduced across ranks")
+    "Rank whose value of the activation statistic named by `stat` is the largest (lowest such rank; NaN counts "
+    "as largest); exported when layer series are reduced across ranks")
 TIER_METRICS: tuple[MetricSpec, ...] = (LAYER_MAX_RANK,)
+
+# Run-log metrics whose rank of the largest value is exported: the activation statistics, which
+# differ between data-parallel ranks (each sees its own batch). Gradient and parameter norms
+# and update ratios are those of the synchronised gradients and weights, equal on every rank.
+ATTRIBUTED = frozenset({"act_grad_norm", "act_mean", "act_std", "saturation_ratio", "dead_ratio", "zero_ratio",
+                        "act_nonfinite"})
 
 RUN_IDENTITY = ("run_name", "project")
 
@@ -52,7 +58,7 @@ def exported(spec: MetricSpec, tiers: Tiers) -> MetricSpec:
 
     Every series with a `run` label also gets `run_name` and `project` (gradwatch_run_info
     already has them as `name` and `project`); layer series get `depth`; layer and param series
-    lose `rank` unless `tiers.per_rank`.
+    lose `rank` unless `tiers.per_rank` (`LAYER_MAX_RANK` exists only without it).
     """
     labels = list(spec.labels)
     if "run" in labels and spec is not RUN_INFO:
@@ -63,7 +69,7 @@ def exported(spec: MetricSpec, tiers: Tiers) -> MetricSpec:
             labels.remove("rank")
         if "param" not in labels and "depth" not in labels:
             labels.insert(labels.index("layer") + 1, "depth")
-        if tiers.per_rank:
+        if tiers.per_rank and spec is not LAYER_MAX_RANK:
             labels.append("rank")
     return replace(spec, labels=tuple(labels))
 
