@@ -282,5 +282,5 @@ METHODS: dict[str, Callable[[], Method]] = {
 }
 """Every method by name; `DEFAULT_METHODS` are those the benchmark runs unless told otherwise."""
 
-DEFAULT_METHODS: tuple[str, ...] = ("bare", "clip", "gradwatch", "gradwatch-all", "wandb", "tensorboard")
+DEFAULT_METHODS: tuple[str, ...] = ("bare", "clip", "gradwatch", "gradwatch-clip", "gradwatch-all", "wandb", "tensorboard")
 
