@@ -51,13 +51,16 @@ def test_quick_run_writes_a_well_formed_table(tmp_path: Path) -> None:
         assert row.count("|") == n_columns
         assert re.fullmatch(FLOAT, cells[2]), row
         if cells[1] == "bare":
-            assert cells[3] == cells[4] == "1" and cells[9].startswith("0 (bare: ")
+            assert cells[3] == cells[4] == "1" and cells[10].startswith("0 (bare: ")
         else:
             assert re.fullmatch(RATIO, cells[3]) and re.fullmatch(RATIO, cells[4]), row
             assert re.fullmatch(FLOAT, cells[5]) and re.fullmatch(rf"{FLOAT}%", cells[6]), row
+            assert re.fullmatch(FLOAT, cells[8]), row  # the largest step's own time over the median step's
     if "gradwatch" in methods:
         assert re.search(rf"\| gradwatch: step-time ratio ≤ 1\.05 \| mlp \| CPU {RATIO}; wall {RATIO}; "
                          rf"1 \+ own / bare {FLOAT} \| (met|\*\*missed)", proc.stdout)
+        assert re.search(rf"\| gradwatch: largest step's own time ≤ 3× the median step's \| mlp \| {FLOAT}× \| "
+                         rf"(met|\*\*missed)", proc.stdout)
 
     text = docs.read_text()
     assert "old" not in text and "pending" in text
