@@ -1,79 +1,185 @@
 """Pictures of a run's gradients, drawn headless with matplotlib's object API (no pyplot state).
 
-Each panel function draws arrays onto an Axes; `run_figure` puts them together for one run.
-Steps where anything recorded was NaN or ±Inf (loss, total norm, gradient elements, an
-overflowed norm, activation outputs) get the same hatched band in every panel over steps, and
-non-finite cells of the heatmap are drawn in red; unmeasured cells stay blank.
+Each panel function draws arrays onto an Axes; `run_figure` stacks the panels that fit the run
+(`PANELS`) on one shared step axis. Steps where anything recorded was NaN or ±Inf (loss, total
+norm, gradient elements, an overflowed norm, activation outputs, a learning rate) get the same
+hatched band in every panel, and non-finite cells of a heatmap are drawn in red; unmeasured
+cells stay blank. Tick labels are plain numbers or 1e-5 style, never mathtext powers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.axes import Axes
-from matplotlib.colors import ListedColormap, LogNorm
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from gradwatch.diagnose.nonfinite import runs_of
-from gradwatch.diagnose.rundata import RunData, Series, nanmedian
+from gradwatch.diagnose.rundata import RunData, Series
+from gradwatch.diagnose.thresholds import DEAD_RATIO, SATURATION_RATIO
 
 #: How a non-finite step is marked in every panel over steps (an `axvspan`), and its legend label.
 BAND = {"facecolor": "tab:red", "alpha": 0.18, "hatch": "//", "edgecolor": "tab:red", "lw": 0}
 BAND_LABEL = "NaN/Inf step"
-#: Colour of a non-finite heatmap cell (and of a layer with non-finite outputs).
+#: Colour of a non-finite heatmap cell, and of a cell whose value is exactly 0 on a log colour scale.
 NONFINITE_COLOUR = "tab:red"
+ZERO_COLOUR = "black"
+#: Above this many rows a heatmap labels every k-th layer only, so the names stay readable.
+MAX_ROW_LABELS = 40
+
+
+# ------------------------------------------------------------------ ticks
+
+
+def tick_text(value: float) -> str:
+    """A tick value as people write it: 0.6, 300, 1e-5, 2.5e21 (no x10 powers, no mathtext)."""
+    v = float(value)
+    if v == 0 or 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4g}"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+class PlainLogFormatter(ticker.LogFormatter):
+    """Labels the ticks matplotlib's log formatter would label (decades, and the minor ticks of a
+    short range), written by `tick_text` instead of as 6x10^-1."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return tick_text(x) if super().__call__(x, pos) else ""
+
+
+def readable_log_ticks(axis: Any) -> None:
+    """Give a log-scaled `axis` (ax.xaxis, ax.yaxis, a colorbar's long axis) plain tick labels."""
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+# ------------------------------------------------------------------ panel primitives
 
 
 def mark_nonfinite_steps(ax: Axes, steps: np.ndarray) -> None:
     """Shade each run of consecutive non-finite `steps` (half a step either side) and label it once."""
-    spans = runs_of(np.asarray(steps))
-    for i, (lo, hi) in enumerate(spans):
-        ax.axvspan(lo - 0.5, hi + 0.5, label=BAND_LABEL if i == 0 else None, **BAND)
+    for i, (lo, hi) in enumerate(runs_of(np.asarray(steps))):
+        ax.axvspan(lo - 0.5, hi + 0.5, label=BAND_LABEL if i == 0 else None, zorder=2, **BAND)
 
 
-def _edges(centres: np.ndarray) -> np.ndarray:
-    """Cell edges around sorted centres: midpoints between them, half a gap beyond the ends."""
+def _legend(ax: Axes, handles: Sequence[Any] | None = None) -> None:
+    """The panel's legend in one row above its right corner, off the data."""
+    if handles is None:
+        handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles=list(handles), loc="lower right", bbox_to_anchor=(1, 1), ncols=len(handles),
+                  fontsize=7, frameon=False, borderaxespad=0.2)
+
+
+def _title(ax: Axes, text: str) -> None:
+    ax.set_title(text, loc="left", fontsize=10)
+
+
+def _edges(centres: np.ndarray, extent: tuple[float, float] | None = None) -> np.ndarray:
+    """Cell edges around sorted centres: midpoints between them, half a gap beyond the ends; an
+    outer edge short of `extent` (the run's step range) by at most one cell is moved onto it, so a
+    run measured every N steps has no blank strip at either end."""
     c = np.asarray(centres, dtype=np.float64)
     if len(c) == 1:
-        return np.array([c[0] - 0.5, c[0] + 0.5])
-    mid = (c[1:] + c[:-1]) / 2
-    return np.concatenate([[2 * c[0] - mid[0]], mid, [2 * c[-1] - mid[-1]]])
+        edges = np.array([c[0] - 0.5, c[0] + 0.5])
+    else:
+        mid = (c[1:] + c[:-1]) / 2
+        edges = np.concatenate([[2 * c[0] - mid[0]], mid, [2 * c[-1] - mid[-1]]])
+    if extent is not None:
+        lo, hi = extent
+        gaps = np.diff(edges)
+        if lo < edges[0] <= lo + gaps[0]:
+            edges[0] = lo
+        if hi - gaps[-1] <= edges[-1] < hi:
+            edges[-1] = hi
+    return edges
 
 
-def gradient_flow_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, layer_names: Sequence[str],
-                          present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None,
-                          title: str = "gradient flow |dL/d(layer output)|") -> None:
-    """Layers (rows, input at the top) x steps (each column centred on its step), coloured on a
-    log scale; NaN/Inf cells red, cells not measured (`present` False) or zero blank."""
+def _row_labels(ax: Axes, labels: Sequence[str]) -> None:
+    """Layer names on the rows, every k-th one when there are more than MAX_ROW_LABELS."""
+    every = -(-len(labels) // MAX_ROW_LABELS)
+    rows = range(0, len(labels), every)
+    ax.set_yticks(list(rows), labels=[labels[i] for i in rows], fontsize=7)
+
+
+def layer_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, labels: Sequence[str],
+                  present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None, *,
+                  title: str, colour_label: str, log: bool = True, cmap: str = "viridis",
+                  limits: Sequence[float] = (), nonfinite: np.ndarray | None = None,
+                  nonfinite_label: str = "NaN/Inf value", extent: tuple[float, float] | None = None) -> None:
+    """Layers (rows, input at the top) x steps (each column centred on its step, edges in steps).
+
+    On a `log` colour scale over the positive values (cells exactly 0 drawn in ZERO_COLOUR),
+    else on 0..1; NaN/Inf cells, and cells flagged in `nonfinite` (same shape), are red (named
+    `nonfinite_label`); cells not measured (`present` False) stay blank. `limits` are drawn and
+    labelled on the colourbar and named in the legend; `nonfinite_steps` are banded. The outer
+    columns reach `extent` (the run's step range) when it lies within a column of them.
+    """
     v = np.asarray(values, dtype=np.float64)
     measured = np.ones(v.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
-    shown = np.ma.masked_where(~measured | ~np.isfinite(v) | (v <= 0), v)
     bad = measured & ~np.isfinite(v)
-    ax.set_title(title)
-    if shown.count() == 0 and not bad.any():
-        ax.text(0.5, 0.5, "no gradient flow measured", ha="center", va="center", transform=ax.transAxes)
-        return
-    x, y = _edges(np.asarray(steps)), np.arange(len(layer_names) + 1) - 0.5
+    if nonfinite is not None:
+        bad |= np.asarray(nonfinite, dtype=bool)
+    zero = measured & (v == 0) & ~bad if log else np.zeros(v.shape, dtype=bool)
+    shown = np.ma.masked_where(~measured | bad | zero | (v <= 0 if log else False), v)
+    _title(ax, title)
+    x, y = _edges(np.asarray(steps), extent), np.arange(len(labels) + 1) - 0.5
+    handles: list[Any] = []
     if shown.count():
         lo, hi = float(shown.min()), float(shown.max())
-        mesh = ax.pcolormesh(x, y, shown, norm=LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)), cmap="viridis")
-        ax.figure.colorbar(mesh, ax=ax, label="L2 norm (log)")
-    handles = []
-    if bad.any():
-        ax.pcolormesh(x, y, np.ma.masked_where(~bad, np.ones(v.shape)), cmap=ListedColormap([NONFINITE_COLOUR]))
-        handles.append(Patch(color=NONFINITE_COLOUR, label="NaN/Inf value"))
+        norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)) if log else Normalize(0.0, 1.0)
+        mesh = ax.pcolormesh(x, y, shown, norm=norm, cmap=cmap)
+        bar = ax.figure.colorbar(mesh, ax=ax, label=colour_label, pad=0.01, fraction=0.03)
+        if log:
+            readable_log_ticks(bar.ax.yaxis)
+        for limit in sorted(set(limits)):
+            bar.ax.axhline(limit, color="black", ls="--", lw=2)
+            handles.append(Line2D([], [], color="black", ls="--", lw=1.5, label=f"diagnosis limit {limit:g}"))
+        if limits:
+            ticks = sorted({0.0, 0.25, 0.75, 1.0} | set(limits))
+            bar.set_ticks(ticks, labels=[f"{t:g} limit" if t in limits else f"{t:g}" for t in ticks])
+    for cells, colour, label in ((zero, ZERO_COLOUR, "exactly 0"), (bad, NONFINITE_COLOUR, nonfinite_label)):
+        if cells.any():
+            ax.pcolormesh(x, y, np.ma.masked_where(~cells, np.ones(v.shape)), cmap=ListedColormap([colour]))
+            handles.append(Patch(color=colour, label=label))
     if nonfinite_steps is not None and len(nonfinite_steps):
         mark_nonfinite_steps(ax, nonfinite_steps)
         handles.append(Patch(label=BAND_LABEL, **BAND))
     ax.set_xlim(x[0], x[-1])
     ax.set_ylim(y[-1], y[0])  # input layer at the top
-    ax.set_yticks(range(len(layer_names)), labels=list(layer_names), fontsize=7)
-    ax.set_xlabel("step")
-    if handles:
-        ax.legend(handles=handles, loc="upper right", fontsize=7)
+    _row_labels(ax, labels)
+    _legend(ax, handles)
+
+
+def gradient_flow_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, layer_names: Sequence[str],
+                          present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None,
+                          title: str = "gradient flow |dL/d(layer output)|",
+                          extent: tuple[float, float] | None = None) -> None:
+    """The gradient norm reaching each layer (rows) at each step, on a log colour scale."""
+    layer_heatmap(ax, steps, values, layer_names, present, nonfinite_steps, title=title,
+                  colour_label="L2 norm (log)", extent=extent)
+
+
+def activation_ratio_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, labels: Sequence[str],
+                             present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None,
+                             nonfinite_outputs: np.ndarray | None = None,
+                             limits: Sequence[float] = (SATURATION_RATIO, DEAD_RATIO),
+                             extent: tuple[float, float] | None = None) -> None:
+    """Per activation layer (rows) and step, its saturation ratio (sigmoid/tanh) or dead ratio
+    (ReLU family) on 0..1, the diagnosis limits dashed on the colourbar; cells where the layer's
+    outputs held NaN/Inf (`nonfinite_outputs`) red."""
+    layer_heatmap(ax, steps, values, labels, present, nonfinite_steps, log=False, cmap="cividis",
+                  title="saturated (sigmoid/tanh) and dead (ReLU) units", colour_label="fraction of units",
+                  limits=limits, nonfinite=nonfinite_outputs, nonfinite_label="NaN/Inf outputs", extent=extent)
 
 
 def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.ndarray | None = None,
@@ -86,7 +192,7 @@ def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.n
     norm is NaN/Inf) are banded.
     """
     before = np.asarray(before, dtype=np.float64)
-    ax.plot(steps, before, lw=1, color="tab:blue", label="before clipping")
+    ax.plot(steps, before, lw=1, color="tab:blue", label="total norm" if after is None else "before clipping")
     if after is not None:
         ax.plot(steps, after, lw=1, color="tab:green", label="after clipping")
     if threshold is not None:
@@ -98,10 +204,18 @@ def total_norm_plot(ax: Axes, steps: np.ndarray, before: np.ndarray, after: np.n
     mark_nonfinite_steps(ax, np.asarray(steps)[~np.isfinite(before)] if nonfinite_steps is None else nonfinite_steps)
     if np.any(np.isfinite(before) & (before > 0)):
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("total gradient norm")
-    ax.set_title("total gradient norm")
-    ax.legend(loc="best", fontsize=7)
+        readable_log_ticks(ax.yaxis)
+    ax.set_ylabel("L2 norm")
+    _title(ax, "total gradient norm")
+    _legend(ax)
+
+
+def _log_if_wide(ax: Axes, values: np.ndarray, factor: float) -> None:
+    """A log y axis (with plain ticks) when the positive finite `values` span over `factor`x."""
+    finite = values[np.isfinite(values)]
+    if len(finite) and finite.min() > 0 and finite.max() > factor * finite.min():
+        ax.set_yscale("log")
+        readable_log_ticks(ax.yaxis)
 
 
 def loss_plot(ax: Axes, steps: np.ndarray, loss: np.ndarray, nonfinite_steps: np.ndarray | None = None) -> None:
@@ -110,110 +224,206 @@ def loss_plot(ax: Axes, steps: np.ndarray, loss: np.ndarray, nonfinite_steps: np
     loss = np.asarray(loss, dtype=np.float64)
     ax.plot(steps, loss, lw=1, color="tab:blue", label="loss")
     mark_nonfinite_steps(ax, np.asarray(steps)[~np.isfinite(loss)] if nonfinite_steps is None else nonfinite_steps)
-    finite = loss[np.isfinite(loss)]
-    if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min():
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
+    _log_if_wide(ax, loss, 100.0)
     ax.set_ylabel("loss")
-    ax.set_title("loss")
-    ax.legend(loc="best", fontsize=7)
+    _title(ax, "loss")
+    _legend(ax)
 
 
-def activation_health_plot(ax: Axes, layer_names: Sequence[str], saturation: np.ndarray, dead: np.ndarray,
-                           limit: float = 0.5, nonfinite_from: Sequence[int | None] | None = None) -> None:
-    """Per layer, the saturation ratio (bounded activations) and dead ratio (ReLU family), 0..1;
-    layers whose outputs were NaN/Inf (`nonfinite_from`: per layer, the first such step or None)
-    banded in red and labelled with that step."""
-    y = np.arange(len(layer_names))
-    ax.barh(y - 0.2, np.nan_to_num(saturation), height=0.4, color="tab:orange", label="saturation ratio")
-    ax.barh(y + 0.2, np.nan_to_num(dead), height=0.4, color="tab:purple", label="dead ratio")
-    for offset, values in ((-0.2, saturation), (0.2, dead)):
-        for yi, v in zip(y + offset, values):
-            if np.isfinite(v):
-                ax.text(min(float(v), 0.9) + 0.01, yi, f"{v:.0%}", va="center", fontsize=6)
-    rows = [(row, step) for row, step in enumerate(nonfinite_from or ()) if step is not None]
-    for i, (row, step) in enumerate(rows):
-        ax.axhspan(row - 0.5, row + 0.5, label="NaN/Inf outputs" if i == 0 else None, **BAND)
-        ax.text(0.99, row, f"NaN/Inf outputs from step {step}", ha="right", va="center", fontsize=7,
-                color=NONFINITE_COLOUR)
-    ax.axvline(limit, color="tab:red", ls="--", lw=1, label=f"diagnosis limit {limit:g}")
-    ax.set_yticks(y, labels=list(layer_names), fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("ratio (median over the last half of the run)")
-    ax.set_title("activation saturation and dead units")
-    ax.legend(loc="best", fontsize=7)
+def lr_plot(ax: Axes, steps: np.ndarray, lr: np.ndarray, present: np.ndarray | None = None,
+            labels: Sequence[str] | None = None, nonfinite_steps: np.ndarray | None = None) -> None:
+    """The learning rate of each param group (rows of `lr`) over steps, only where it was
+    measured; a log scale when it spans over 10x, else linear from 0. A group whose
+    rate never changed is named with its value."""
+    lr = np.atleast_2d(np.asarray(lr, dtype=np.float64))
+    measured = np.ones(lr.shape, dtype=bool) if present is None else np.atleast_2d(present)
+    if labels is None:
+        labels = ["lr"] if len(lr) == 1 else [f"group {g}" for g in range(len(lr))]
+    steps = np.asarray(steps)
+    for row, label, m in zip(lr, labels, measured):
+        constant = m.any() and len(np.unique(row[m])) == 1
+        ax.plot(steps[m], row[m], lw=1.2, label=f"{label} {tick_text(row[m][0])} (constant)" if constant else label)
+    bad = (measured & ~np.isfinite(lr)).any(axis=0)
+    mark_nonfinite_steps(ax, steps[bad] if nonfinite_steps is None else nonfinite_steps)
+    _log_if_wide(ax, lr[measured], 10.0)
+    if ax.get_yscale() == "linear":
+        top = np.nanmax(np.where(measured & np.isfinite(lr), lr, np.nan), initial=0.0)
+        ax.set_ylim(0, 1.2 * top if top > 0 else None)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: tick_text(v)))
+    ax.set_ylabel("learning rate")
+    _title(ax, "learning rate")
+    _legend(ax)
+
+
+# ------------------------------------------------------------------ one run
 
 
 def nonfinite_steps(data: RunData) -> np.ndarray:
     """Every step where something recorded was NaN/Inf: a run-level value (loss, total norm, ...),
-    a count of non-finite or overflowed params, a layer's gradient flow or its outputs."""
+    a count of non-finite or overflowed params, a layer's gradient flow or its outputs, a
+    learning rate."""
     found = [np.array([], dtype=np.int64)]
     for metric, s in data.run.items():
         v = s.values.astype(np.float64)
         bad = np.nan_to_num(v, nan=1.0) > 0 if metric in ("nonfinite_params", "overflow_params") else ~np.isfinite(v)
         found.append(s.steps[bad])
-    for metric, s in data.layer.items():
+    for metric, s in [*data.layer.items(), *data.group.items()]:
         v = s.values.astype(np.float64)
         bad = ~(v <= 0) if metric == "act_nonfinite" else ~np.isfinite(v)
         found.append(s.steps[(bad & s.measured).any(axis=0)])
     return np.unique(np.concatenate(found)).astype(np.int64)
 
 
-def _rows(series: Series | None, count: int) -> np.ndarray:
-    if series is None:
-        return np.full(count, np.nan)
-    return np.asarray(nanmedian(series.window().values, axis=1))
+def _layer_label(data: RunData, row: int) -> str:
+    return f"{data.layers[row].name} ({data.layers[row].type})"
 
 
-def _first_nonfinite_output(counts: Series | None, count: int) -> list[int | None]:
-    """Per layer, the first step whose `act_nonfinite` count is above zero (None: never)."""
-    if counts is None:
-        return [None] * count
-    bad = counts.measured & ~(counts.values <= 0)
-    return [int(counts.steps[np.argmax(row)]) if row.any() else None for row in bad]
+def _heatmap_height(rows: int) -> float:
+    return float(np.clip(0.9 + 0.17 * rows, 1.5, 6.0))
 
 
-def run_figure(data: RunData) -> Figure:
-    """The panels for one run: gradient-flow heatmap, total norm, loss (when logged), activation health."""
-    loss = data.run.get("loss")
-    has_loss = loss is not None and loss.values.size > 0
-    ratios = [3, 2] + ([1.5] if has_loss else []) + [2]
-    fig = Figure(figsize=(11, 12 + 2 * has_loss), layout="constrained")
-    axes = list(fig.subplots(len(ratios), 1, height_ratios=ratios))
-    heat_ax, norm_ax, act_ax = axes[0], axes[1], axes[-1]
-    fig.suptitle(f"gradwatch: {data.name} ({data.run_id[:12]})")
-    bad_steps = nonfinite_steps(data)
+@dataclass(frozen=True)
+class Drawing:
+    """A panel ready to draw: its height in inches, and how to draw it on an Axes given the
+    run's non-finite steps."""
+
+    height: float
+    draw: Callable[[Axes, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of a run's figure: `plan(data)` is its Drawing, or None when the run has nothing
+    for it (the panel is left out). A family of statistics with its own picture (attention logits
+    and entropy, activation scale) adds a Panel to `PANELS`; it is drawn on the shared step axis."""
+
+    name: str
+    plan: Callable[[RunData], Drawing | None]
+
+
+def _flow_panel(data: RunData) -> Drawing | None:
+    """Gradient flow per layer: act_grad_norm, else each layer's grad_norm (L2 over its params)."""
     flow = data.layer.get("act_grad_norm") or data.layer.get("grad_norm")
-    if flow is not None and flow.values.size:
-        shown = np.flatnonzero(flow.measured.any(axis=1))
-        labels = [f"{data.layers[i].name} ({data.layers[i].type})" for i in shown]
-        gradient_flow_heatmap(heat_ax, flow.steps, flow.values[shown], labels, flow.measured[shown], bad_steps)
-    else:
-        gradient_flow_heatmap(heat_ax, np.array([0]), np.full((1, 1), np.nan), ["-"], np.zeros((1, 1), bool))
-    total = data.run.get("grad_norm_total")
-    if total is not None and total.values.size:
-        clipping = data.clip_config["mode"] != "none"
-        after, thr, coef = (data.run.get(m) if clipping else None
-                            for m in ("grad_norm_total_clipped", "clip_threshold", "clip_coef"))
-        steps = total.steps
-        total_norm_plot(norm_ax, steps, total.values,
-                        after.at(steps) if after is not None else None,
-                        thr.at(steps) if thr is not None else None,
-                        np.nan_to_num(coef.at(steps), nan=1.0) < 1.0 - 1e-6 if coef is not None else None,
-                        bad_steps)
-    if has_loss:
-        loss_plot(axes[2], loss.steps, loss.values, bad_steps)
-    sat, dead = data.layer.get("saturation_ratio"), data.layer.get("dead_ratio")
-    s_rows, d_rows = _rows(sat, len(data.layers)), _rows(dead, len(data.layers))
-    bad_from = _first_nonfinite_output(data.layer.get("act_nonfinite"), len(data.layers))
-    shown = np.flatnonzero(np.isfinite(s_rows) | np.isfinite(d_rows) | np.array([b is not None for b in bad_from]))
-    if len(shown):
-        activation_health_plot(act_ax, data.layer_names(shown), s_rows[shown], d_rows[shown],
-                               nonfinite_from=[bad_from[i] for i in shown])
-    else:
-        act_ax.text(0.5, 0.5, "no bounded or ReLU-family activations measured", ha="center", va="center")
-        act_ax.set_axis_off()
+    if flow is None or not flow.values.size or not flow.measured.any():
+        return None
+    rows = np.flatnonzero(flow.measured.any(axis=1))
+    labels = [_layer_label(data, r) for r in rows]
+    return Drawing(_heatmap_height(len(rows)), lambda ax, bad: gradient_flow_heatmap(
+        ax, flow.steps, flow.values[rows], labels, flow.measured[rows], bad, extent=_step_range(data)))
+
+
+def _run_series(data: RunData, metric: str) -> Series | None:
+    s = data.run.get(metric)
+    return s if s is not None and s.values.size else None
+
+
+def _total_norm_panel(data: RunData) -> Drawing | None:
+    total = _run_series(data, "grad_norm_total")
+    if total is None:
+        return None
+    steps = total.steps
+    clipping = data.clip_config["mode"] != "none"
+    after, thr, coef = (data.run.get(m) if clipping else None
+                        for m in ("grad_norm_total_clipped", "clip_threshold", "clip_coef"))
+    clipped = np.nan_to_num(coef.at(steps), nan=1.0) < 1.0 - 1e-6 if coef is not None else None
+    return Drawing(2.4, lambda ax, bad: total_norm_plot(
+        ax, steps, total.values, after.at(steps) if after is not None else None,
+        thr.at(steps) if thr is not None else None, clipped, bad))
+
+
+def _loss_panel(data: RunData) -> Drawing | None:
+    loss = _run_series(data, "loss")
+    if loss is None:
+        return None
+    return Drawing(2.0, lambda ax, bad: loss_plot(ax, loss.steps, loss.values, bad))
+
+
+def _lr_panel(data: RunData) -> Drawing | None:
+    """Each param group's learning rate; a short panel when none of them changed."""
+    lr = data.group.get("lr")
+    if lr is None or not lr.values.size or not lr.measured.any():
+        return None
+    groups = np.flatnonzero(lr.measured.any(axis=1))
+    labels = ["lr"] if lr.values.shape[0] == 1 else [f"group {g}" for g in groups]
+    changes = any(len(np.unique(lr.values[g][lr.measured[g]])) > 1 for g in groups)
+    return Drawing(1.8 if changes else 1.2, lambda ax, bad: lr_plot(
+        ax, lr.steps, lr.values[groups], lr.measured[groups], labels, bad))
+
+
+def _activation_panel(data: RunData) -> Drawing | None:
+    """Saturation (bounded layers) and dead (ReLU-family) ratios on one matrix over their steps,
+    a row per layer where either was measured, with the steps where its outputs were NaN/Inf."""
+    parts = {m: data.layer[m] for m in ("saturation_ratio", "dead_ratio") if m in data.layer}
+    if not parts:
+        return None
+    steps = np.unique(np.concatenate([s.steps for s in parts.values()]))
+    values = np.full((len(data.layers), len(steps)), np.nan)
+    present = np.zeros(values.shape, dtype=bool)
+    what: dict[int, str] = {}
+    for metric, s in parts.items():
+        cols = np.searchsorted(steps, s.steps)
+        for row in np.flatnonzero(s.measured.any(axis=1)):
+            m = s.measured[row]
+            values[row, cols[m]], present[row, cols[m]] = s.values[row, m], True
+            what[int(row)] = "saturated" if metric == "saturation_ratio" else "dead"
+    if not what:
+        return None
+    rows = np.array(sorted(what), dtype=np.intp)
+    labels = [f"{_layer_label(data, r)} {what[r]}" for r in rows]
+    outputs = _nonfinite_outputs(data, rows, steps)
+    return Drawing(_heatmap_height(len(rows)), lambda ax, bad: activation_ratio_heatmap(
+        ax, steps, values[rows], labels, present[rows], bad, outputs, extent=_step_range(data)))
+
+
+def _nonfinite_outputs(data: RunData, rows: np.ndarray, steps: np.ndarray) -> np.ndarray | None:
+    """Per layer of `rows` and step of `steps`: True where act_nonfinite counted NaN/Inf outputs."""
+    counts = data.layer.get("act_nonfinite")
+    if counts is None or not len(counts.steps):
+        return None
+    at = np.searchsorted(counts.steps, steps).clip(max=len(counts.steps) - 1)
+    bad = counts.measured & ~(counts.values <= 0)
+    return bad[rows][:, at] & (counts.steps[at] == steps)
+
+
+#: The panels of `run_figure`, top to bottom.
+PANELS: tuple[Panel, ...] = (
+    Panel("gradient_flow", _flow_panel),
+    Panel("total_norm", _total_norm_panel),
+    Panel("loss", _loss_panel),
+    Panel("lr", _lr_panel),
+    Panel("activations", _activation_panel),
+)
+
+
+def _step_range(data: RunData) -> tuple[float, float] | None:
+    """The first and last step of everything recorded, half a step out: the shared x limits."""
+    steps = [s.steps for group in (data.run, data.layer, data.group) for s in group.values() if len(s.steps)]
+    if not steps:
+        return None
+    return float(min(s[0] for s in steps)) - 0.5, float(max(s[-1] for s in steps)) + 0.5
+
+
+def run_figure(data: RunData, panels: Sequence[Panel] = PANELS) -> Figure:
+    """The `panels` that have something to show for one run, stacked on one step axis. Each
+    panel's Axes carries the panel's name as its label (`ax.get_label()`)."""
+    shown = [(p.name, d) for p in panels if (d := p.plan(data)) is not None]
+    heights = [d.height for _, d in shown] or [1.0]
+    fig = Figure(figsize=(11, sum(heights) + 0.8), layout="constrained")
+    fig.suptitle(f"gradwatch: {data.name} ({data.run_id[:12]})")
+    axes = fig.subplots(len(heights), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
+    if not shown:
+        axes[0].text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+        return fig
+    bad_steps = nonfinite_steps(data)
+    for ax, (name, drawing) in zip(axes, shown):
+        ax.set_label(name)
+        drawing.draw(ax, bad_steps)
+        ax.tick_params(labelbottom=True)  # step numbers under every panel, not only the last
+    limits = _step_range(data)
+    if limits is not None:
+        axes[0].set_xlim(*limits)
+    axes[-1].set_xlabel("step")
     return fig
 
 

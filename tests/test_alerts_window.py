@@ -269,7 +269,7 @@ def test_a_fed_engine_fires_and_resolves_what_an_engine_reading_the_store_does(t
     else:
         urls = [pg_database_url(), pg_database_url()]
     twins = [Twin(tmp_path / name, url, fed) for name, url, fed in zip(("fed", "read"), urls, (True, False))]
-    script = [dict(steps=30), dict(steps=10, dead=0.6), dict(steps=20, dead=0.97), dict(steps=10, spike=True),
+    script = [dict(steps=30), dict(steps=10, dead=0.6), dict(steps=30, dead=0.97), dict(steps=10, spike=True),
               dict(steps=10), dict(steps=10, nan_loss=True, event=True), dict(steps=30), dict(steps=40),
               dict(steps=40), dict(steps=10)]
     seen = []

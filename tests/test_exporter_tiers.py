@@ -264,3 +264,14 @@ def test_exported_label_sets(tiers: Tiers) -> None:
     assert specs["gradwatch_run_status"] == ("run", "run_name", "project", "status")
     assert specs["gradwatch_run_info"][:3] == ("run", "name", "project")
     assert specs["gradwatch_exporter_runs"] == ()
+
+
+def test_every_layer_metric_says_how_a_block_folds_it() -> None:
+    """A layer-scope metric added to the catalog needs a fold in tiers.FOLDS (and, if it differs
+    between data-parallel ranks, a place in tiers.ATTRIBUTED): else blocks could not export it."""
+    from gradwatch.service.catalog import LAYER_GAUGES
+    from gradwatch.service.exporter import LAYER_SCOPE
+    from gradwatch.service.tiers import ATTRIBUTED, FOLDS
+
+    assert set(LAYER_SCOPE) == set(FOLDS), "add the new metric to tiers.FOLDS"
+    assert ATTRIBUTED <= set(LAYER_GAUGES)

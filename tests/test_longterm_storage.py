@@ -48,7 +48,8 @@ def _longterm_config(tmp_path: Path, serve_address: str, write_url: str) -> Path
     return tmp_path / "prometheus.yml"
 
 
-def test_series_arrive_in_victoriametrics_through_remote_write(tmp_path: Path, serve_factory: Any) -> None:  # noqa: F811
+def test_series_arrive_in_victoriametrics_through_remote_write(tmp_path: Path,
+                                                               serve_factory: Any) -> None:  # noqa: F811
     SyntheticRun(run_id=RUN, name="long-run", project="archive", param_every=1, act_every=1).write(
         tmp_path / "home", steps=30, close=False)
     port = free_port()
@@ -80,7 +81,8 @@ def test_series_arrive_in_victoriametrics_through_remote_write(tmp_path: Path, s
         assert step["value"][1] == "29"
         assert {k: step["metric"][k] for k in ("run", "run_name", "project", "rank")} == {
             "run": RUN, "run_name": "long-run", "project": "archive", "rank": "0"}
-        depths = {s["metric"]["layer"]: s["metric"]["depth"] for s in vm.query(f'gradwatch_layer_act_grad_norm{{run="{RUN}"}}')}
+        flow = vm.query(f'gradwatch_layer_act_grad_norm{{run="{RUN}"}}')
+        depths = {s["metric"]["layer"]: s["metric"]["depth"] for s in flow}
         assert depths == {f"net.{i}": str(i) for i in range(6)}
         # the profile keeps gradwatch's series and scrape health, not Prometheus's own bookkeeping
         assert prom.query('scrape_duration_seconds{job="gradwatch"}') and not vm.query("scrape_duration_seconds")

@@ -76,7 +76,8 @@ def test_password_from_file(tmp_path: Path) -> None:
     pytest.param({}, {"GRADWATCH_BLOCK_LEVELS": "0"},
                  r"^invalid configuration: block_levels: must be \"auto\" or a whole number of name levels >= 1 "
                  r"\(got '0'\)$", id="block-levels-zero"),
-    pytest.param({"block_levels": "two"}, {}, r"block_levels: must be \"auto\" .*\(got 'two'\)$", id="block-levels-word"),
+    pytest.param({"block_levels": "two"}, {}, r"block_levels: must be \"auto\" .*\(got 'two'\)$",
+                 id="block-levels-word"),
     pytest.param({"block_levels": True}, {}, r"block_levels: must be \"auto\" .*\(got True\)$", id="block-levels-bool"),
     pytest.param({}, {"GRADWATCH_PER_RANK": "often"}, r"per_rank: .*valid boolean.*\(got 'often'\)$", id="per-rank"),
 ])

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradwatch.agent.forward_layout import ForwardColumns
+from gradwatch.agent.health_layout import HealthColumns, WindowView, device_skips, health_blocks
 from gradwatch.agent.runlog import MetricDef
 
 # A param that had no gradient at a step: norms are >= 0, so -1 cannot be a measurement.
@@ -34,6 +36,8 @@ class Layout:
     bounded: list[int]  # of those, layers with saturation_ratio
     relu: list[int]  # of those, layers with dead_ratio and zero_ratio
     clip_mode: str = "none"  # without a clipper (or a threshold) the host fills those columns
+    health: HealthColumns | None = None  # optimizer state, spikes, noise scale (health_layout.py)
+    forward: ForwardColumns | None = None  # attention, logits, activation scale (forward_layout.py)
     width: int = 0
     grad_norm: int = 0  # P columns, then the four RUN_VALUES
     run: int = 0
@@ -60,6 +64,8 @@ class Layout:
         col += self.n_params
         self.scalars = col
         col += MAX_SCALARS
+        if self.health is not None:  # before the activation columns, which a measured forward zeroes
+            col = self.health.place(col)
         self.act_start = col
         for layer in self.act_layers:
             self.act_grad[layer] = col
@@ -67,6 +73,8 @@ class Layout:
         for layer in self.stat_layers:
             self.act[layer] = col
             col += self.act_width(layer)
+        if self.forward is not None:  # after the activation columns: a measured forward zeroes them too
+            col = self.forward.place(col)
         self.width = col
 
     def act_width(self, layer: int) -> int:
@@ -92,6 +100,10 @@ def standard_metrics(layout: Layout, measure_params: bool, measure_updates: bool
             defs.append(("saturation_ratio", "layer", tuple(layout.bounded)))
         if layout.relu:
             defs += [("dead_ratio", "layer", tuple(layout.relu)), ("zero_ratio", "layer", tuple(layout.relu))]
+        if layout.forward is not None:
+            defs += layout.forward.metrics()
+    if layout.health is not None:
+        defs += layout.health.metrics(measure_params, measure_updates)
     return [MetricDef(i, name, scope, idx) for i, (name, scope, idx) in enumerate(defs)]  # type: ignore[arg-type]
 
 
@@ -111,6 +123,8 @@ class HostRows:
     act_grad_count: np.ndarray  # output gradients measured per act layer
     act_elems: np.ndarray  # output elements summed over those passes
     act_units: np.ndarray  # output units (features / channels) summed over those passes
+    # health_layout.host_arrays, installed by the health measurements when a run has them
+    health: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, rows: int, n_groups: int, n_act: int) -> HostRows:
@@ -123,7 +137,8 @@ class HostRows:
 
     def take(self, rows: np.ndarray) -> HostRows:
         """A copy of the given rows, safe to hand to another thread."""
-        return HostRows(*(getattr(self, f)[rows].copy() for f in self.__dataclass_fields__))
+        return HostRows(*(getattr(self, f)[rows].copy() for f in self.__dataclass_fields__ if f != "health"),
+                        health={k: v[rows].copy() for k, v in self.health.items()})
 
 
 @dataclass
@@ -161,7 +176,8 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
 
     p, r = layout.n_params, layout.run
     measured = host.measured
-    applied = measured & (host.skipped == 0)
+    skipped = np.where(device_skips(layout.health, values, host.steps, host.health), np.float32(1), host.skipped)
+    applied = measured & (skipped == 0)
     if layout.clip_mode == "none":
         values[applied, r + 1] = values[applied, r]
         values[applied, r + 2] = 1.0
@@ -178,13 +194,18 @@ def window_blocks(layout: Layout, metrics: dict[str, MetricDef], values: np.ndar
     if layout.clip_mode not in ("none", "value", "agc"):
         add("clip_threshold", applied, values[applied, r + 3])
     every = np.ones(host.steps.size, bool)
-    add("skipped", every, host.skipped)
+    add("skipped", every, skipped)
     add("nonfinite_params", measured, elements_bad[measured].sum(axis=1))
     add("overflow_params", measured, overflowed[measured].sum(axis=1))
     add("lr", every, host.lr, host.lr_present)
     add("param_norm", host.param_due, values[host.param_due, layout.param_norm:layout.param_norm + p])
     add("update_ratio", host.update_due, values[host.update_due, layout.update_ratio:layout.update_ratio + p])
     _activation_blocks(layout, values, host, add)
+    if layout.health is not None:
+        view = WindowView(values, host.steps, host.health, measured, host.param_due, host.update_due, host.lr, grad,
+                          values[:, layout.param_norm:layout.param_norm + p] if "param_norm" in metrics else None,
+                          values[:, layout.update_ratio:layout.update_ratio + p] if "update_ratio" in metrics else None)
+        health_blocks(layout.health, view, add)
     for slot, metric_id in enumerate(scalar_ids):
         counts = host.scalar_count[:, slot]
         logged = counts > 0
@@ -231,3 +252,5 @@ def _activation_blocks(layout: Layout, values: np.ndarray, host: HostRows,
             # the column counts non-zeros
             add("zero_ratio", rows, *per(layout.relu, lambda la, j: 1.0 - v[:, extra[la] + 1] / elems[:, j],
                                          counts > 0))
+    if layout.forward is not None:
+        layout.forward.add_blocks(layout.act, v, counts, elems, slot, rows, add)

@@ -8,7 +8,8 @@ from pathlib import Path
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
+                      model_validator)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,6 +68,43 @@ class ClipConfig(_Section):
 
 
 GuardCallback = Callable[[dict[str, Any]], None]
+SpikeOn = Literal["loss", "grad_norm", "either", "both"]
+
+
+class SpikeConfig(_Section):
+    """The spike guard: a step whose loss or total gradient norm is an outlier of its recent past.
+
+    Every step the robust z-score (x - median) / (1.4826 MAD) of the loss and of the total norm
+    (before clipping) over their last `window` values is computed on the device, once `warmup`
+    values were seen. A step is a spike when `on` says so: `loss` or `grad_norm` above
+    `z_threshold`, `either`, or `both` at once. `action`: `warn` (an event and a warning, no
+    sync), `skip` (the update is not applied and the optimizer state stays as it was: no sync
+    for fused optimizers and on the CPU, one host sync per step otherwise), `raise`, `ignore`
+    (z-scores recorded, nothing done) or a callable (called with the event, no sync). The loss
+    is the scalar `loss` given to `watcher.log()`; `skip` and `raise` act on it only when it
+    was logged before `optimizer.step()`.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    enabled: bool = True
+    action: GuardAction | GuardCallback = "warn"
+    on: SpikeOn = "either"
+    z_threshold: float = Field(default=6.0, gt=0, le=1e6)
+    window: int = Field(default=128, ge=8, le=4096)
+    warmup: int = Field(default=32, ge=2, le=4096)
+    loss: str = Field(default="loss", min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> SpikeConfig:
+        if self.warmup > self.window:
+            raise ValueError(f"warmup ({self.warmup}) must not exceed window ({self.window})")
+        return self
+
+    @field_serializer("action")
+    def _action_name(self, action: GuardAction | GuardCallback) -> str:
+        """A callable is written to the run header as "callback"."""
+        return action if isinstance(action, str) else "callback"
 
 
 class GuardConfig(_Section):
@@ -83,6 +121,7 @@ class GuardConfig(_Section):
     nonfinite: GuardAction | GuardCallback = "warn"
     max_total_norm: float | None = Field(default=None, gt=0)
     max_total_norm_action: GuardAction | GuardCallback = "warn"
+    spike: SpikeConfig = SpikeConfig()
 
     @property
     def synchronous(self) -> bool:
@@ -97,7 +136,9 @@ class MeasureConfig(_Section):
     Gradient norms, clipping and guards run at every optimizer step; the costlier
     measurements every few steps. Statistics reach the host every `flush_every` steps, and
     at most `max_flush_interval` seconds after their step whatever the step rate, so a crash
-    loses at most that much.
+    loses at most that much. `optimizer_every` (the Adam-family state statistics; None: the
+    `param_every` cadence) and `noise_scale_every` (opt-in: it costs one norm per param per
+    micro-batch on its steps) follow the same rule.
     """
 
     flush_every: int = Field(default=20, ge=1, le=10_000)
@@ -106,6 +147,36 @@ class MeasureConfig(_Section):
     update_ratio_every: int = Field(default=10, ge=0, le=1_000_000)
     activation_every: int = Field(default=10, ge=0, le=1_000_000)
     saturation_eps: float = Field(default=0.01, gt=0, lt=0.5)
+    optimizer_every: int | None = Field(default=None, ge=0, le=1_000_000)
+    noise_scale_every: int = Field(default=0, ge=0, le=1_000_000)
+
+    @property
+    def optimizer_cadence(self) -> int:
+        """Steps between optimizer-state measurements: `optimizer_every`, by default `param_every`."""
+        return self.param_every if self.optimizer_every is None else self.optimizer_every
+
+
+class ForwardConfig(_Section):
+    """Attention, output logits and activation scale, measured in the forward pass on the steps that
+    measure activations (`measure.activation_every`); docs/agent.md, "Attention, logits and scale".
+
+    `attention`: the max attention logit and mean attention entropy of each attention layer, over
+    `attention_rows` query rows and `attention_heads` heads per call (evenly spaced: the max is
+    then a lower bound, the entropy an estimate); `attention_layers` names them (module names or
+    fnmatch patterns) instead of detecting them. `logits`: the max logit and mean log-partition of
+    the output layer, `logits_layer` naming it (None: detected in a model with attention layers).
+    `blocks` names the containers whose children are the residual blocks (empty: detected).
+    `scale`: RMS and max |x| of each block's output, max/RMS of every layer's output.
+    """
+
+    attention: bool = True
+    attention_rows: int = Field(default=64, ge=1, le=1_000_000)
+    attention_heads: int = Field(default=16, ge=1, le=100_000)
+    attention_layers: tuple[str, ...] = ()
+    logits: bool = True
+    logits_layer: str | None = Field(default=None, min_length=1)
+    blocks: tuple[str, ...] = ()
+    scale: bool = True
 
 
 class AgentConfig(_Section):
@@ -116,6 +187,7 @@ class AgentConfig(_Section):
     clip: ClipConfig = ClipConfig()
     guards: GuardConfig = GuardConfig()
     measure: MeasureConfig = MeasureConfig()
+    forward: ForwardConfig = ForwardConfig()
     queue_size: int = Field(default=64, ge=1, le=10_000)
 
 

@@ -1,8 +1,10 @@
-"""Guards: what the agent does about non-finite gradients and a total norm above a hard limit.
+"""Guards: what the agent does about non-finite gradients, a total norm above a hard limit, and
+loss or gradient-norm spikes.
 
 `skip` and `raise` decide on the step itself, which costs one host synchronisation per step
-(opt-in). `warn` and callbacks decide when a window of statistics reaches the host, with no
-sync: the writer thread calls `window_events`.
+(opt-in), except a spike `skip` with a fused optimizer (a 0/1 factor on the device) and
+anything on the CPU. `warn` and callbacks decide when a window of statistics reaches the host,
+with no sync: the writer thread calls `window_events`.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import logging
 import time
 from collections.abc import Callable
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from gradwatch.agent import runlog
-from gradwatch.agent.buffer import NO_GRAD, Layout
+from gradwatch.agent.buffer import NO_GRAD, HostRows, Layout
+from gradwatch.agent.health_layout import COUNT, FLAG, LOSS_Z, NORM_Z, SKIP
 from gradwatch.agent.layers import Layer, Param
 
 if TYPE_CHECKING:
-    from gradwatch.agent.config import GuardConfig
+    from gradwatch.agent.config import GuardConfig, SpikeConfig
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -31,6 +34,9 @@ CountError = Callable[[str, BaseException], None]
 
 _WHAT = {"nonfinite": "NaN/Inf gradient elements", "overflow": "gradient norm overflowed float32 (elements finite)",
          "norm_limit": "total gradient norm above the limit"}
+#: Spike events per window at most (each names its step; `spikes` counts all of the window's).
+MAX_SPIKE_EVENTS = 10
+_MISSING = object()
 
 
 class GradientGuardError(RuntimeError):
@@ -145,3 +151,135 @@ class Guards:
             order = np.argsort(-np.nan_to_num(grad_norms, nan=-1.0))[:3]
         bad = [self._params[i] for i in order]
         return [p.name for p in bad], list(dict.fromkeys(self._layers[p.layer].name or "<model>" for p in bad))
+
+
+class SpikeGuard:
+    """Applies `guards.spike` to the steps the spike detector flags.
+
+    `skip` with a fused optimizer (one whose step takes `found_inf`, as torch's fused Adam,
+    AdamW and SGD do for the AMP scaler) sets that 0/1 tensor before the step: the kernels leave
+    params and state as they were and the step count is put back, with no host sync. Otherwise
+    `skip` and `raise` read the flag on the host (free on the CPU, one sync per step on a GPU)
+    and a skipped step gets no gradients, as the non-finite guard does. Under torch.distributed
+    the flag is all-reduced (max) first, so every rank skips the same steps.
+    """
+
+    def __init__(self, config: SpikeConfig, layout: Layout, optimizer: torch.optim.Optimizer, run_name: str,
+                 scalar_names: list[str], submit: Submit, count_error: CountError) -> None:
+        self.config = config
+        self._layout = layout
+        self._optimizer = optimizer
+        self._run_name = run_name
+        self._scalar_names = scalar_names
+        self._submit = submit
+        self._count_error = count_error
+        self._warned = False
+        self._previous: Any = _MISSING
+        self.fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+            bool(g.get("fused")) for g in optimizer.param_groups)
+        self.acts = config.action in ("skip", "raise")
+        dist = torch.distributed
+        self._distributed = self.acts and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def on_device(self) -> bool:
+        """True when a skip is a 0/1 factor the optimizer applies on the device (no host read)."""
+        return self.config.action == "skip" and self.fused
+
+    def agree(self, flag: torch.Tensor) -> torch.Tensor:
+        """The flag all ranks act on: the largest over them (a collective only under torch.distributed)."""
+        if self._distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag
+
+    def arm(self, flag: torch.Tensor) -> None:
+        """Before a fused step: skip its update where `flag` is 1, on top of an AMP scaler's own."""
+        opt = self._optimizer
+        self._previous = getattr(opt, "found_inf", None)
+        found = flag if self._previous is None else torch.maximum(
+            self._previous.to(flag.device, torch.float32), flag)
+        opt.found_inf = found  # type: ignore[attr-defined]
+
+    def disarm(self) -> None:
+        """After the step (and on close): put back what the optimizer had before `arm`."""
+        if self._previous is _MISSING:
+            return
+        previous, self._previous = self._previous, _MISSING
+        if previous is None:
+            if hasattr(self._optimizer, "found_inf"):
+                del self._optimizer.found_inf  # type: ignore[attr-defined]
+        else:
+            self._optimizer.found_inf = previous  # type: ignore[attr-defined]
+
+    def fire(self, step: int, data: dict[str, Any]) -> None:
+        """A spike decided on the step (`skip` or `raise`): record it; raise for `raise`."""
+        action = self.config.action
+        event = runlog.Event("spike", step, time.time(), {**data, "action": action, "skipped": action == "skip"})
+        encoded = [runlog.encode_event(event)]
+        self._submit(lambda: encoded)
+        if action == "raise":
+            raise GradientGuardError(f"gradwatch: spike at step {step}: {_describe(data)}")
+        self._warn(step, data)
+
+    def window_events(self, values: np.ndarray, host: HostRows) -> list[bytes]:
+        """`warn`, callback and on-device `skip` spikes of a window, one event per spike step (at most
+        MAX_SPIKE_EVENTS); spikes already recorded on the step are left out."""
+        action = self.config.action
+        h = self._layout.health
+        if action == "ignore" or h is None or not h.spikes:
+            return []
+        arrays, steps, s = host.health, host.steps, h.spike_start
+        flagged = (arrays["spike_step"] == steps) & (values[:, s + FLAG] > 0) & (arrays["spike_sync"] != steps)
+        rows = np.flatnonzero(flagged)
+        chunks = []
+        for r in rows[:MAX_SPIKE_EVENTS]:
+            data = self.describe(values[r], host, int(r))
+            skipped = bool(values[r, s + SKIP] > 0) or bool(host.skipped[r])
+            data.update(action=action if isinstance(action, str) else "callback", skipped=skipped,
+                        spikes=int(rows.size))
+            event = runlog.Event("spike", int(steps[r]), time.time(), data)
+            chunks.append(runlog.encode_event(event))
+            if callable(action):
+                try:
+                    action({"kind": "spike", "step": event.step, **data})
+                except Exception as exc:  # a user's callback must not stop the writer
+                    self._count_error("guard_callback", exc)
+            elif action in ("warn", "skip", "raise"):
+                self._warn(event.step, data)
+        return chunks
+
+    def describe(self, row: np.ndarray, host: HostRows, r: int) -> dict[str, Any]:
+        """A spike's evidence from its buffer row (on the host): loss, total norm, their z-scores,
+        which of them crossed the threshold, and the spikes counted so far."""
+        h, layout, cfg = self._layout.health, self._layout, self.config
+        assert h is not None
+        arrays, step, s = host.health, int(host.steps[r]), h.spike_start
+        loss = None
+        if cfg.loss in self._scalar_names:
+            slot = self._scalar_names.index(cfg.loss)
+            count = int(host.scalar_count[r, slot])
+            loss = float(row[layout.scalars + slot]) / count if count else None
+        loss_z = float(row[s + LOSS_Z]) if arrays["loss_z_step"][r] == step else None
+        norm = float(row[layout.run]) if host.measured[r] else None
+        norm_z = float(row[s + NORM_Z]) if arrays["norm_z_step"][r] == step else None
+        reasons = [name for name, z in (("loss", loss_z), ("grad_norm", norm_z))
+                   if z is not None and z > cfg.z_threshold]
+        return {"reasons": reasons, "loss": loss, "loss_z": loss_z, "grad_norm": norm, "grad_norm_z": norm_z,
+                "threshold": cfg.z_threshold, "on": cfg.on, "count": float(row[s + COUNT])}
+
+    def _warn(self, step: int, data: dict[str, Any]) -> None:
+        if self.config.action == "ignore" or callable(self.config.action) or self._warned:
+            return
+        self._warned = True
+        log.warning("gradwatch: spike at step %d (run %s): %s; action %s (later spikes are recorded as events)",
+                    step, self._run_name, _describe(data), self.config.action)
+
+
+def _describe(data: dict[str, Any]) -> str:
+    parts = []
+    for name, key in (("loss", "loss"), ("total gradient norm", "grad_norm")):
+        z = data.get(f"{key}_z")
+        if z is not None:
+            value = data.get(key)
+            parts.append(f"{name} {value:.4g} (z {z:.3g})" if value is not None else f"{name} z {z:.3g}")
+    return ", ".join(parts) + f" above z {data.get('threshold')}"

@@ -6,11 +6,15 @@ named parameter tensor as in `model.named_parameters()` (DESIGN.md).
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # pydantic loads with the config, not with the agent's modules
+    from gradwatch.agent.config import ForwardConfig
 
 # Activation families, by which statistic applies (docs/agent.md explains the choice).
 BOUNDED: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
@@ -79,13 +83,14 @@ class Layer:
     index: int
     name: str
     module: nn.Module
-    kind: str  # "param" or "activation"
+    kind: str  # "param", "activation", or the role of a module measured for its role only
     family: str | None
     params: list[int] = field(default_factory=list)
+    role: str | None = None  # "attention", "block" or "logits" (see `detect_roles`)
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name or "<model>", "type": type(self.module).__name__,
-                "kind": self.kind, "family": self.family, "params": self.params}
+                "kind": self.kind, "family": self.family, "params": self.params, "role": self.role}
 
 
 @dataclass
@@ -101,18 +106,26 @@ class Param:
                 "numel": self.tensor.numel(), "requires_grad": self.tensor.requires_grad, "group": self.group}
 
 
-def build_tables(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[Layer], list[Param]]:
-    """Layers in model order (index = depth) and params with their layer and param group."""
+def build_tables(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 forward: ForwardConfig | None = None) -> tuple[list[Layer], list[Param]]:
+    """Layers in model order (index = depth) and params with their layer and param group.
+
+    With `forward`, the attention layers, residual blocks and output layer it asks for
+    (`detect_roles`) are layers too, with their role, even where they own no parameter.
+    """
     group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    roles = detect_roles(model, forward) if forward is not None else {}
     layers: list[Layer] = []
     params: list[Param] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
         family = activation_family(module)
-        if not own and family is None:
+        role = roles.get(id(module))
+        if not own and family is None and role is None:
             continue
-        layer = Layer(len(layers), name, module, "param" if own else "activation", family)
+        kind = "param" if own else "activation" if family is not None else str(role)
+        layer = Layer(len(layers), name, module, kind, family, role=role)
         for pname, p in own:
             seen.add(id(p))
             layer.params.append(len(params))
@@ -156,6 +169,105 @@ def channels_first(layers: list[Layer], index: int) -> bool:
 def last_linear_params(layers: list[Layer], params: list[Param]) -> list[torch.Tensor]:
     """Params of the last Linear layer (AGC leaves the classifier unclipped by default)."""
     for layer in reversed(layers):
-        if isinstance(layer.module, nn.Linear):
+        if isinstance(layer.module, nn.Linear) and layer.params:
             return [params[i].tensor for i in layer.params]
     return []
+
+
+# ---------------------------------------------------------------------------------- roles
+
+
+def is_attention_class(module: nn.Module) -> bool:
+    """`nn.MultiheadAttention`, or a module whose class name says attention (`...Attention`,
+    `...Attn`: Hugging Face's, nanoGPT's and torchtitan's attention modules)."""
+    name = type(module).__name__
+    return isinstance(module, nn.MultiheadAttention) or "Attention" in name or name.endswith("Attn")
+
+
+def _matching(model: nn.Module, patterns: tuple[str, ...], what: str) -> list[tuple[str, nn.Module]]:
+    """The modules whose names match any of `patterns` (fnmatch), each pattern matching one at least."""
+    named = list(model.named_modules())
+    found = []
+    for pattern in patterns:
+        hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"gradwatch: forward.{what} {pattern!r} names no module of the model")
+        found += [hit for hit in hits if hit not in found]
+    return found
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The innermost attention modules (`is_attention_class`) in model order: a Hugging Face
+    `BertAttention` holds a `BertSelfAttention`, which is the one that computes attention."""
+    named = [(n, m) for n, m in model.named_modules() if is_attention_class(m)]
+    return [(n, m) for n, m in named
+            if not any(is_attention_class(d) for d in m.modules() if d is not m)]
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's main stacks of repeated blocks: ModuleLists / Sequentials of at least two
+    children of one class, each holding an attention module; of those, the longest (several of
+    one length: an encoder's and a decoder's)."""
+    stacks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        if all(any(is_attention_class(d) for d in c.modules() if d is not c) for c in children):
+            stacks.append((name, module))
+    longest = max((len(m) for _, m in stacks), default=0)
+    return [(n, m) for n, m in stacks if len(m) == longest]
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if is_transposed_linear(module):
+        return int(getattr(module, "nf", 0))
+    return 0
+
+
+def logits_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The output (logits) layer of a model with attention layers: its last Linear (or HF
+    `Conv1D`) in model order with at least two outputs, outside the attention modules and the
+    blocks (GPT-2's and Llama's `lm_head`, a ViT's classifier). None in a model without
+    attention: a last Linear there may be a regression head."""
+    attention = attention_modules(model)
+    if not attention:
+        return None
+    inside = {id(d) for _, m in attention + block_stacks(model) for d in m.modules()}
+    last = None
+    for name, module in model.named_modules():
+        if _out_features(module) >= 2 and id(module) not in inside:
+            last = (name, module)
+    return last
+
+
+def detect_roles(model: nn.Module, forward: ForwardConfig) -> dict[int, str]:
+    """id(module) -> role: "attention", "block" or "logits", as `forward` asks.
+
+    Attention layers: the modules named in `forward.attention_layers`, else `attention_modules`;
+    blocks: the children of the containers named in `forward.blocks`, else of `block_stacks`;
+    the logits layer: `forward.logits_layer`, else `logits_module`. A module has one role, the
+    logits layer's first, then the attention layer's. A name that matches no module raises a
+    ValueError naming it.
+    """
+    roles: dict[int, str] = {}
+    if forward.scale:
+        stacks = _matching(model, forward.blocks, "blocks") if forward.blocks else block_stacks(model)
+        for _, stack in stacks:
+            for child in stack.children():
+                roles[id(child)] = "block"
+    if forward.attention:
+        named = (_matching(model, forward.attention_layers, "attention_layers") if forward.attention_layers
+                 else attention_modules(model))
+        for _, module in named:
+            roles[id(module)] = "attention"
+    if forward.logits:
+        found = (_matching(model, (forward.logits_layer,), "logits_layer")[:1] if forward.logits_layer
+                 else [hit for hit in [logits_module(model)] if hit is not None])
+        for _, module in found:
+            roles[id(module)] = "logits"
+    return roles

@@ -33,7 +33,9 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch.agent import graphop, runlog
 from gradwatch.agent.buffer import MAX_SCALARS, NO_GRAD, HostRows, Layout, window_blocks, standard_metrics
 from gradwatch.agent.clipping import make_clipper, norm_kwargs, wide_norm_kwargs
+from gradwatch.agent.forward import ForwardStats
 from gradwatch.agent.guards import GradientGuardError, Guards
+from gradwatch.agent.health import Health, health_columns, health_info
 from gradwatch.agent.initcheck import check_init
 from gradwatch.agent.layers import (NONNEGATIVE, Layer, build_tables, channels_first, last_linear_params,
                                     saturation_bounds)
@@ -103,7 +105,7 @@ class Watcher:
         # Finished rows leave from the training thread's hooks and from the idle flusher thread.
         self._send_lock = threading.Lock()
 
-        self.layers, self.params = build_tables(model, optimizer)
+        self.layers, self.params = build_tables(model, optimizer, self.config.forward)
         self._param_tensors: list[torch.Tensor] = [p.tensor for p in self.params]
         self._index_of = {id(t): i for i, t in enumerate(self._param_tensors)}
         first = next(iter(model.parameters()), None)
@@ -126,10 +128,13 @@ class Watcher:
         measure = self.config.measure
         self._flush_every = measure.flush_every
         act_layers = [layer.index for layer in self.layers] if measure.activation_every else []
+        self._forward = ForwardStats(self.layers, act_layers, self.config.forward)  # attention, logits, scale
         self.layout = Layout(len(self.params), len(optimizer.param_groups), act_layers,
                              [i for i in act_layers if self.layers[i].family is not None],
                              [i for i in act_layers if self.layers[i].family == "bounded"],
-                             [i for i in act_layers if self.layers[i].family == "relu"], self.config.clip.mode)
+                             [i for i in act_layers if self.layers[i].family == "relu"], self.config.clip.mode,
+                             health=health_columns(self.config, optimizer, model, self.params),
+                             forward=self._forward.columns)
         self._act_slot = {layer: j for j, layer in enumerate(act_layers)}
         metric_defs = standard_metrics(self.layout, bool(measure.param_every), bool(measure.update_ratio_every),
                                        bool(measure.activation_every))
@@ -183,6 +188,7 @@ class Watcher:
         self.init_check = check_init(self.layers, self.params)
         info = self._header_info(model, rank, world)
         info["optimizer"] = {"class": type(optimizer).__name__, "wrappers": wrappers}
+        info["optimizer_health"] = health_info(optimizer, self.layout.health)
         info["model"]["wrappers"] = model_wrappers
         info["model"]["sharded"] = self._shard_group is not None
         header = runlog.Header(info, metric_defs)
@@ -191,6 +197,9 @@ class Watcher:
         self._guards = Guards(self.config.guards, self.layout, self.params, self.layers, self.name,
                               self._writer.submit, self._count_error)
         try:
+            self._health = Health(self.config, self.layout, optimizer, self.params, self._buf, self._buf_host,
+                                  self._host, self._scalar_names, run_name=self.name, scaler=scaler,
+                                  replicated=replicated, submit=self._writer.submit, count_error=self._count_error)
             self._attach(model, optimizer, outer)
         except Exception:
             for handle in self._handles:
@@ -219,6 +228,7 @@ class Watcher:
         for layer in self.layers:
             if layer.index in self._act_slot:
                 self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        self._handles += self._forward.attach(self)
 
     def close(self) -> None:
         """Remove every hook, send what is left to the run log and close it."""
@@ -229,6 +239,7 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._health.close()
         graphop.unregister(self._graph_key)
         model = self._model_ref()
         if model is not None:
@@ -301,6 +312,7 @@ class Watcher:
             else:
                 cell.fill_(float(value)) if first else cell.add_(float(value))
             self._host.scalar_count[row, slot] += 1
+        self._health.logged(step)
 
     def _notice_scaler_update(self) -> None:
         """Record the iteration the AMP scaler skipped: `scaler.update()` replaces its per-optimizer
@@ -383,6 +395,7 @@ class Watcher:
             self._unscale_act_grads()
             self._maybe_flush()
             self._measure_step(first)
+            self._health.before_update(self.step, first)
         except GradientGuardError:
             raise
         except Exception as exc:
@@ -394,6 +407,7 @@ class Watcher:
             self._measure_after_step()
         except Exception as exc:
             self._count_error("step_post", exc)
+        self._health.after_step(self.step)
         self._stepped_since_update = True
         self._forward_since_step = False
         self._end_step()
@@ -631,6 +645,7 @@ class Watcher:
                             self._host.act_units[row, slot] += per_unit.numel()
             self._host.act_count[row, slot] += 1
             self._host.act_elems[row, slot] += y.numel()
+            self._forward.measure(index, y)  # output scale and logits (forward.py)
 
         def traced_grad_hook(grad: torch.Tensor) -> None:  # traced into the compiled backward
             graphop.observe(grad, self._graph_token, self._graph_key, index, graphop.GRADIENT)
@@ -903,6 +918,7 @@ class Watcher:
                 chunks = [runlog.encode_metric(d) for d in defs]
                 chunks.append(runlog.encode_frame(result.blocks))
                 chunks += self._guards.window_events(values, host.steps)
+                chunks += self._health.window_events(values, host)
                 if errors and errors != self._reported_errors:
                     self._reported_errors = errors
                     chunks.append(runlog.encode_event(runlog.Event("agent_error", int(host.steps[-1]), time.time(),
@@ -991,7 +1007,7 @@ class Watcher:
             "lr": [value("lr", g) for g in range(n_groups)],
             "scalars": {n: value(n) for n in self._scalar_names},
             "params": params, "layers": layers, "init_check": self.init_check,
-            "optimizer": {"class": type(self._optimizer).__name__},
+            "optimizer": {"class": type(self._optimizer).__name__}, **self._health.snapshot(value),
             "errors": {**self.errors, **{f"writer:{k}": v for k, v in self._writer.errors.items()}},
             "dropped_frames": self._writer.dropped, "log_path": str(self.path),
         }

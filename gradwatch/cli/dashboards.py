@@ -75,8 +75,9 @@ def push(url: str, folder: str, token_file: Path | None, datasource: str | None,
          as_json: bool) -> None:
     """Upload the dashboards to Grafana (safe to repeat).
 
-    Dashboards with the same uid are replaced (Grafana keeps their versions). The token (a service account token, Editor role) comes from --token-file or $GRAFANA_TOKEN
-    and is never printed.
+    Dashboards with the same uid are replaced (Grafana keeps their versions). The token (a
+    service account token, Editor role) comes from --token-file or $GRAFANA_TOKEN and is
+    never printed.
     """
     from gradwatch.dashboards.push import PushError, PushInputError
     from gradwatch.dashboards.push import push as push_dashboards

@@ -98,10 +98,11 @@ def _ranks_row() -> Row:
         Table("Rank with the largest value",
               "With layer series reduced across ranks (the default), the rank whose value is the largest, per "
               "block (rows, in depth order) and activation statistic (columns): where to look first on a "
-              "multi-GPU run (gradwatch_layer_max_rank; one per service that exports the run). Empty with "
-              "per_rank, where every rank has its own series.",
-              (Query('label_join(max by (depth, layer, stat) (gradwatch_layer_max_rank{run="$run", layer=~"$layer"}),'
-                     ' "block", " ", "depth", "layer")', table=True),),
+              "multi-GPU run (gradwatch_layer_max_rank). Each service reduces the ranks it sees, so a run "
+              "spread over several hosts has a row per block and host. Empty with per_rank, where every rank "
+              "has its own series.",
+              (Query('label_join(max by (depth, layer, instance, stat) (gradwatch_layer_max_rank{run="$run", '
+                     'layer=~"$layer"}), "block", " ", "depth", "layer", "instance")', table=True),),
               transformations=(
                   {"id": "groupingToMatrix", "options": {"columnField": "stat", "rowField": "block",
                                                          "valueField": "Value"}},

@@ -44,7 +44,8 @@ def _runs_row() -> Row:
                 "renameByName": {"Value #C": "last step", "Value #D": "started"}}},
         ),
         overrides=(
-            {"matcher": {"id": "byName", "options": "started"}, "properties": [{"id": "unit", "value": "dateTimeAsIso"}]},
+            {"matcher": {"id": "byName", "options": "started"},
+             "properties": [{"id": "unit", "value": "dateTimeAsIso"}]},
             {"matcher": {"id": "byName", "options": "name"}, "properties": [{"id": "links", "value": [
                 Link("Layers of ${__value.raw}", LAYERS_URL.replace("{run}", "${__data.fields.run}")).to_json()]}]},
         ),
@@ -53,9 +54,11 @@ def _runs_row() -> Row:
         "Exporter",
         "Runs exported by the scraped gradwatch serve instances, and whether each could read its store "
         "(gradwatch_exporter_store_up).",
-        (Query("sum(gradwatch_exporter_runs)", "runs exported"), Query("min(gradwatch_exporter_store_up)", "store readable")),
+        (Query("sum(gradwatch_exporter_runs)", "runs exported"),
+         Query("min(gradwatch_exporter_store_up)", "store readable")),
         overrides=({"matcher": {"id": "byFrameRefID", "options": "B"}, "properties": [{"id": "mappings", "value": [
-            {"type": "value", "options": {"0": {"text": "no", "color": "red"}, "1": {"text": "yes", "color": "green"}}}]}]},),
+            {"type": "value",
+             "options": {"0": {"text": "no", "color": "red"}, "1": {"text": "yes", "color": "green"}}}]}]},),
         width=6, height=7)
     return Row("Runs", (table, exporter))
 
@@ -71,7 +74,8 @@ def _norm_row() -> Row:
              Query(f"gradwatch_global_grad_norm_clipped{{{SEL}}}", f"{legend} after"),
              Query(f"gradwatch_clip_threshold{{{SEL}}}", f"{legend} threshold")),
             log=True, thresholds=((1000, "red"),), dashed=("C",),
-            links=(Link("Layers of ${__field.labels.run_name}", LAYERS_URL.replace("{run}", "${__field.labels.run}")),)),
+            links=(Link("Layers of ${__field.labels.run_name}",
+                        LAYERS_URL.replace("{run}", "${__field.labels.run}")),)),
         TimeSeries(
             "Clip coefficient",
             "Factor clipping applied to the gradients at the last step: 1 = not clipped, 0.1 = scaled down 10 times.",

@@ -27,11 +27,12 @@ DATASOURCE_NAME = "Prometheus (gradwatch)"
 
 
 class PushInputError(ValueError):
-    """The request cannot be sent as given (a bad URL, the client not installed); one line."""
+    """The request cannot be sent as given (a bad URL or token); one line."""
 
 
 class PushError(Exception):
-    """Grafana could not be reached or refused the request; one line, without the token."""
+    """Grafana could not be reached or refused the request, or grafana-client is not installed;
+    one line, without the token."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def push(url: str, token: str, folder: str = "gradwatch", datasource: str | None
         from grafana_client.client import GrafanaException, TokenAuth
         from niquests.exceptions import RequestException
     except ImportError:
-        raise PushInputError("gradwatch dashboards push needs grafana-client: pip install 'gradwatch[grafana]'") from None
+        raise PushError("gradwatch dashboards push needs grafana-client: pip install 'gradwatch[grafana]'") from None
     api = GrafanaApi.from_url(base, credential=TokenAuth(token), timeout=timeout)
     try:
         source = _datasource(api, prometheus, GrafanaException) if prometheus is not None else None
@@ -85,7 +86,7 @@ def push(url: str, token: str, folder: str = "gradwatch", datasource: str | None
         raise PushError(_refused(base, exc)) from None
     except RequestException as exc:
         raise PushError(f"cannot reach Grafana at {base}: {_one_line(exc)}") from None
-    return PushReport(where, source, [{**d, "url": base + d["url"]} for d in saved])
+    return PushReport(where, source, [{**d, "url": urllib.parse.urljoin(base, d["url"])} for d in saved])
 
 
 def _datasource(api: Any, url: str, not_found: type[Exception]) -> dict[str, Any]:
@@ -142,5 +143,7 @@ def _refused(base: str, exc: Any) -> str:
     return f"Grafana at {base} refused the request ({status} {detail})"
 
 
-def _one_line(text: object) -> str:
-    return redact(" ".join(str(text).split())) or "no details"
+def _one_line(text: object, limit: int = 200) -> str:
+    """`text` on one line, credentials masked, cut at `limit` characters (a proxy's HTML page)."""
+    line = redact(" ".join(str(text).split())) or "no details"
+    return line if len(line) <= limit else line[:limit - 1] + "…"

@@ -23,5 +23,6 @@ RUN_REGEX = '/name="(?<text>[^"]*)",project="[^"]*",run="(?<value>[^"]*)"/'
 def runs(multi: bool) -> QueryVariable:
     """`$run`: the runs of the chosen projects, shown by name, valued by id. "All" stands for
     every listed run (not `.*`, which would ignore the project)."""
-    return QueryVariable("run", "Run", 'query_result(max by (run, name, project) (gradwatch_run_info{project=~"$project"}))',
-                         multi=multi, include_all=multi, regex=RUN_REGEX)
+    return QueryVariable(
+        "run", "Run", 'query_result(max by (run, name, project) (gradwatch_run_info{project=~"$project"}))',
+        multi=multi, include_all=multi, regex=RUN_REGEX)

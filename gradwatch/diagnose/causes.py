@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.diagnose import thresholds as th
-from gradwatch.diagnose.rundata import RunData, Series, nanmedian
+from gradwatch.diagnose.rundata import RunData, Series, in_sorted, nanmedian
 from gradwatch.diagnose.text import num, plural, ranges_text, step_ranges
 
 SCHEME_NAMES = {"glorot": "Glorot", "he": "He", "lecun": "LeCun"}
@@ -117,7 +117,7 @@ def lr_explained_growth(data: RunData, first: np.ndarray, last: np.ndarray) -> f
     if lr is None or not len(first) or not len(last):
         return 1.0
     values = np.where(lr.measured, lr.values, np.nan).reshape(-1, len(lr.steps)).astype(np.float64)
-    early, late = np.isin(lr.steps, first), np.isin(lr.steps, last)
+    early, late = in_sorted(lr.steps, first), in_sorted(lr.steps, last)
     best = 1.0
     for row in values:
         a, b = nanmedian(row[early]), nanmedian(row[late])

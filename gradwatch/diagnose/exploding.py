@@ -13,7 +13,7 @@ from gradwatch.diagnose.causes import init_cause, lr_burst, lr_explained_growth,
 from gradwatch.diagnose.findings import Evidence, Finding
 from gradwatch.diagnose.flow import GATED, NORM
 from gradwatch.diagnose.loss import batch_spike_steps
-from gradwatch.diagnose.rundata import RunData, nanmedian
+from gradwatch.diagnose.rundata import RunData, in_sorted, nanmedian
 from gradwatch.diagnose.spikes import find_spikes
 from gradwatch.diagnose.text import num, plural, ranges_text, runs_of
 
@@ -227,7 +227,7 @@ def exploding(data: RunData) -> list[Finding]:
     if series is None or not series.values.size:
         return []
     steps, norms = series.steps, series.values.astype(np.float64)
-    use = ~np.isin(steps, batch_spike_steps(data))  # a bad batch explains those: the loss-spike finding's
+    use = ~in_sorted(steps, batch_spike_steps(data))  # a bad batch explains those: the loss-spike finding's
     size = _measure(data, steps, norms, use)
     if not (size.clipped_explosion or size.too_large or size.grows or size.spike_steps):
         return []

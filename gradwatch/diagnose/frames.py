@@ -10,7 +10,7 @@ one entity after the other), so a window fed frames holds exactly what a read wo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,36 +18,40 @@ import numpy as np
 from gradwatch.agent.runlog import Block, Frame
 
 
+Span = tuple[int, int] | None
+
+
 @dataclass(frozen=True)
 class Columns:
     """One metric's rows in a batch of frames: `values` and `present` are (steps, entities), the
-    entities in their columns' order; `span` is the first and last step at which a column was
-    measured (None when none was)."""
+    entities in their columns' order; `measured`: whether a column was measured at all."""
 
     entities: tuple[int, ...]
     steps: np.ndarray
     values: np.ndarray
     present: np.ndarray
-    span: tuple[int, int] | None
+    measured: bool
 
     def column(self, entity: int) -> int | None:
         """The column of an entity, None when the metric has none for it."""
         return self.entities.index(entity) if entity in self.entities else None
 
 
-def metric_columns(frames: Iterable[Frame]) -> dict[str, Columns] | None:
-    """Every metric's rows in `frames`, by name; None when the frames cannot be read as a store
-    read would give them: a metric's steps that do not strictly increase, a name defined twice
-    differently, or an entity given two columns."""
+def metric_columns(frames: Iterable[Frame], wanted: Collection[str]) -> tuple[dict[str, Columns], Span] | None:
+    """The rows in `frames` of the `wanted` metrics, by name, and the first and last step at which
+    any metric was measured (the last is what the ingester records as the log's; None when none
+    was). None when the frames cannot be read as a store read would give them: a metric's steps
+    that do not strictly increase, a name defined twice differently, or an entity given two
+    columns."""
     blocks: dict[str, list[Block]] = {}
     for frame in frames:
         for block in frame.blocks:
             if block.steps.shape[0]:
                 blocks.setdefault(block.metric.name, []).append(block)
     out = {}
+    first, last = None, None
     for name, parts in blocks.items():
         metric = parts[0].metric
-        entities = (0,) if metric.scope == "run" else metric.indices
         if len(parts) == 1:
             steps, values, present = parts[0].steps, parts[0].values, parts[0].present
         elif any(b.metric is not metric and b.metric != metric for b in parts):
@@ -56,20 +60,20 @@ def metric_columns(frames: Iterable[Frame]) -> dict[str, Columns] | None:
             steps = np.concatenate([b.steps for b in parts])
             values = np.concatenate([b.values for b in parts])
             present = np.concatenate([b.present for b in parts])
-        if (steps.shape[0] > 1 and bool(np.any(steps[1:] <= steps[:-1]))) or len(set(entities)) != len(entities):
+        if steps.shape[0] > 1 and bool(np.any(steps[1:] <= steps[:-1])):
             return None
         measured = np.flatnonzero(present.any(axis=1))
-        span = (int(steps[measured[0]]), int(steps[measured[-1]])) if len(measured) else None
+        if len(measured):
+            a, b = int(steps[measured[0]]), int(steps[measured[-1]])
+            first, last = a if first is None else min(first, a), b if last is None else max(last, b)
+        if name not in wanted:
+            continue
+        entities = (0,) if metric.scope == "run" else metric.indices
+        if len(set(entities)) != len(entities):
+            return None
         out[name] = Columns(entities, steps.astype(np.int64, copy=False),
-                            values.astype(np.float32, copy=False).astype(np.float64), present, span)
-    return out
-
-
-def step_range(columns: dict[str, Columns]) -> tuple[int, int] | None:
-    """The first and last steps at which any column was measured (the last is what the ingester
-    records as the log's); None when none was."""
-    spans = [c.span for c in columns.values() if c.span is not None]
-    return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
+                            values.astype(np.float32, copy=False).astype(np.float64), present, len(measured) > 0)
+    return out, (None if first is None or last is None else (first, last))
 
 
 def entity_rows(c: Columns, entity: int) -> tuple[np.ndarray, np.ndarray] | None:

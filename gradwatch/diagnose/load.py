@@ -161,9 +161,12 @@ class RunWindow:
         if not chain:
             return complete
         records = [r for batch in chain for r in batch.records]
-        columns = fr.metric_columns(r for r in records if isinstance(r, Frame))
-        steps = None if columns is None else fr.step_range(columns)
-        if columns is None or (steps is not None and self.last_step is not None and steps[0] <= self.last_step):
+        wanted = FAST_METRICS + LAYER_METRICS + (PARAM_NORM,) + (() if self._has_flow else (PARAM_GRAD,))
+        got = fr.metric_columns((r for r in records if isinstance(r, Frame)), wanted)
+        if got is None:
+            return False
+        columns, steps = got
+        if steps is not None and self.last_step is not None and steps[0] <= self.last_step:
             return False
         self._append_columns(columns)
         if steps is not None:
@@ -258,7 +261,7 @@ class RunWindow:
             if len(steps):
                 self._run["param_norm_total"] = _append(self._run.get("param_norm_total"), Series(steps, values))
         for metric in LAYER_METRICS:
-            if metric == FLOW and not self._has_flow and metric in columns and columns[metric].span is not None:
+            if metric == FLOW and not self._has_flow and metric in columns and columns[metric].measured:
                 self._flow_found()
             self._extend(self._layer, metric, columns.get(metric), self._row_of, len(self.layers))
         if PARAM_GRAD in columns and not self._has_flow and PARAM_GRAD in self._slow_metrics():

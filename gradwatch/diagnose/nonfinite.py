@@ -16,7 +16,7 @@ import numpy as np
 
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.findings import Evidence, Finding
-from gradwatch.diagnose.rundata import RunData
+from gradwatch.diagnose.rundata import RunData, in_sorted
 from gradwatch.diagnose.text import listing, num, plural, ranges_text, runs_of, step_ranges
 
 __all__ = ["KINDS", "first_event", "nonfinite_activations", "nonfinite_counts", "nonfinite_gradients",
@@ -77,7 +77,7 @@ def _gradient_kinds(data: RunData) -> tuple[np.ndarray, np.ndarray, list[str]]:
         v = norms.values.astype(np.float64)
         if "nonfinite_params" in data.run:  # an infinite total where no element is: the total overflowed
             counted = data.run["nonfinite_params"]
-            finite_elements = np.isin(norms.steps, counted.steps[np.nan_to_num(counted.values, nan=1.0) == 0])
+            finite_elements = in_sorted(norms.steps, counted.steps[np.nan_to_num(counted.values, nan=1.0) == 0])
             overflow = np.union1d(overflow, norms.steps[np.isposinf(v) & finite_elements])
         kinds = nonfinite_counts(norms.steps, v)
         if kinds:

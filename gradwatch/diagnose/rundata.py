@@ -156,3 +156,15 @@ def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float
         med = np.where(n % 2 == 1, low, med)
     med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False).reshape(s.shape[:-1])
     return med[()] if med.ndim == 0 else med
+
+
+def in_sorted(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """`np.isin(values, members)` for sorted `members` (steps), by binary search: NumPy's `isin`
+    costs tens of microseconds even on a handful of values, and the rules call it every
+    evaluation."""
+    members = np.asarray(members)
+    values = np.asarray(values)
+    if not members.size:
+        return np.zeros(values.shape, dtype=bool)
+    idx = np.minimum(np.searchsorted(members, values), members.size - 1)
+    return np.asarray(members[idx] == values)

@@ -116,10 +116,11 @@ class ServiceSettings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     poll_interval: float = Field(default=0.5, gt=0, le=60)
     grace: float = Field(default=300.0, ge=0)
+    # label tiers of layer and param series (docs/metrics.md#label-tiers; gradwatch.service.tiers)
     per_param: bool = False
     per_layer: bool = False
     per_rank: bool = False
-    block_levels: int | None = None  # "auto" in files and the environment
+    block_levels: int | None = None  # None is "auto" (how files and the environment say it)
     log_format: LogFormat = "text"
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)

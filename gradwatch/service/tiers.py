@@ -1,11 +1,12 @@
 """Label tiers: which layer and param series the exporter emits, and how it reduces them.
 
 By default a run's layer metrics are exported per *block* (a group of layers: by default a
-transformer block or a Sequential's numbered child, see `block_of`) and without a `rank` label:
-the value is the largest over the ranks the service sees, and for the activation statistics
-`gradwatch_layer_max_rank` names the rank that has it. Per-layer, per-param and per-rank series are opt-in (`Tiers`).
-Every series of a run carries `run_name` and `project`, which add no series (one name and one
-project per run). docs/metrics.md documents the label sets and the series each tier costs.
+transformer block or a Sequential's numbered child, see `block_of`) and without a `rank`
+label: the value is the largest over the ranks the service sees, and for the activation
+statistics `gradwatch_layer_max_rank` names the rank that has it. Per-layer, per-param and
+per-rank series are opt-in (`Tiers`). Every series of a run carries `run_name` and
+`project`, which add no series (one name and one project per run). docs/metrics.md
+documents the label sets and the series each tier costs.
 
 The maths are pure functions over plain values, so tests call them directly:
 `aggregate` folds a block's layers into one value, `rank_max` reduces over ranks.
@@ -20,8 +21,8 @@ from typing import TypeVar
 
 from gradwatch.service.catalog import RUN_INFO, MetricSpec
 
-__all__ = ["ATTRIBUTED", "LAYER_MAX_RANK", "TIER_METRICS", "Placement", "Tiers", "aggregate", "block_of", "exported", "l2",
-           "largest", "param_aggregates", "placements", "rank_max", "update_ratio"]
+__all__ = ["ATTRIBUTED", "LAYER_MAX_RANK", "TIER_METRICS", "Placement", "Tiers", "aggregate", "block_of",
+           "exported", "l2", "largest", "param_aggregates", "placements", "rank_max", "update_ratio"]
 
 K = TypeVar("K")
 
