@@ -27,9 +27,10 @@ Example:
 @json_option
 @with_store
 def plot(store: Store, run: str, out: Path, as_json: bool) -> None:
-    """Draw a run's gradient pictures: a gradient-flow heatmap (layers x steps, log scale), the total
-    norm before and after clipping with the threshold and clipped steps marked, and each layer's
-    saturation and dead ratios."""
+    """Draw a run's gradient pictures on one step axis: a gradient-flow heatmap (layers x steps, log
+    scale), the total norm before and after clipping, the loss and each param group's learning rate,
+    and each activation layer's saturated or dead fraction over steps; NaN/Inf steps are marked in
+    every panel, and a panel the run has nothing for is left out."""
     if out.suffix.lower() not in FORMATS:
         raise BadInput(f"cannot write {out.name!r}: the file name must end in {', '.join(FORMATS)}")
     if not out.parent.is_dir():
