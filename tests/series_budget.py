@@ -11,7 +11,7 @@ Every rank of a data-parallel run records the same layers and params, so a host'
 the recorded rank's values under other rank numbers. One `gradwatch serve` per host of 8
 ranks (DESIGN.md), each exporting the ranks it sees: a run's series are one host's times
 the number of hosts. Counted: every series with a `run` label (gradwatch_exporter_* are the
-service's own). Print the docs table with ``python -m tests.series_budget``.
+service's own). Print the docs tables with ``python -m tests.series_budget``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gradwatch.service.exporter import RunLatest, families_for
-from gradwatch.service.tiers import Tiers
+from gradwatch.service.tiers import Tiers, placements
 
 MODELS = {"7B": 32, "70B": 80}  # decoder layers of Llama-2 7B and 70B
 RANKS = (8, 64, 1024)
@@ -92,8 +92,22 @@ def budget(runs: dict[str, RunLatest]) -> dict[tuple[str, str, int], int]:
     return out
 
 
-def table(counts: dict[tuple[str, str, int], int]) -> str:
-    """The markdown table of docs/metrics.md."""
+def models_table(runs: dict[str, RunLatest]) -> str:
+    """What the agent recorded of each model: its layers, blocks and params, and the run-level
+    series of one rank."""
+    lines = ["| model | decoder layers | parameter tensors | layers (`per_layer`) | blocks (default) | "
+             "run-level series per rank |", "|---|---:|---:|---:|---:|---:|"]
+    for model, run in runs.items():
+        blocks = {u.unit for u in placements(run.layer_depths, [], Tiers()).values()}
+        per_rank = sum(1 for family in families_for([run], Tiers()) for s in family.samples
+                       if s.labels.get("rank") == "0" and "layer" not in s.labels)
+        lines.append(f"| Llama-2 {model} | {MODELS[model]} | {len(run.param_layers)} | {len(run.layer_depths)} | "
+                     f"{len(blocks)} | {per_rank} |")
+    return "\n".join(lines)
+
+
+def budget_table(counts: dict[tuple[str, str, int], int]) -> str:
+    """Series of one run per tier, model and number of ranks."""
     head = [f"{model}, {ranks:,} ranks" for model in MODELS for ranks in RANKS]
     lines = ["| tier | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for name in TIERS:
@@ -103,10 +117,10 @@ def table(counts: dict[tuple[str, str, int], int]) -> str:
 
 
 def compute() -> str:
-    """Record both models in a temporary home and return the table."""
+    """Record both models in a temporary home and return docs/metrics.md's two tables."""
     with tempfile.TemporaryDirectory() as tmp:
         runs = {model: record_llama(Path(tmp) / model, layers) for model, layers in MODELS.items()}
-    return table(budget(runs))
+    return models_table(runs) + "\n\n" + budget_table(budget(runs))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_push_replaces_the_group(pushgateway: Pushgateway) -> None:  # noqa: F81
                     logger=setup_logging("json", stream))
     assert pusher.push_once()
     got = _samples(pushgateway.metrics(), "gradwatch_global_grad_norm")
-    key = (("instance", "node7"), ("job", "gwtest"), ("rank", "0"), ("run", "r1"))
+    key = (("instance", "node7"), ("job", "gwtest"), ("project", "p"), ("rank", "0"), ("run", "r1"), ("run_name", "n"))
     assert got == {key: 2.5}
 
     runs.clear()  # the run left /metrics: the next push removes it from the gateway

@@ -96,6 +96,7 @@ class Service:
             raise ServiceError(str(exc)) from None
         self.registry.register(GradwatchCollector(
             StoreSource(self.store, s.grace, self.clock), grace=s.grace, per_param=s.per_param,
+            per_layer=s.per_layer, per_rank=s.per_rank, block_levels=s.block_levels,
             clock=self.clock, logger=self.logger, errors=STORE_ERRORS))
         if s.alerts.enabled:
             self.alerts = AlertEngine(self.store, s.alerts, build_notifiers(s.alerts, self.logger, self.clock),

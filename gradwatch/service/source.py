@@ -40,6 +40,7 @@ class _Static:
     torch_version: str | None
     gradwatch_version: str | None
     param_layers: dict[str, str]
+    layer_depths: dict[str, int]
 
 
 class StoreSource:
@@ -71,6 +72,7 @@ class StoreSource:
                     started_at=run.started_at, ended_at=_end_time(run), host=run.host,
                     world_size=run.world_size, device=static.device, torch_version=static.torch_version,
                     gradwatch_version=static.gradwatch_version, param_layers=static.param_layers,
+                    layer_depths=static.layer_depths,
                     values=by_run[run.id], counts=self._counters(run.id, by_run[run.id])))
             return out
 
@@ -78,10 +80,12 @@ class StoreSource:
         static = self._static.get(run_id)
         if static is None:
             summary = self.store.run_summary(run_id)
-            layer_names = {layer.index: layer.name for layer in self.store.layers(run_id)}
+            layers = self.store.layers(run_id)
+            layer_names = {layer.index: layer.name for layer in layers}
             param_layers = {p.name: layer_names.get(p.layer, "") for p in self.store.params(run_id)
                             if p.layer is not None}
-            static = _Static(summary.device, summary.torch_version, summary.gradwatch_version, param_layers)
+            static = _Static(summary.device, summary.torch_version, summary.gradwatch_version, param_layers,
+                             {layer.name: layer.index for layer in layers})
             self._static[run_id] = static
         return static
 
