@@ -34,6 +34,9 @@ DEFAULT_FOR_STEPS: dict[str, int] = {
     "dying_units": 50,
     "clipping_rate": 50,
     "initialisation": 0,
+    "adam_second_moment": 0,
+    "update_ratio_band": 50,
+    "skipped_spikes": 0,
     STALLED_RULE: 0,
 }
 

@@ -17,6 +17,7 @@ from gradwatch.diagnose.flow import vanishing
 from gradwatch.diagnose.init import initialisation
 from gradwatch.diagnose.loss import loss_spike
 from gradwatch.diagnose.nonfinite import nonfinite_activations, nonfinite_gradients, nonfinite_loss
+from gradwatch.diagnose.optimizer import adam_second_moment, skipped_spikes, update_ratio_band
 from gradwatch.diagnose.rundata import LayerInfo, RunData, Series
 from gradwatch.diagnose.spikes import find_loss_spikes, find_spikes
 from gradwatch.diagnose.stability import clipping_rate
@@ -28,7 +29,8 @@ Rule = Callable[[RunData], list[Finding]]
 
 #: Every rule, in the order findings of equal severity are reported.
 RULES: tuple[Rule, ...] = (nonfinite_gradients, nonfinite_loss, nonfinite_activations, exploding, loss_spike,
-                          vanishing, saturation, dying_units, clipping_rate, initialisation)
+                          vanishing, saturation, dying_units, clipping_rate, initialisation, adam_second_moment,
+                          update_ratio_band, skipped_spikes)
 
 
 def diagnose(data: RunData, rules: tuple[Rule, ...] = RULES) -> list[Finding]:

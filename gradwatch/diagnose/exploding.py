@@ -13,8 +13,8 @@ from gradwatch.diagnose.causes import init_cause, lr_burst, lr_explained_growth,
 from gradwatch.diagnose.findings import Evidence, Finding
 from gradwatch.diagnose.flow import GATED, NORM
 from gradwatch.diagnose.loss import batch_spike_steps
-from gradwatch.diagnose.rundata import RunData, in_sorted, nanmedian
-from gradwatch.diagnose.spikes import find_spikes
+from gradwatch.diagnose.rundata import RunData, Series, in_sorted, nanmedian
+from gradwatch.diagnose.spikes import find_spikes, series_stats
 from gradwatch.diagnose.text import num, plural, ranges_text, runs_of
 
 _INIT_RNN = ("initialise the recurrent weights with spectral radius near 1: nn.init.orthogonal_(w) (or Glorot), "
@@ -108,8 +108,10 @@ def param_reference(data: RunData, steps: np.ndarray) -> np.ndarray:
     return ref
 
 
-def _measure(data: RunData, steps: np.ndarray, norms: np.ndarray, use: np.ndarray) -> _Size:
-    """Every measure of size over the steps in `use` (the others are a bad batch's)."""
+def _measure(data: RunData, series: Series, norms: np.ndarray, use: np.ndarray) -> _Size:
+    """Every measure of size over the steps of the total norm `series` in `use` (the others are a
+    bad batch's)."""
+    steps = series.steps
     size = _Size()
     finite = use & np.isfinite(norms)
     thr = clip_thresholds(data, steps)
@@ -126,7 +128,8 @@ def _measure(data: RunData, steps: np.ndarray, norms: np.ndarray, use: np.ndarra
         size.ratio_max = float(np.nanmax(ratio))
         size.ratio_steps = tuple(int(s) for s in steps[ok & (ratio > th.GRAD_PARAM_RATIO)])
         size.param_norm = float(np.median(ref[ok]))
-    idx, factors = find_spikes(np.where(use, norms, np.nan))
+    stats = series_stats(series, th.SPIKE_LOOKBACK) if use.all() else None  # else not the series' own
+    idx, factors = find_spikes(np.where(use, norms, np.nan), stats)
     size.spike_steps = tuple(int(s) for s in steps[idx])
     size.worst_spike = float(factors.max()) if len(factors) else 1.0
     grow = finite & (norms > 0)
@@ -228,7 +231,7 @@ def exploding(data: RunData) -> list[Finding]:
         return []
     steps, norms = series.steps, series.values.astype(np.float64)
     use = ~in_sorted(steps, batch_spike_steps(data))  # a bad batch explains those: the loss-spike finding's
-    size = _measure(data, steps, norms, use)
+    size = _measure(data, series, norms, use)
     if not (size.clipped_explosion or size.too_large or size.grows or size.spike_steps):
         return []
     nonfinite = int(np.count_nonzero(~np.isfinite(norms)))

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 #: Run-level metrics the rules and plots read, when the run has them.
 RUN_METRICS = ("grad_norm_total", "grad_norm_total_clipped", "clip_coef", "clip_threshold", "loss",
-               "nonfinite_params", "overflow_params", "skipped")
+               "nonfinite_params", "overflow_params", "skipped", "loss_z", "skip_rate")
 #: Layer-level metrics the rules and plots read, when the run has them.
-LAYER_METRICS = ("act_grad_norm", "saturation_ratio", "dead_ratio", "act_nonfinite")
+LAYER_METRICS = ("act_grad_norm", "saturation_ratio", "dead_ratio", "act_nonfinite", "layer_adam_v_lag",
+                 "layer_adam_eps_frac", "layer_adam_update_rms", "layer_update_ratio", "update_ratio_equilibrium")
 #: Per-param-group metrics the rules read.
 GROUP_METRICS = ("lr",)
 #: Per-param metrics, read into the run-level `param_norm_total` (L2 over the params) and, for a
@@ -70,23 +71,7 @@ def l2(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
 
 
 def _append(old: Series | None, new: Series) -> Series:
-    """`new` (later steps) after `old`; a matrix keeps its presence mask."""
-    if old is None or not len(old.steps):
-        return new
-    if not len(new.steps):
-        return old
-    present = None if old.present is None else np.concatenate([old.present, new.present], axis=-1)
-    return Series(np.concatenate([old.steps, new.steps]), np.concatenate([old.values, new.values], axis=-1),
-                  present)
-
-
-def _after(series: Series, first: int) -> Series:
-    """The part of `series` from step `first` on."""
-    k = int(np.searchsorted(series.steps, first))
-    if k == 0:
-        return series
-    present = None if series.present is None else series.present[..., k:]
-    return Series(series.steps[k:], series.values[..., k:], present)
+    return new if old is None else old.then(new)
 
 
 class RunWindow:
@@ -308,9 +293,9 @@ class RunWindow:
         if self.steps is None or self.last_step is None:
             return
         first = self.last_step - self.steps + 1
-        self._run = {m: _after(s, first) for m, s in self._run.items()}
-        self._layer = {m: _after(s, first) for m, s in self._layer.items()}
-        self._group = {m: _after(s, first) for m, s in self._group.items()}
+        self._run = {m: s.since(first) for m, s in self._run.items()}
+        self._layer = {m: s.since(first) for m, s in self._layer.items()}
+        self._group = {m: s.since(first) for m, s in self._group.items()}
         self._events = [e for e in self._events if int(e["step"]) >= first]
 
 

@@ -9,7 +9,7 @@ from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.causes import lr_burst
 from gradwatch.diagnose.findings import Evidence, Finding
 from gradwatch.diagnose.rundata import RunData, Series
-from gradwatch.diagnose.spikes import LossSpike, find_loss_spikes, isolated, local_factor
+from gradwatch.diagnose.spikes import LossSpike, find_loss_spikes, isolated, local_factor, series_stats
 from gradwatch.diagnose.text import num, plural, ranges_text
 
 BAD_BATCH = ("a bad batch: corrupt, unnormalised, mislabelled or out-of-distribution samples; the loss was back "
@@ -26,7 +26,8 @@ def loss_spikes(loss: Series) -> tuple[LossSpike, ...]:
     exploding_gradients both need them)."""
     key = ("loss_spikes", th.LOSS_LOOKBACK, th.LOSS_MIN_HISTORY, th.LOSS_SPIKE_Z, th.LOSS_SPIKE_RISE,
            th.LOSS_SPIKE_MIN_RISE)
-    return loss.derived(key, lambda s: tuple(find_loss_spikes(s.steps, s.values)))
+    return loss.derived(key, lambda s: tuple(find_loss_spikes(s.steps, s.values,
+                                                              series_stats(s, th.LOSS_LOOKBACK, mad=True))))
 
 
 def batch_spike_steps(data: RunData) -> np.ndarray:

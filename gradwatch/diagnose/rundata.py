@@ -34,20 +34,33 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class _Rolling:
+    """What `Series.rolling` computed: position j of the series holds `arrays[j + shift]`, for
+    lo <= j < hi (the others must be computed)."""
+
+    lookback: int
+    arrays: tuple[np.ndarray, ...]
+    shift: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
 class Series:
     """A metric over steps: `values` is (n,) for a run-level metric, (layers, n) per layer.
 
     `present` (same shape, bool) is False where nothing was measured (a layer not measured at
     that step, or not of the metric's family); None means every value was measured. NaN, +Inf
     and -Inf in `values` are measured values wherever `present` is True. A series is never
-    changed in place (a window makes a new one as it moves), so what rules derive from it is
-    kept with it (`derived`).
+    changed in place (a window makes a new one as it moves: `then`, `since`), so what rules
+    derive from it is kept with it (`derived`, `rolling`).
     """
 
     steps: np.ndarray
     values: np.ndarray
     present: np.ndarray | None = None
     _derived: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _rolling: dict[Hashable, _Rolling] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def derived(self, key: Hashable, compute: Callable[[Series], T]) -> T:
         """`compute(self)`, computed once per `key`: rules that need the same medians or spikes
@@ -56,6 +69,58 @@ class Series:
         if key not in self._derived:
             self._derived[key] = compute(self)
         return self._derived[key]  # type: ignore[no-any-return]
+
+    def rolling(self, key: Hashable, lookback: int,
+                compute: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        """`compute(values, positions)` at every position of a run-level series, for a computation
+        whose result at a position depends on the `lookback` values before it and nothing else
+        (the rolling medians that spikes are judged against). Kept with the series and carried
+        to the series a window makes from it (`then`, `since`), where only the positions whose
+        history changed are computed again: the same arrays, for a fraction of the work."""
+        n = self.steps.shape[0]
+        held = self._rolling.get(key)
+        if held is not None and held.lookback == lookback and (held.shift, held.lo, held.hi) == (0, 0, n):
+            return held.arrays
+        if held is None or held.lookback != lookback:
+            arrays = compute(self.values, np.arange(n))
+        else:
+            todo = np.r_[0:held.lo, held.hi:n]
+            fresh = compute(self.values, todo)
+            arrays = tuple(np.empty(n, dtype=f.dtype) for f in fresh)
+            for out, old, new in zip(arrays, held.arrays, fresh):
+                out[held.lo:held.hi] = old[held.lo + held.shift:held.hi + held.shift]
+                out[todo] = new
+        for a in arrays:
+            a.flags.writeable = False  # shared with the series made from this one
+        self._rolling[key] = _Rolling(lookback, arrays, 0, 0, n)
+        return arrays
+
+    def then(self, new: Series) -> Series:
+        """`new` (later steps) after this series; a matrix keeps its presence mask. What `rolling`
+        computed here holds for the steps kept."""
+        if not len(self.steps):
+            return new
+        if not len(new.steps):
+            return self
+        present = None if self.present is None else np.concatenate([self.present, new.present], axis=-1)
+        out = Series(np.concatenate([self.steps, new.steps]), np.concatenate([self.values, new.values], axis=-1),
+                     present)
+        out._rolling.update(self._rolling)
+        return out
+
+    def since(self, first: int) -> Series:
+        """The part of this series from step `first` on. What `rolling` computed here holds where
+        the whole history is still in it."""
+        k = int(np.searchsorted(self.steps, first))
+        if k == 0:
+            return self
+        present = None if self.present is None else self.present[..., k:]
+        out = Series(self.steps[k:], self.values[..., k:], present)
+        for key, r in self._rolling.items():
+            lo, hi = max(r.lo - k, r.lookback), r.hi - k
+            if lo < hi:
+                out._rolling[key] = _Rolling(r.lookback, r.arrays, r.shift + k, lo, hi)
+        return out
 
     def row_medians(self, fraction: float) -> np.ndarray:
         """Each row's median of its measured values over the last `fraction` of the steps (NaN for a

@@ -9,36 +9,55 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from gradwatch.diagnose import thresholds as th
-from gradwatch.diagnose.rundata import nanmedian
+from gradwatch.diagnose.rundata import Series, nanmedian
 
 
-def history(values: np.ndarray, lookback: int) -> np.ndarray:
-    """(n, lookback): at row i the finite values of the `lookback` entries before i, NaN elsewhere."""
+def history(values: np.ndarray, lookback: int, positions: np.ndarray) -> np.ndarray:
+    """(len(positions), lookback): for each position i, the finite values of the `lookback`
+    entries before i, NaN elsewhere."""
     v = np.asarray(values, dtype=np.float64)
-    v = np.where(np.isfinite(v), v, np.nan)
-    padded = np.concatenate([np.full(lookback, np.nan), v])
-    return sliding_window_view(padded, lookback)[: len(v)]
+    padded = np.concatenate([np.full(lookback, np.nan), np.where(np.isfinite(v), v, np.nan)])
+    return padded[np.asarray(positions)[:, None] + np.arange(lookback)]
 
 
-def local_medians(values: np.ndarray, lookback: int, min_history: int) -> np.ndarray:
-    """Median of the finite values among the `lookback` entries before each one; NaN with fewer
-    than `min_history` of them."""
-    past = history(values, lookback)
+def rolling_stats(values: np.ndarray, lookback: int, positions: np.ndarray,
+                  mad: bool = False) -> tuple[np.ndarray, ...]:
+    """At each of `positions`: the median of the finite values among the `lookback` entries
+    before it (NaN with none), how many there are and, with `mad`, their median absolute
+    deviation from that median. Each position reads only the entries before it, so a window's
+    series keeps these as it moves (`Series.rolling`)."""
+    past = history(values, lookback, positions)
     med = np.asarray(nanmedian(past, axis=1), dtype=np.float64).reshape(-1)
-    med[np.isfinite(past).sum(axis=1) < min_history] = np.nan
-    return med
+    count = np.isfinite(past).sum(axis=1)
+    if not mad:
+        return med, count
+    return med, count, np.asarray(nanmedian(np.abs(past - med[:, None]), axis=1), dtype=np.float64).reshape(-1)
 
 
-def find_spikes(norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def series_stats(series: Series, lookback: int, mad: bool = False) -> tuple[np.ndarray, ...]:
+    """`rolling_stats` at every position of a run-level series, kept with it."""
+    return series.rolling(("rolling_stats", lookback, mad), lookback,
+                          lambda values, positions: rolling_stats(values, lookback, positions, mad))
+
+
+def local_medians(values: np.ndarray, lookback: int, min_history: int,
+                  stats: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+    """Median of the finite values among the `lookback` entries before each one; NaN with fewer
+    than `min_history` of them. `stats`: their `rolling_stats`, when already computed."""
+    med, count = stats[:2] if stats is not None else rolling_stats(values, lookback, np.arange(len(values)))
+    return np.where(count < min_history, np.nan, med)
+
+
+def find_spikes(norms: np.ndarray, stats: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices of finite norms above SPIKE_FACTOR x the median of the preceding SPIKE_LOOKBACK
-    finite norms (at least SPIKE_MIN_HISTORY of them), and the factors."""
+    finite norms (at least SPIKE_MIN_HISTORY of them), and the factors. `stats`: the norms'
+    `rolling_stats` over SPIKE_LOOKBACK, when already computed."""
     norms = np.asarray(norms, dtype=np.float64)
     if not len(norms):
         return np.array([], dtype=np.int64), np.array([], dtype=np.float64)
-    local = local_medians(norms, th.SPIKE_LOOKBACK, th.SPIKE_MIN_HISTORY)
+    local = local_medians(norms, th.SPIKE_LOOKBACK, th.SPIKE_MIN_HISTORY, stats)
     with np.errstate(divide="ignore", invalid="ignore"):
         factors = norms / local
     ok = np.isfinite(norms) & np.isfinite(local) & (local > 0) & (factors > th.SPIKE_FACTOR)
@@ -71,24 +90,28 @@ class LossSpike:
     after: int  # logged steps after the spike
 
 
-def loss_limits(loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def loss_limits(loss: np.ndarray,
+                stats: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per logged value: the median of the preceding LOSS_LOOKBACK finite values (at least
-    LOSS_MIN_HISTORY), their robust sd (1.4826 MAD) and the limit a spike exceeds."""
-    past = history(loss, th.LOSS_LOOKBACK)
-    med = np.asarray(nanmedian(past, axis=1), dtype=np.float64).reshape(-1)
-    mad = 1.4826 * np.asarray(nanmedian(np.abs(past - med[:, None]), axis=1), dtype=np.float64).reshape(-1)
-    med[np.isfinite(past).sum(axis=1) < th.LOSS_MIN_HISTORY] = np.nan
+    LOSS_MIN_HISTORY), their robust sd (1.4826 MAD) and the limit a spike exceeds. `stats`: the
+    losses' `rolling_stats` over LOSS_LOOKBACK with their MAD, when already computed."""
+    if stats is None:
+        stats = rolling_stats(loss, th.LOSS_LOOKBACK, np.arange(len(loss)), mad=True)
+    med, count, mad = stats
+    mad = 1.4826 * mad
+    med = np.where(count < th.LOSS_MIN_HISTORY, np.nan, med)
     rise = np.maximum(th.LOSS_SPIKE_Z * mad, np.maximum(th.LOSS_SPIKE_RISE * np.abs(med), th.LOSS_SPIKE_MIN_RISE))
     return med, mad, med + rise
 
 
-def find_loss_spikes(steps: np.ndarray, loss: np.ndarray) -> list[LossSpike]:
+def find_loss_spikes(steps: np.ndarray, loss: np.ndarray,
+                     stats: tuple[np.ndarray, ...] | None = None) -> list[LossSpike]:
     """Loss spikes: consecutive logged values above their limit, each run one spike (NaN/Inf
-    losses are the non-finite rule's, not spikes)."""
+    losses are the non-finite rule's, not spikes). `stats` as for `loss_limits`."""
     loss = np.asarray(loss, dtype=np.float64)
     if len(loss) <= th.LOSS_MIN_HISTORY:
         return []
-    med, mad, limit = loss_limits(loss)
+    med, mad, limit = loss_limits(loss, stats)
     above = np.isfinite(loss) & np.isfinite(limit) & (loss > limit)
     out = []
     rows = np.flatnonzero(above)

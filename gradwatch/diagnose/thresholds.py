@@ -60,3 +60,19 @@ CLIP_RATE = 0.5
 
 #: Suggested clipping threshold: this percentile of the pre-clip norms that are not spikes.
 CLIP_PERCENTILE = 90.0
+
+#: Optimizer health (gradwatch/diagnose/optimizer.py). Adam's second moment behind: a layer's mean
+#: g²/(sqrt(v̂)+eps)² at or above this in the ADAM_LOOKBACK steps before a spike (healthy: about 1).
+ADAM_LAG_RATIO = 10.0
+#: eps dominated: a layer's fraction of elements with eps > sqrt(v̂) at or above this before a spike,
+#: with its update RMS ADAM_RMS_JUMP times its median before, at or up to the spike.
+ADAM_EPS_FRACTION = 0.5
+ADAM_RMS_JUMP = 3.0
+ADAM_LOOKBACK = 25
+#: Update-to-weight ratio: the reference band of Adam-family training (about 1e-3 per step), and how
+#: far outside it a layer's median must lie to be reported.
+UPDATE_RATIO_LOW = 1e-4
+UPDATE_RATIO_HIGH = 1e-2
+UPDATE_RATIO_FAR = 10.0
+#: Skipped spikes: a warning above this skip rate (the guard's window), information below it.
+SKIP_RATE = 0.05
