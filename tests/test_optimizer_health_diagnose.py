@@ -153,7 +153,8 @@ def test_lagging_second_moments_before_a_loss_spike(runs):
     col = int(np.flatnonzero(lag.steps == RESCALE)[0])
     assert f.evidence.values["value"] == pytest.approx(lag.values[row, col]) and f.evidence.values["value"] > 1e3
     assert f.evidence.layers[0] == "3" and f.evidence.values["threshold"] == th.ADAM_LAG_RATIO
-    assert f.evidence.summary[1].startswith(f"before the spike at step {RESCALE + 1}: mean g²/(sqrt(v̂)+eps)² reached 3 ")
+    assert f.evidence.summary[1].startswith(f"before the spike at step {RESCALE + 1}: "
+                                            "mean g²/(sqrt(v̂)+eps)² reached 3 ")
     assert f.causes[0].startswith("Adam's second-moment estimate v̂ fell behind the squared gradients")
     assert f.remedies[0].startswith("lower beta2") and "warmup" in f.remedies[1]
     # the loss did not move at the rescale: the spike is the update's, one step later

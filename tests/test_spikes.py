@@ -23,7 +23,7 @@ import gradwatch
 from gradwatch.agent import runlog
 from gradwatch.agent.config import ConfigError, load_config
 from gradwatch.agent.guards import GradientGuardError
-from gradwatch.agent.spikes import ABS_FLOOR, MAD_SCALE, REL_FLOOR, SpikeDetector, robust_z
+from gradwatch.agent.spikes import ABS_FLOOR, MAD_SCALE, REL_FLOOR, SpikeDetector, robust_z, spike_flag
 from tests.test_optimizer_health import _fused_on_cpu, header, metric
 
 STEPS = 30
@@ -108,8 +108,20 @@ def test_a_constant_series_needs_a_relative_change_to_spike():
     detector = SpikeDetector(8, 4, torch.device("cpu"))
     for _ in range(6):
         detector.score(None, torch.tensor(2.0))
-    _, z = detector.score(None, torch.tensor(2.002))
-    assert float(z) == pytest.approx(0.002 / (REL_FLOOR * 2.0), rel=1e-4)  # 0.1 %: z 0.1, no spike
+    z, warm = detector.score(None, torch.tensor(2.002))
+    assert warm == (False, True)
+    assert float(z[1]) == pytest.approx(0.002 / (REL_FLOOR * 2.0), rel=1e-4)  # 0.1 %: z 0.1, no spike
+
+
+@pytest.mark.parametrize("on, warm, z, expected", [
+    ("either", (True, True), (7.0, 1.0), 1.0), ("either", (True, False), (1.0, 9.0), 0.0),
+    ("either", (False, False), (9.0, 9.0), None), ("loss", (False, True), (9.0, 9.0), None),
+    ("grad_norm", (True, True), (9.0, 1.0), 0.0), ("both", (True, True), (9.0, 7.0), 1.0),
+    ("both", (True, True), (9.0, 1.0), 0.0), ("both", (True, False), (9.0, 9.0), None),
+    ("either", (True, True), (math.inf, math.nan), 0.0)])
+def test_spike_flag(on, warm, z, expected):
+    flag = spike_flag(torch.tensor(z), warm, on, 6.0)
+    assert (None if flag is None else float(flag)) == expected
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["logged-before-step", "logged-after-step"])
@@ -189,6 +201,40 @@ def test_skip_leaves_params_and_optimizer_state_as_they_were(name):
     assert not hasattr(opt, "found_inf")  # what the guard set for a fused step is gone after it
     # the next steps train on: the params move again
     assert header(watcher.path).info["optimizer_health"]["param_groups"][0]["fused"] is fused
+
+
+def test_skip_under_an_amp_scaler_with_a_fused_optimizer():
+    """The scaler sets its own `found_inf` on a fused optimizer: the spike's is combined with it,
+    the scaler's own is left alone (its scale does not back off), and both are gone after the step.
+    The second-moment lag divides out the loss scale the fused step unscales by."""
+    if not _fused_on_cpu():
+        pytest.skip("this torch has no fused optimizers on the CPU")
+    results = {}
+    for scaled in (False, True):
+        net = regression()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
+        config = {"measure": {**MEASURE, "optimizer_every": 1},
+                  "guards": {"spike": {"window": WINDOW, "warmup": WARMUP, "action": "skip"}}}
+        kept: dict[str, Any] = {}
+        with gradwatch.watch(net, opt, config=config, scaler=scaler) as watcher:
+            for step, (x, y) in enumerate(data()):
+                loss = nn.functional.mse_loss(net(x), y)
+                (scaler.scale(loss) if scaler else loss).backward()
+                watcher.log(loss=loss)
+                _capture(SPIKE, kept)(step, net, opt, (lambda: scaler.step(opt)) if scaler else opt.step)
+                if scaler:
+                    scaler.update()
+                opt.zero_grad()
+        assert watcher.errors == {}
+        assert _same(kept["before"][0], kept["after"][0]) and _same(kept["before"][1], kept["after"][1])
+        assert [s for s, v in series(watcher.path, "skipped").items() if v] == [SPIKE]
+        assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+        if scaler:
+            assert scaler.get_scale() == 1024.0
+        results[scaled] = metric(watcher.path, "adam_v_lag")
+    for step in (3, SPIKE - 1):
+        np.testing.assert_allclose(results[True][step][0], results[False][step][0], rtol=1e-4)
 
 
 def test_a_skipped_step_counts_in_the_rate_until_it_leaves_the_window():
@@ -279,3 +325,48 @@ def test_bad_spike_settings_are_refused_naming_the_field(spike, message):
 def test_bad_measure_settings_are_refused(measure, message):
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
         load_config({"measure": measure})
+
+
+VIEWS = ("select", "slice", "unsqueeze", "view", "reshape", "expand", "alias", "detach", "as_strided", "squeeze")
+
+
+@pytest.mark.parametrize("action, kernels", [("warn", 22), ("skip", 25)])
+def test_the_spike_step_is_a_handful_of_device_ops(action, kernels):
+    """What the step path pays for spikes, once both series are warm: counted as the aten ops
+    that launch a kernel (views are free)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gradwatch.agent.health import Health
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not any(v in str(func) for v in VIEWS):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts: list[int] = []
+    original = Health.before_update
+
+    def counted(self, *args):
+        with Count() as c:
+            original(self, *args)
+        counts.append(len(c.ops))
+
+    net = regression()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    config = {"measure": {**MEASURE, "optimizer_every": 0},
+              "guards": {"spike": {"window": WINDOW, "warmup": WARMUP, "action": action}}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Health, "before_update", counted)
+        with gradwatch.watch(net, opt, config=config) as watcher:
+            for x, y in data(WARMUP + 4, spike=None):
+                loss = nn.functional.mse_loss(net(x), y)
+                loss.backward()
+                watcher.log(loss=loss)
+                opt.step()
+                opt.zero_grad()
+    assert max(counts[WARMUP + 1:]) <= kernels, counts

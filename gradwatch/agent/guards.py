@@ -187,10 +187,13 @@ class SpikeGuard:
         return self.config.action == "skip" and self.fused
 
     def agree(self, flag: torch.Tensor) -> torch.Tensor:
-        """The flag all ranks act on: the largest over them (a collective only under torch.distributed)."""
-        if self._distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return flag
+        """The flag all ranks act on: the largest over them (a copy all-reduced under torch.distributed,
+        else `flag` itself)."""
+        if not self._distributed:
+            return flag
+        agreed = flag.clone()
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return agreed
 
     def arm(self, flag: torch.Tensor) -> None:
         """Before a fused step: skip its update where `flag` is 1, on top of an AMP scaler's own."""

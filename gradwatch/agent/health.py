@@ -28,7 +28,7 @@ from gradwatch.agent.layers import Param
 from gradwatch.agent.noise_scale import NoiseScale
 from gradwatch.agent.optimizer_health import AdamState, describe, is_adam_family, optimizer_table, weight_decays
 from gradwatch.agent.sharding import is_sharded
-from gradwatch.agent.spikes import SpikeDetector, spike_flag
+from gradwatch.agent.spikes import LOSS, SpikeDetector, spike_flag
 
 if TYPE_CHECKING:
     from gradwatch.agent.config import AgentConfig
@@ -40,12 +40,13 @@ def health_columns(config: AgentConfig, optimizer: torch.optim.Optimizer, model:
                    params: list[Param]) -> HealthColumns:
     """Which families this run measures: Adam-family state (when the optimizer has it and
     `measure.optimizer_every` is not 0), spikes (`guards.spike.enabled`), the noise scale
-    (`measure.noise_scale_every`, not for sharded params)."""
+    (`measure.noise_scale_every`). Sharded params get neither the Adam statistics nor the noise
+    scale (their state and gradients are shards)."""
     sharded = any(is_sharded(p.tensor) for p in params)
-    return HealthColumns(optimizer_table(optimizer, model, params),
-                         adam=bool(config.measure.optimizer_cadence) and is_adam_family(optimizer),
-                         spikes=config.guards.spike.enabled, noise=bool(config.measure.noise_scale_every) and not sharded,
-                         n_groups=len(optimizer.param_groups))
+    adam = bool(config.measure.optimizer_cadence) and is_adam_family(optimizer) and not sharded
+    noise = bool(config.measure.noise_scale_every) and not sharded
+    return HealthColumns(optimizer_table(optimizer, model, params), adam=adam, spikes=config.guards.spike.enabled,
+                         noise=noise, n_groups=len(optimizer.param_groups))
 
 
 def health_info(optimizer: torch.optim.Optimizer, columns: HealthColumns | None) -> dict[str, Any]:
@@ -84,8 +85,13 @@ class Health:
         self._detector = SpikeDetector(spike.window, spike.warmup, device) if self._h.spikes else None
         self._guard = SpikeGuard(spike, layout, optimizer, run_name, scalar_names, submit, count_error)
         self._count = torch.zeros((), device=device)
-        self._skips = torch.full((spike.window,), float("nan"), device=device)
-        self._skip_pos = 0
+        self._zero, self._zero2 = torch.zeros((), device=device), torch.zeros(2, device=device)
+        self._nan2 = torch.full((2,), float("nan"), device=device)
+        guards = config.guards
+        self._can_skip = "skip" in (spike.action, guards.nonfinite) or (
+            guards.max_total_norm is not None and guards.max_total_norm_action == "skip")
+        self._skips = torch.zeros(spike.window, device=device)  # the last `window` steps' skips (0/1)
+        self._skip_pos = self._skip_fed = 0
         s = self._h.spike_start
         self._spike_cols = [buf[r, s:s + SPIKE_WIDTH] for r in range(self._rows)]
         dist = torch.distributed
@@ -201,6 +207,7 @@ class Health:
     def _measure_noise(self, step: int, row: int) -> None:
         assert self._noise is not None
         if not self._noise.due(step):
+            self._noise.disarm()  # armed for a step the AMP scaler skipped: nothing to measure
             return
         total = self._buf[row, self._layout.run]
         scale = getattr(self._scaler, "_scale", None)
@@ -218,28 +225,30 @@ class Health:
 
     def _spike_step(self, step: int, row: int) -> None:
         """Score this step's total norm (and its loss, when logged before the step), count the spike,
-        act on it, and record the skip rate."""
+        act on it, and record the skip rate: about 20 small device ops, no host read."""
         assert self._detector is not None
         host, arrays, cols = self._host, self._host.health, self._spike_cols[row]
         norm = self._buf[row, self._layout.run] if host.measured[row] else None
         loss = self._loss(step, row)
         if loss is not None:
             self._loss_done = step
-        z_loss, z_norm = self._detector.score(loss, norm)
-        self._write_z(step, row, z_loss, z_norm)
+        z, warm = self._detector.score(loss, norm)
         cfg = self._config.guards.spike
-        flag = spike_flag(z_loss, z_norm, cfg.on, cfg.z_threshold)
-        cols[FLAG].copy_(flag) if flag is not None else cols[FLAG].zero_()
-        self._count.add_(cols[FLAG])
-        cols[COUNT].copy_(self._count)
+        flag = spike_flag(z, warm, cfg.on, cfg.z_threshold) if z is not None else None
+        flag = self._zero if flag is None else flag
+        self._count.add_(flag)
+        # [z of the loss, z of the norm, flag, count, skipped on the device, skip rate] in one write
+        cols.copy_(torch.cat((self._nan2 if z is None else z, flag.reshape(1), self._count.reshape(1), self._zero2)))
+        for k, stamp in enumerate(("loss_z_step", "norm_z_step")):
+            if warm[k]:
+                arrays[stamp][row] = step
         arrays["spike_step"][row] = step
-        cols[SKIP].zero_()
         if self._guard.acts:
-            decided = self._guard.agree(cols[FLAG].clone())
+            decided = self._guard.agree(flag)
             if self._guard.on_device:
                 self._guard.arm(decided)
                 cols[SKIP].copy_(decided)
-            elif self._fired(decided, row):
+            elif self._fired(decided, row, agreed=decided is not flag):
                 arrays["spike_sync"][row] = step
                 data = self._guard.describe(self._row_values(row), host, row)
                 if self._guard.config.action == "skip":
@@ -252,14 +261,18 @@ class Health:
         self._record_skip(row)
 
     def _record_skip(self, row: int) -> None:
-        """This step's skip (the device's, or the host's: a guard's synchronous skip) into the rate's ring."""
+        """This step's skip (the device's, or the host's: a guard's synchronous skip) into the rate's
+        ring; nothing to do when no guard can skip (the rate stays 0)."""
+        if not self._can_skip:
+            return
         slot, cols = self._skips[self._skip_pos], self._spike_cols[row]
         if self._host.skipped[row]:
             slot.fill_(1.0)
         else:
             slot.copy_(cols[SKIP])
         self._skip_pos = (self._skip_pos + 1) % self._skips.numel()
-        cols[RATE].copy_(self._skips.nanmean())
+        self._skip_fed = min(self._skip_fed + 1, self._skips.numel())
+        torch.div(self._skips.sum(), self._skip_fed, out=cols[RATE])
 
     def _score_late_loss(self, step: int) -> None:
         """The loss of a finished step, logged after its update: score it and update the spike flag."""
@@ -276,16 +289,18 @@ class Health:
             log.warning("gradwatch: the spike guard's %r acts on the loss only when watcher.log(%s=...) comes before "
                         "optimizer.step(); step %d's came after it, so it is z-scored and recorded, not acted on",
                         cfg.action, cfg.loss, step)
-        z_loss, _ = self._detector.score(loss, None)
-        if z_loss is None:
+        z, warm = self._detector.score(loss, None)
+        if z is None:
             return
-        self._write_z(step, row, z_loss, None)
-        z_norm = cols[NORM_Z] if arrays["norm_z_step"][row] == step else None
-        flag = spike_flag(z_loss, z_norm, cfg.on, cfg.z_threshold)
-        if flag is not None:
-            self._count.add_(flag - cols[FLAG])
-            cols[FLAG].copy_(flag)
-            cols[COUNT].copy_(self._count)
+        arrays["loss_z_step"][row] = step
+        norm_warm = bool(arrays["norm_z_step"][row] == step)
+        z = torch.stack((z[LOSS], cols[NORM_Z]))
+        flag = spike_flag(z, (True, norm_warm), cfg.on, cfg.z_threshold)
+        if flag is None:
+            cols[LOSS_Z].copy_(z[LOSS])
+            return
+        self._count.add_(flag - cols[FLAG])
+        cols[LOSS_Z:COUNT + 1].copy_(torch.cat((z, flag.reshape(1), self._count.reshape(1))))
 
     def _loss(self, step: int, row: int) -> torch.Tensor | None:
         """The mean of the loss values logged for `step` so far, None when there is none."""
@@ -294,21 +309,15 @@ class Health:
             return None
         slot = self._scalar_names.index(name)
         count = int(self._host.scalar_count[row, slot])
-        return self._buf[row, self._layout.scalars + slot] / count if count else None
+        cell = self._buf[row, self._layout.scalars + slot]
+        return None if not count else cell if count == 1 else cell / count
 
-    def _write_z(self, step: int, row: int, z_loss: torch.Tensor | None, z_norm: torch.Tensor | None) -> None:
-        cols, arrays = self._spike_cols[row], self._host.health
-        if z_loss is not None:
-            cols[LOSS_Z].copy_(z_loss)
-            arrays["loss_z_step"][row] = step
-        if z_norm is not None:
-            cols[NORM_Z].copy_(z_norm)
-            arrays["norm_z_step"][row] = step
-
-    def _fired(self, flag: torch.Tensor, row: int) -> bool:
-        """The flag on the host: read from the buffer on the CPU (no sync), `.item()` elsewhere (one sync)."""
+    def _fired(self, flag: torch.Tensor, row: int, agreed: bool) -> bool:
+        """The flag on the host: read from the buffer row on the CPU (no sync; an all-reduced flag is
+        written there first), `.item()` elsewhere (one sync)."""
         if self._buf_host is not None:
-            self._spike_cols[row][FLAG].copy_(flag)
+            if agreed:
+                self._spike_cols[row][FLAG].copy_(flag)
             return bool(self._buf_host[row, self._h.spike_start + FLAG] > 0)
         return bool(flag.item() > 0)
 

@@ -36,20 +36,20 @@ def robust_z(history: Tensor, x: Tensor) -> Tensor:
     return (x - med).div_(scale)
 
 
-def spike_flag(z_loss: Tensor | None, z_norm: Tensor | None, on: str, threshold: float) -> Tensor | None:
-    """1.0 where the step is a spike, else 0.0 (0-d float tensors); None when `on` needs a z-score
-    that is missing. `either`: the loss or the norm above `threshold`; `both`: both at once."""
-    loss = None if z_loss is None else z_loss > threshold
-    norm = None if z_norm is None else z_norm > threshold
-    if on == "loss":
-        fired = loss
-    elif on == "grad_norm":
-        fired = norm
-    elif on == "both":
-        fired = None if loss is None or norm is None else loss & norm
-    else:
-        fired = loss if norm is None else norm if loss is None else loss | norm
-    return None if fired is None else fired.to(torch.float32)
+def spike_flag(z: Tensor, warm: tuple[bool, bool], on: str, threshold: float) -> Tensor | None:
+    """1.0 where the step is a spike, else 0.0 (a 0-d float tensor), from the z-scores [loss, norm]
+    of which `warm` says which exist; None when `on` needs one that does not. `either`: the loss or
+    the norm above `threshold`; `both`: both at once. An infinite z (a NaN/Inf loss or norm) is no
+    spike: the non-finite guard and rules report those."""
+    need = {"loss": (LOSS,), "grad_norm": (NORM,), "both": (LOSS, NORM)}.get(on)
+    have = tuple(k for k in (LOSS, NORM) if warm[k])
+    if need is None:  # either
+        need = have
+    if not need or any(not warm[k] for k in need):
+        return None
+    over = z.nan_to_num(nan=0.0, posinf=-1.0, neginf=-1.0) > threshold  # a non-finite value is the guards' business
+    fired = over[need[0]] if len(need) == 1 else (over.all() if on == "both" else over.any())
+    return fired.to(torch.float32)
 
 
 class SpikeDetector:
@@ -62,28 +62,21 @@ class SpikeDetector:
         self.fed = [0, 0]
         self._pos = [0, 0]
 
-    def score(self, loss: Tensor | None, norm: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """z-scores of the given values (None for a series not given or still warming up), then
-        the values enter their rings."""
+    def score(self, loss: Tensor | None, norm: Tensor | None) -> tuple[Tensor | None, tuple[bool, bool]]:
+        """The z-scores [loss, norm] of the given values (a (2,) tensor, None when neither is past
+        its warm-up) and which of them are (`warm`); then the values enter their rings."""
         given = [k for k, x in ((LOSS, loss), (NORM, norm)) if x is not None]
         if not given:
-            return None, None
-        values = [loss, norm]
+            return None, (False, False)
+        warm = (loss is not None and self.fed[LOSS] >= self.warmup, norm is not None and self.fed[NORM] >= self.warmup)
         if len(given) == 2:
             x = torch.stack((loss, norm))  # type: ignore[arg-type]
-            z = robust_z(self.rings, x)
-            zs: list[Tensor | None] = [z[0], z[1]]
         else:
-            k = given[0]
-            x = values[k].reshape(1)  # type: ignore[union-attr]
-            z = robust_z(self.rings[k:k + 1], x)
-            zs = [None, None]
-            zs[k] = z[0]
+            x = (loss if loss is not None else norm).reshape(1).expand(2)  # type: ignore[union-attr]
+        z = robust_z(self.rings, x) if any(warm) else None
         finite = x.nan_to_num(nan=float("nan"), posinf=float("nan"), neginf=float("nan"))
-        for j, k in enumerate(given):
-            self.rings[k, self._pos[k]].copy_(finite[j])
-            self._pos[k] = (self._pos[k] + 1) % self.rings.shape[1]
-        out = [zs[k] if self.fed[k] >= self.warmup else None for k in (LOSS, NORM)]
         for k in given:
+            self.rings[k, self._pos[k]].copy_(finite[k])
+            self._pos[k] = (self._pos[k] + 1) % self.rings.shape[1]
             self.fed[k] += 1
-        return out[LOSS], out[NORM]
+        return z, warm

@@ -21,6 +21,7 @@ from gradwatch.diagnose.optimizer import adam_second_moment, skipped_spikes, upd
 from gradwatch.diagnose.rundata import LayerInfo, RunData, Series
 from gradwatch.diagnose.spikes import find_loss_spikes, find_spikes
 from gradwatch.diagnose.stability import clipping_rate
+from gradwatch.diagnose.transformer import TRANSFORMER_RULES
 
 __all__ = ["RULES", "Evidence", "Finding", "LayerInfo", "Rule", "RunData", "Series", "diagnose", "find_loss_spikes",
            "find_spikes", "suggest_clip_threshold"]
@@ -30,7 +31,7 @@ Rule = Callable[[RunData], list[Finding]]
 #: Every rule, in the order findings of equal severity are reported.
 RULES: tuple[Rule, ...] = (nonfinite_gradients, nonfinite_loss, nonfinite_activations, exploding, loss_spike,
                           vanishing, saturation, dying_units, clipping_rate, initialisation, adam_second_moment,
-                          update_ratio_band, skipped_spikes)
+                          update_ratio_band, skipped_spikes) + TRANSFORMER_RULES
 
 
 def diagnose(data: RunData, rules: tuple[Rule, ...] = RULES) -> list[Finding]:

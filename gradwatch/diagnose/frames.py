@@ -52,17 +52,13 @@ def metric_columns(frames: Iterable[Frame], wanted: Collection[str]) -> tuple[di
     first, last = None, None
     for name, parts in blocks.items():
         metric = parts[0].metric
-        if len(parts) == 1:
-            steps, values, present = parts[0].steps, parts[0].values, parts[0].present
-        elif any(b.metric is not metric and b.metric != metric for b in parts):
+        if len(parts) > 1 and any(b.metric is not metric and b.metric != metric for b in parts):
             return None
-        else:
-            steps = np.concatenate([b.steps for b in parts])
-            values = np.concatenate([b.values for b in parts])
-            present = np.concatenate([b.present for b in parts])
-        if steps.shape[0] > 1 and bool(np.any(steps[1:] <= steps[:-1])):
+        steps = parts[0].steps if len(parts) == 1 else np.concatenate([b.steps for b in parts])
+        present = parts[0].present if len(parts) == 1 else np.concatenate([b.present for b in parts])
+        if steps.shape[0] > 1 and (steps[1:] <= steps[:-1]).any():
             return None
-        measured = np.flatnonzero(present.any(axis=1))
+        measured = present.any(1).nonzero()[0]
         if len(measured):
             a, b = int(steps[measured[0]]), int(steps[measured[-1]])
             first, last = a if first is None else min(first, a), b if last is None else max(last, b)
@@ -71,6 +67,7 @@ def metric_columns(frames: Iterable[Frame], wanted: Collection[str]) -> tuple[di
         entities = (0,) if metric.scope == "run" else metric.indices
         if len(set(entities)) != len(entities):
             return None
+        values = parts[0].values if len(parts) == 1 else np.concatenate([b.values for b in parts])
         out[name] = Columns(entities, steps.astype(np.int64, copy=False),
                             values.astype(np.float32, copy=False).astype(np.float64), present, len(measured) > 0)
     return out, (None if first is None or last is None else (first, last))
