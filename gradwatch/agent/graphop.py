@@ -25,10 +25,15 @@ Receiver = Callable[[int, int, torch.Tensor], None]  # (layer index, kind, tenso
 _receivers: dict[int, weakref.WeakMethod[Receiver]] = {}
 _keys = itertools.count(1)
 AVAILABLE = hasattr(torch.library, "custom_op")
+_observe: Callable[..., None] | None = None  # the op, defined by the first `register`
 
 
 def register(receiver: Receiver) -> int:
-    """A key for `observe` calls that reach the bound method `receiver` (held weakly)."""
+    """A key for `observe` calls that reach the bound method `receiver` (held weakly); defines the
+    op on first use, so that importing the agent does not pay for it."""
+    global _observe
+    if AVAILABLE and _observe is None:
+        _observe = _define()
     key = next(_keys)
     _receivers[key] = weakref.WeakMethod(receiver)  # type: ignore[arg-type]
     return key
@@ -39,6 +44,12 @@ def unregister(key: int) -> None:
     _receivers.pop(key, None)
 
 
+def observe(y: torch.Tensor, token: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
+    """Put a call of `receiver(layer, kind, y)` into the graph being traced (AVAILABLE only)."""
+    assert _observe is not None
+    _observe(y, token, receiver, layer, kind)
+
+
 def _deliver(y: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
     ref = _receivers.get(receiver)
     target = ref() if ref is not None else None
@@ -46,17 +57,14 @@ def _deliver(y: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
         target(layer, kind, y)
 
 
-if AVAILABLE:
+def _define() -> Callable[..., None]:
     # `token` is declared mutated (and never written) so that no compiler drops an op with no output.
     @torch.library.custom_op("gradwatch::observe", mutates_args=("token",))
-    def _observe(y: torch.Tensor, token: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
+    def observe_op(y: torch.Tensor, token: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
         _deliver(y, receiver, layer, kind)
 
-    @_observe.register_fake
-    def _observe_fake(y: torch.Tensor, token: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
+    @observe_op.register_fake
+    def _(y: torch.Tensor, token: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
         return None
 
-
-def observe(y: torch.Tensor, token: torch.Tensor, receiver: int, layer: int, kind: int) -> None:
-    """Put a call of `receiver(layer, kind, y)` into the graph being traced (AVAILABLE only)."""
-    _observe(y, token, receiver, layer, kind)
+    return observe_op
