@@ -581,6 +581,27 @@ def test_param_norms_and_update_ratios_of_huge_weights_are_exact():
 # ------------------------------------------------------------------------------ review fixes
 
 
+def test_a_flush_between_micro_batches_leaves_the_step_in_progress_whole():
+    """Unit 0 fires only in the first micro-batch and unit 1 only in the second: no unit is dead
+    over the step, even when a flush (here a snapshot(); a time-based flush at the second forward
+    pass does the same) comes between the two micro-batches."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, config={"measure": {"activation_every": 1}}) as watcher:
+        for step in range(3):
+            for x in ([[1.0, -1.0]], [[-1.0, 1.0]]):
+                model(torch.tensor(x)).sum().backward()
+                watcher.snapshot()
+            opt.step()
+            opt.zero_grad()
+    steps, values, present = series(watcher, "dead_ratio")
+    assert list(steps) == [0, 1, 2] and present.all()
+    assert list(values[:, 0]) == [0.0, 0.0, 0.0]
+    assert list(series(watcher, "zero_ratio")[1][:, 0]) == [0.5, 0.5, 0.5]
+
+
 def test_a_second_log_for_a_step_is_filed_under_that_step():
     """Two `log()` calls for one step, 20 ms apart: both within max_flush_interval/2 of the step,
     so neither a hook nor the idle flusher sends the step between them."""

@@ -159,12 +159,43 @@ def test_adam_statistics_equal_a_plain_torch_reference(name):
     assert 0 < np.mean(fractions) < 1  # ε is chosen so that it dominates some elements, not all
 
 
+class MixedPrecision(nn.Module):
+    """A float64 layer between float32 ones: the statistics are computed per device and dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16).double(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)).double())).float())
+
+
+def test_params_of_several_dtypes_in_small_chunks(monkeypatch):
+    monkeypatch.setattr("gradwatch.agent.optimizer_health.CHUNK_ELEMENTS", 40)  # a chunk per param or two
+    net = MixedPrecision()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, eps=3e-3)
+    ref = StateRecorder(opt)
+    watcher = gradwatch.watch(net, opt, config={"measure": EVERY_STEP})
+    for x, y in batches(4):
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    watcher.close()
+    assert watcher.errors == {}
+    rms, lag = metric(watcher.path, "adam_update_rms"), metric(watcher.path, "adam_v_lag")
+    for step in range(1, 4):
+        for i in range(len(ref.params)):
+            assert rms[step][0][i] == pytest.approx(ref.rms[step][i], rel=2e-5), (step, i)
+            assert lag[step][0][i] == pytest.approx(ref.lag[step][i], rel=2e-5), (step, i)
+
+
 def test_sgd_has_no_adam_state_and_says_so():
     watcher, _, _ = train(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), record=False)
     names = {d.name for d in header(watcher.path).metrics}
     assert not names & {"adam_update_rms", "adam_eps_frac", "adam_v_lag", "layer_adam_update_rms"}
     assert header(watcher.path).info["optimizer_health"]["state"] == "none"
-    assert metric(watcher.path, "layer_update_ratio")  # the update ratio against its band still is
+    assert metric(watcher.path, "update_to_weight")  # the update ratio against its band still is
 
 
 def test_optimizer_every_sets_the_cadence_and_zero_turns_it_off():
@@ -212,16 +243,16 @@ def test_layer_aggregates_and_equilibria_follow_their_definitions():
     # ‖Δθ‖/‖θ‖ of a layer from its params' norms and ratios; √(2·lr·wd) for the normalised layer
     ratio = metric(watcher.path, "update_ratio")[step][0]
     norms = metric(watcher.path, "param_norm")[step][0]
-    layer_ratio = metric(watcher.path, "layer_update_ratio")[step][0]
+    layer_ratio = metric(watcher.path, "update_to_weight")[step][0]
     members = [p.index for p in params if p.layer == layer_ids[-1]]
     expected = math.sqrt(sum((ratio[i] * norms[i]) ** 2 for i in members)) / math.sqrt(sum(norms[i] ** 2
                                                                                         for i in members))
     assert layer_ratio[-1] == pytest.approx(expected, rel=1e-5)
-    eq = metric(watcher.path, "update_ratio_equilibrium")[step]
+    eq = metric(watcher.path, "update_to_weight_equilibrium")[step]
     assert eq[0][0] == pytest.approx(math.sqrt(2 * 1e-2 * 0.05), rel=1e-6) and eq[1].all()
     info = header(watcher.path).info["optimizer_health"]
     assert info["normalized_params"] == [0] and info["update_ratio_band"] == list(UPDATE_RATIO_BAND)
-    assert "grad_ratio_equilibrium" not in {d.name for d in header(watcher.path).metrics}  # SGD's, not AdamW's
+    assert "grad_to_weight_equilibrium" not in {d.name for d in header(watcher.path).metrics}  # SGD's, not AdamW's
 
 
 def test_sgd_grad_ratio_against_its_equilibrium():
@@ -229,17 +260,17 @@ def test_sgd_grad_ratio_against_its_equilibrium():
     step = STEPS - 1
     grad = metric(watcher.path, "grad_norm")[step][0][0]
     norm = metric(watcher.path, "param_norm")[step][0][0]
-    assert metric(watcher.path, "grad_ratio")[step][0][0] == pytest.approx(grad / norm, rel=1e-6)
-    assert metric(watcher.path, "grad_ratio_equilibrium")[step][0][0] == pytest.approx(math.sqrt(2 * 1e-3 / 0.1),
+    assert metric(watcher.path, "grad_to_weight")[step][0][0] == pytest.approx(grad / norm, rel=1e-6)
+    assert metric(watcher.path, "grad_to_weight_equilibrium")[step][0][0] == pytest.approx(math.sqrt(2 * 1e-3 / 0.1),
                                                                                         rel=1e-6)
-    assert metric(watcher.path, "update_ratio_equilibrium")[step][0][0] == pytest.approx(math.sqrt(2 * 0.1 * 1e-3),
+    assert metric(watcher.path, "update_to_weight_equilibrium")[step][0][0] == pytest.approx(math.sqrt(2 * 0.1 * 1e-3),
                                                                                           rel=1e-6)
 
 
 def test_without_weight_decay_no_equilibrium_is_given():
     watcher, _, _ = train(lambda ps: torch.optim.SGD(ps, lr=0.1), record=False)
-    assert metric(watcher.path, "grad_ratio")
-    assert not metric(watcher.path, "grad_ratio_equilibrium")
+    assert metric(watcher.path, "grad_to_weight")
+    assert not metric(watcher.path, "grad_to_weight_equilibrium")
 
 
 @pytest.mark.parametrize("case, expected", [

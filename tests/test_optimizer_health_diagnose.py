@@ -165,7 +165,7 @@ def test_lagging_second_moments_before_a_loss_spike(runs):
 @pytest.mark.parametrize("name", ["adam-healthy", "adamw-healthy"])
 def test_healthy_adam_jobs_have_no_optimizer_finding(runs, name):
     data = runs(name)
-    assert "layer_adam_v_lag" in data.layer and "layer_update_ratio" in data.layer
+    assert "layer_adam_v_lag" in data.layer and "update_to_weight" in data.layer
     found = findings(data)
     assert not {"adam_second_moment", "update_ratio_band", "skipped_spikes"} & set(found)
     assert all(f.severity == "info" for f in found.values()), [(f.id, f.evidence.summary) for f in found.values()]
@@ -173,7 +173,7 @@ def test_healthy_adam_jobs_have_no_optimizer_finding(runs, name):
 
 def test_adamw_records_the_equilibrium_of_its_normalised_weights(runs):
     data = runs("adamw-healthy")
-    eq = data.layer["update_ratio_equilibrium"]
+    eq = data.layer["update_to_weight_equilibrium"]
     names = [layer.name for layer in data.layers]
     rows = [names.index("0"), names.index("3")]
     assert np.allclose(eq.values[rows][eq.measured[rows]], np.sqrt(2 * 3e-3 * 0.1), rtol=1e-6)
@@ -183,7 +183,7 @@ def test_adamw_records_the_equilibrium_of_its_normalised_weights(runs):
 def test_update_ratios_far_outside_the_band(runs, name, side):
     data = runs(name)
     f = findings(data)["update_ratio_band"]
-    ratio = data.layer["layer_update_ratio"]
+    ratio = data.layer["update_to_weight"]
     med = ratio.row_medians(th.WINDOW_FRACTION)
     extreme = np.nanmax(med) if side == "above" else np.nanmin(med[med > 0])
     assert f.evidence.values["value"] == pytest.approx(extreme)  # the layer furthest out

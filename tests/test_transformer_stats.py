@@ -23,6 +23,7 @@ import gradwatch
 from gradwatch.agent import runlog
 from gradwatch.agent.attention import logit_stats, sample_of, sdpa_logits, softmax_logits, spread
 from gradwatch.agent.config import ConfigError
+from gradwatch.agent.layers import last_linear_params
 
 EVERY_OTHER = {"measure": {"activation_every": 2, "flush_every": 4}}
 FORWARD_METRICS = ("attn_logit_max", "attn_entropy", "logit_max", "logit_logz", "act_rms", "act_absmax",
@@ -465,7 +466,8 @@ def test_roles_are_detected_and_can_be_named():
     with gradwatch.watch(model, opt, config=config) as watcher:
         assert [ly.name for ly in watcher.layers if ly.role == "attention"] == ["blocks.1.attn"]
     mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    with gradwatch.watch(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), config={"forward": {"logits_layer": "2"}}) as w:
+    named = {"forward": {"logits_layer": "2"}}
+    with gradwatch.watch(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), config=named) as w:
         assert [ly.name for ly in w.layers if ly.role == "logits"] == ["2"]
 
 
@@ -486,17 +488,17 @@ def test_bad_forward_settings_are_refused(forward):
 
 
 def test_a_tied_output_layer_is_measured_and_agc_still_excludes_the_last_linear():
+    """A head tied to the embedding owns no parameter: it is a layer for its role only, and AGC
+    keeps excluding the last Linear that has parameters, as before the head was a layer."""
     torch.manual_seed(0)
     model = TinyLM()
-    model.head.weight = model.embed.weight  # tied: the head owns no parameter of its own
-    del model.head.bias
+    model.head.weight = model.embed.weight
     model.head.register_parameter("bias", None)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = {**EVERY_OTHER, "clip": {"mode": "agc"}}
-    watcher = train_lm(model, config, steps=2, micro=1)
+    watcher = train_lm(model, {**EVERY_OTHER, "clip": {"mode": "agc"}}, steps=2, micro=1)
     head = next(ly for ly in watcher.layers if ly.name == "head")
-    assert head.kind == "logits" and head.params == []
-    assert watcher._clipper is not None
+    assert (head.kind, head.role, head.params) == ("logits", "logits", [])
+    excluded = last_linear_params(watcher.layers, watcher.params)
+    assert [t is p for t, p in zip(excluded, model.blocks[1].mlp[2].parameters())] == [True, True]
     assert recorded(watcher, "logit_logz")["head"][0] > 0
 
 

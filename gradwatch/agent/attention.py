@@ -145,7 +145,8 @@ def mha_logits(query: Tensor, key: Tensor, num_heads: int, w_q: Tensor, w_k: Ten
     k = torch.einsum("bke,hde->bhkd", key[s.batch].float(), wk.float())
     if b_q is not None:
         q = q + b_q.view(num_heads, 1, d)[s.heads].float()
-        k = k + b_k.view(num_heads, 1, d)[s.heads].float()  # type: ignore[union-attr]
+    if b_k is not None:
+        k = k + b_k.view(num_heads, 1, d)[s.heads].float()
     extra = []
     if bias_k is not None:
         extra.append(bias_k.reshape(num_heads, 1, d)[s.heads].float().expand(k.shape[0], -1, 1, d))

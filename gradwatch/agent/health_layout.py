@@ -18,8 +18,6 @@ import numpy as np
 ADAM_METRICS = ("adam_update_rms", "adam_eps_frac", "adam_v_lag")
 #: The same per layer, over all the layer's measured elements.
 LAYER_ADAM_METRICS = ("layer_adam_update_rms", "layer_adam_eps_frac", "layer_adam_v_lag")
-#: Per layer: ‖Δθ‖/‖θ‖ and, for scale-invariant weights, ‖g‖/‖θ‖ and the equilibria of both.
-BAND_METRICS = ("layer_update_ratio", "update_ratio_equilibrium", "grad_ratio", "grad_ratio_equilibrium")
 SPIKE_METRICS = ("loss_z", "grad_norm_z", "spike_count", "skip_rate")
 NOISE_METRICS = ("gns_grad_sq", "gns_trace", "noise_scale")
 #: Spike columns, in order: z of the loss, z of the total norm, spike (0/1), spikes so far,
@@ -97,13 +95,13 @@ class HealthColumns:
             out += [(name, "layer", self.adam_layers()) for name in LAYER_ADAM_METRICS]
         normalized = self.normalized_layers()
         if measure_updates and self.adam_layers():
-            out.append(("layer_update_ratio", "layer", self.adam_layers()))
+            out.append(("update_to_weight", "layer", self.adam_layers()))
             if normalized and any(self.table.update_equilibrium):
-                out.append(("update_ratio_equilibrium", "layer", normalized))
+                out.append(("update_to_weight_equilibrium", "layer", normalized))
         if measure_params and normalized:
-            out.append(("grad_ratio", "layer", normalized))
+            out.append(("grad_to_weight", "layer", normalized))
             if any(self.table.grad_equilibrium):
-                out.append(("grad_ratio_equilibrium", "layer", normalized))
+                out.append(("grad_to_weight_equilibrium", "layer", normalized))
         if self.spikes:
             out += [(name, "run", ()) for name in SPIKE_METRICS]
         if self.noise:
@@ -226,7 +224,7 @@ def _band_blocks(h: HealthColumns, w: WindowView, add: Add) -> None:
         delta = w.update_ratio[rows].astype(np.float64) * np.maximum(pn, 1e-12)
         onehot = _layer_matrix(h, layers) * in_opt[:, None]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            add("layer_update_ratio", rows, np.sqrt(np.square(delta) @ onehot) / np.sqrt(np.square(pn) @ onehot))
+            add("update_to_weight", rows, np.sqrt(np.square(delta) @ onehot) / np.sqrt(np.square(pn) @ onehot))
     if not normalized:
         return
     mask = np.array(t.normalized, bool) & in_opt
@@ -240,11 +238,11 @@ def _band_blocks(h: HealthColumns, w: WindowView, add: Add) -> None:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             num = np.square(np.where(has, g, 0.0)) @ onehot
             den = np.square(w.param_norm[rows].astype(np.float64)) @ onehot
-            _put(add, "grad_ratio", rows, np.sqrt(num) / np.sqrt(den), (has.astype(float) @ onehot) > 0)
-        _equilibrium(add, "grad_ratio_equilibrium", rows & banded, w, group, t.grad_equilibrium,
+            _put(add, "grad_to_weight", rows, np.sqrt(num) / np.sqrt(den), (has.astype(float) @ onehot) > 0)
+        _equilibrium(add, "grad_to_weight_equilibrium", rows & banded, w, group, t.grad_equilibrium,
                      lambda lr, wd: np.sqrt(2.0 * wd / lr))
     if w.update_ratio is not None:
-        _equilibrium(add, "update_ratio_equilibrium", w.update_due & banded, w, group, t.update_equilibrium,
+        _equilibrium(add, "update_to_weight_equilibrium", w.update_due & banded, w, group, t.update_equilibrium,
                      lambda lr, wd: np.sqrt(2.0 * lr * wd))
 
 

@@ -182,7 +182,9 @@ class AdamState:
         self._params = list(params)
         self._device = device
         self._dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._index_of = {id(t): i for i, t in enumerate(self._params)}
         self._betas: dict[tuple[tuple[float, float], ...], tuple[Tensor, Tensor]] = {}
+        self._indices: dict[tuple[int, ...], Tensor] = {}
         self._numel = torch.tensor([max(p.numel(), 1) for p in self._params], dtype=torch.float32).to(device)
 
     def measure_lag(self, grad_scale: Tensor | None = None) -> tuple[Tensor, list[int]] | None:
@@ -191,11 +193,14 @@ class AdamState:
         entries = [e for e in self._entries() if _dense(e.param.grad)]
         if not entries:
             return None
-        bc1, bc2_sqrt = self._corrections(entries)
-        norms: list[Tensor] = []
+        _, bc2_sqrt = self._corrections(entries)
+        norms: list[Tensor] = [bc2_sqrt[0]] * len(entries)  # every slot filled below, in entries' order
         for chunk in _chunks(entries):
-            norms += adam_lag([e.param.grad for e in chunk], [e.exp_avg_sq for e in chunk],  # type: ignore[misc]
-                              [bc2_sqrt[k] for k in _positions(chunk, entries)], [e.eps for e in chunk])
+            at = _positions(chunk, entries)
+            got = adam_lag([e.param.grad for e in chunk], [e.exp_avg_sq for e in chunk],  # type: ignore[misc]
+                           [bc2_sqrt[k] for k in at], [e.eps for e in chunk])
+            for k, n in zip(at, got):
+                norms[k] = n
         lag = self._per_param(entries, torch.stack([n.to(self._device, torch.float32) for n in norms]).square())
         if grad_scale is not None:
             lag = lag / grad_scale.to(self._device, torch.float32).square()
@@ -207,14 +212,14 @@ class AdamState:
         if not entries:
             return None
         bc1, bc2_sqrt = self._corrections(entries)
-        norms: list[Tensor] = []
-        counts: list[Tensor] = []
+        norms: list[Tensor] = [bc1[0]] * len(entries)  # every slot filled below, in entries' order
+        counts: list[Tensor] = [bc1[0]] * len(entries)
         for chunk in _chunks(entries):
             at = _positions(chunk, entries)
             n, c = adam_update_stats([e.exp_avg for e in chunk], [e.denom_sq for e in chunk], [bc1[k] for k in at],
                                      [bc2_sqrt[k] for k in at], [e.eps for e in chunk])
-            norms += n
-            counts += c
+            for k, norm, count in zip(at, n, c):
+                norms[k], counts[k] = norm, count
         rms = self._per_param(entries, torch.stack([n.to(self._device, torch.float32) for n in norms]).square())
         frac = self._per_param(entries, torch.stack([c.to(self._device, torch.float32) for c in counts]))
         return rms.sqrt_(), frac, [e.index for e in entries]
@@ -222,7 +227,12 @@ class AdamState:
     def _per_param(self, entries: list[_Entry], sums: Tensor) -> Tensor:
         """Sums over each measured param's elements -> means, in a vector over all params."""
         out = torch.zeros(len(self._params), dtype=torch.float32, device=self._device)
-        index = torch.tensor([e.index for e in entries]).to(self._device, non_blocking=True)
+        key = tuple(e.index for e in entries)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) > 8:
+                self._indices.clear()
+            index = self._indices[key] = torch.tensor(key).to(self._device, non_blocking=True)
         out.index_copy_(0, index, sums)
         return out.div_(self._numel)
 
@@ -238,7 +248,7 @@ class AdamState:
                 s = state.get(p)
                 if not s or "exp_avg" not in s or "exp_avg_sq" not in s or "step" not in s:
                     continue
-                index = self._index(p)
+                index = self._index_of.get(id(p))
                 m, v = s["exp_avg"], s["exp_avg_sq"]
                 if index is None or not _dense(m) or m.is_complex() or m.shape != v.shape:
                     continue
@@ -246,11 +256,6 @@ class AdamState:
                 out.append(_Entry(index, p, m, v, vmax if isinstance(vmax, Tensor) else v, s["step"],
                                   betas[0], betas[1], eps))
         return out
-
-    def _index(self, p: Tensor) -> int | None:
-        if not hasattr(self, "_index_of"):
-            self._index_of = {id(t): i for i, t in enumerate(self._params)}
-        return self._index_of.get(id(p))
 
     def _corrections(self, entries: list[_Entry]) -> tuple[list[Tensor], list[Tensor]]:
         """Bias corrections per entry as 0-d tensors on each state's device."""

@@ -19,10 +19,10 @@ LSE_CHUNK = 1 << 24
 
 
 def absmax(y: Tensor) -> Tensor:
-    """max |y| as a 0-d float32 tensor (NaN if any element is NaN), one pass and no copy."""
-    if y.dtype == torch.float64:
-        return torch.linalg.vector_norm(y, float("inf")).to(torch.float32)
-    return torch.linalg.vector_norm(y, float("inf"), dtype=torch.float32)
+    """max |y| as a 0-d float32 tensor (NaN if any element is NaN): max(max y, -min y) from one
+    `aminmax` pass, no copy (on one CPU thread `vector_norm(y, inf)` took 10 times as long)."""
+    low, high = torch.aminmax(y)
+    return torch.maximum(high, low.neg()).to(torch.float32)
 
 
 def logit_sums(y: Tensor) -> tuple[Tensor, Tensor]:

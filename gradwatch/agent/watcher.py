@@ -870,8 +870,11 @@ class Watcher:
                 self._count_error("flush", exc)
 
     def _flush(self, on_done: Callable[[], None] | None = None) -> None:
-        """Add the staged values into their rows, then send the finished rows (training thread only)."""
-        self._commit_staged()
+        """Add a finished step's staged values into its row, then send the finished rows (training
+        thread only). The step in progress keeps its stage: committing it between two micro-batches
+        would count each one's dead units apart."""
+        if self._staged.step is not None and self._staged.step < self.step:
+            self._commit_staged()
         self._send_finished(on_done)
 
     def _send_finished(self, on_done: Callable[[], None] | None = None) -> None:

@@ -30,7 +30,7 @@ RUN_METRICS = ("grad_norm_total", "grad_norm_total_clipped", "clip_coef", "clip_
                "nonfinite_params", "overflow_params", "skipped", "loss_z", "skip_rate")
 #: Layer-level metrics the rules and plots read, when the run has them.
 LAYER_METRICS = ("act_grad_norm", "saturation_ratio", "dead_ratio", "act_nonfinite", "layer_adam_v_lag",
-                 "layer_adam_eps_frac", "layer_adam_update_rms", "layer_update_ratio", "update_ratio_equilibrium",
+                 "layer_adam_eps_frac", "layer_adam_update_rms", "update_to_weight", "update_to_weight_equilibrium",
                  "attn_logit_max", "attn_entropy", "logit_logz", "logit_max", "act_rms", "act_absmax")
 #: Per-param-group metrics the rules read.
 GROUP_METRICS = ("lr",)

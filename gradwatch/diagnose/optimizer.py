@@ -3,7 +3,7 @@ update-to-weight ratios far outside their reference band, and spikes the agent's
 
 They read what the agent records for optimizer health (docs/runlog.md): the per-layer Adam
 statistics (`layer_adam_v_lag`, `layer_adam_eps_frac`, `layer_adam_update_rms`), the per-layer
-update ratio (`layer_update_ratio`, with `update_ratio_equilibrium` for scale-invariant weights
+update ratio (`update_to_weight`, with `update_to_weight_equilibrium` for scale-invariant weights
 under weight decay), the spike detector's `spike_count`, `skip_rate` and `spike` events. A run
 without them (an optimizer without Adam state, spike detection off) gets no judgement here.
 """
@@ -135,11 +135,11 @@ def update_ratio_band(data: RunData) -> list[Finding]:
     """Layers whose median update-to-weight ratio lies more than UPDATE_RATIO_FAR outside the
     reference band of Adam-family training (or a scale-invariant weight's equilibrium): their
     learning rate is too high or too low for them. Normalisation layers are not judged."""
-    ratio = data.layer.get("layer_update_ratio")
+    ratio = data.layer.get("update_to_weight")
     if ratio is None or "layer_adam_update_rms" not in data.layer or ratio.values.size == 0:
         return []
     med = ratio.row_medians(th.WINDOW_FRACTION)
-    equilibrium = data.layer.get("update_ratio_equilibrium")
+    equilibrium = data.layer.get("update_to_weight_equilibrium")
     eq = equilibrium.row_medians(th.WINDOW_FRACTION) if equilibrium is not None else np.full(len(med), np.nan)
     # A scale-invariant weight under weight decay tends to its equilibrium, whatever the band says (and
     # lags behind it while a schedule moves lr faster than 1/(lr wd) steps): the band is widened to it.

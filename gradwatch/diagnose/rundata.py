@@ -84,7 +84,7 @@ class Series:
         if held is None or held.lookback != lookback:
             arrays = compute(self.values, np.arange(n))
         else:
-            todo = np.r_[0:held.lo, held.hi:n]
+            todo = np.concatenate([np.arange(held.lo), np.arange(held.hi, n)])
             fresh = compute(self.values, todo)
             arrays = tuple(np.empty(n, dtype=f.dtype) for f in fresh)
             for out, old, new in zip(arrays, held.arrays, fresh):
@@ -212,14 +212,14 @@ def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float
     if k == 0:
         return np.full(s.shape[:-1], np.nan, dtype=a.dtype)[()]
     rows = s.reshape(-1, k)
-    n = k - np.count_nonzero(np.isnan(rows), axis=1)
+    n = k - np.isnan(rows).sum(axis=1)  # a row of n values: its middle is at (n - 1) // 2 and n // 2
     r = np.arange(rows.shape[0])
-    low, high = rows[r, np.maximum(n - 1, 0) // 2], rows[r, n // 2]
+    low, high = rows[r, (n - 1) // 2], rows[r, n // 2]  # no value at all: both NaN (NaN sorts last)
     with np.errstate(over="ignore", invalid="ignore"):  # -Inf + Inf is NaN, as in NumPy
         med = (low + high) / 2
     if not pairwise:
         med = np.where(n % 2 == 1, low, med)
-    med = np.where(n == 0, np.nan, med).astype(a.dtype, copy=False).reshape(s.shape[:-1])
+    med = med.reshape(s.shape[:-1])
     return med[()] if med.ndim == 0 else med
 
 

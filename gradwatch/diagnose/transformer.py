@@ -141,7 +141,8 @@ def attention_logit_growth(data: RunData) -> list[Finding]:
         onset = _onset(top, grown, early)
         summary.append(f"the max attention logit grew x{num(float(growth[worst]))} in {data.layers[worst].name}, "
                        f"from {num(float(early[worst]))} to {num(float(late[worst]))} (medians of the first and last "
-                       f"quarter of {span(*steps)}; {_first(top, worst)}); past x{num(ATTN_GROWTH)} from step {onset} on")
+                       f"quarter of {span(*steps)}; {_first(top, worst)}); past x{num(ATTN_GROWTH)} from step "
+                       f"{onset} on")
         summary.append("logit growth by layer: " + listing([f"{data.layers[int(r)].name} {num(float(early[r]))} -> "
                                                             f"{num(float(late[r]))}" for r in grown]))
         values.update(value=float(growth[worst]), threshold=ATTN_GROWTH, early_logit=float(early[worst]),
@@ -226,8 +227,8 @@ def output_logit_divergence(data: RunData) -> list[Finding]:
               "precision large logits lose their differences)",
               _lr_cause(data, "each step moves the logits further"),
               "the output layer excluded from weight decay, or no weight decay at all")
-    remedies = (Z_LOSS, "weight decay on the output layer (for example 0.1 with AdamW; do not exclude the head from it)",
-                LOWER_LR)
+    remedies = (Z_LOSS, "weight decay on the output layer (for example 0.1 with AdamW; do not exclude the head "
+                "from it)", LOWER_LR)
     severity = "error" if not np.isfinite(late[r]) else "warning"
     return [Finding("output_logit_divergence", severity, "Output logits diverging (log Z drifting from 0)",
                     Evidence(tuple(summary), values, (data.layers[r].name,), steps), causes, remedies)]
