@@ -143,7 +143,7 @@ def assert_same(fed: RunData, stored: RunData) -> None:
     assert repr(diagnose(fed)) == repr(diagnose(stored))  # floats by repr: NaN equals NaN, and every bit counts
 
 
-@pytest.mark.parametrize("steps", [40, None], ids=["window", "whole-run"])
+@pytest.mark.parametrize("steps", [150, None], ids=["window", "whole-run"])
 def test_a_fed_window_holds_what_a_read_of_the_store_gives(store: Store, tmp_path: Path, steps: int | None) -> None:
     log = RichLog(tmp_path)
     batches: list[Batch] = []
@@ -154,9 +154,9 @@ def test_a_fed_window_holds_what_a_read_of_the_store_gives(store: Store, tmp_pat
     window.refresh()
     rng = np.random.default_rng(1)
     found: set[str] = set()
-    for k in range(30):
+    for k in range(50):
         for _ in range(int(rng.integers(1, 3))):  # one or two frames per batch
-            log.write(int(rng.integers(1, 9)), nan_loss=k == 12, spike=k == 20, event=k % 7 == 3,
+            log.write(int(rng.integers(1, 9)), nan_loss=k == 12, spike=k in (20, 42), event=k % 7 == 3,
                       dead=0.95 if 15 <= k < 22 else None)
         ingester.poll_once()
         if k % 4 == 1:  # batches that wait for a later evaluation
@@ -247,7 +247,7 @@ class Twin:
     def __init__(self, home: Path, url: str, fed: bool) -> None:
         self.now = 1_000.0
         self.store = Store.open(url, home=home)
-        config = AlertsConfig.model_validate({"layers_every": 0, "window_steps": 60,
+        config = AlertsConfig.model_validate({"layers_every": 0, "window_steps": 150,
                                               "rules": {"dying_units": {"for_steps": 0}}})
         self.engine = AlertEngine(self.store, config, clock=lambda: self.now, rules=RULES, home=home)
         self.ingester = Ingester(self.store, home, clock=lambda: self.now, on_batch=self.engine.feed if fed else None)
@@ -270,8 +270,8 @@ def test_a_fed_engine_fires_and_resolves_what_an_engine_reading_the_store_does(t
         urls = [pg_database_url(), pg_database_url()]
     twins = [Twin(tmp_path / name, url, fed) for name, url, fed in zip(("fed", "read"), urls, (True, False))]
     script = [dict(steps=30), dict(steps=10, dead=0.6), dict(steps=30, dead=0.97), dict(steps=10, spike=True),
-              dict(steps=10), dict(steps=10, nan_loss=True, event=True), dict(steps=30), dict(steps=40),
-              dict(steps=40), dict(steps=10)]
+              dict(steps=10), dict(steps=10, nan_loss=True, event=True), dict(steps=60), dict(steps=30),
+              dict(steps=20, spike=True), dict(steps=100), dict(steps=100), dict(steps=10)]
     seen = []
     try:
         for frame in script:

@@ -4,7 +4,9 @@ legends, and every query checked against what `gradwatch serve` really serves.
 The shipped dashboards/*.json must equal what the builder generates, byte for byte. The
 served metric names and labels are not a list written here: a real training run is recorded
 with the agent (an 11-layer MLP, so that depth 10 comes after depth 2; clipping by norm, ReLU
-and Tanh layers, two param groups, an extra scalar), ingested by a real
+and Tanh layers, a Linear followed by a LayerNorm, AdamW with weight decay in two param groups,
+the spike guard, an extra scalar; beside it a short run with plain SGD and weight decay, which
+alone has the grad-to-weight equilibrium), ingested by a real
 `gradwatch serve --per-param` subprocess, and its `/metrics` text is parsed (`served`
 fixture, shared with tests/test_deploy.py). Every metric name and label in a dashboard query,
 a legend or an alert rule must appear there. The queries are also parsed by promtool and, in
@@ -44,38 +46,62 @@ STEPS = 12
 DEPTH = 11  # modules of the fixture's MLP: blocks 0..10, whose names do not sort by depth
 
 TRAIN_CONFIG = {"clip": {"mode": "norm", "max_norm": 0.05},
-                "measure": {"flush_every": 4, "param_every": 2, "update_ratio_every": 2, "activation_every": 2}}
+                "measure": {"flush_every": 4, "param_every": 2, "update_ratio_every": 2, "activation_every": 2},
+                "guards": {"spike": {"window": 8, "warmup": 4}}}
 
 
 # --------------------------------------------------------------------------- the real exporter
 @dataclass
 class Served:
-    """A running `gradwatch serve` with one finished run in its home, and what it serves: at
-    the default label tiers (`labels`), and the union with what a second service over the
-    same run logs serves with every opt-in tier on (`all_tiers`: `rank` on layer series...)."""
+    """A running `gradwatch serve` with the fixture's finished runs in its home, and what it
+    serves: at the default label tiers (`labels`), and the union with what a second service over
+    the same run logs serves with every opt-in tier on (`all_tiers`: `rank` on layer series...)."""
 
     address: str                      # host:port of /metrics (default tiers, plus --per-param)
-    run: str                          # the run id
+    run: str                          # the id of the main (AdamW) run, the one dashboards are checked on
     labels: dict[str, set[str]]       # sample name on /metrics -> its label names
     all_tiers: dict[str, set[str]]    # the same, over both services
 
 
-def _train(home: Path) -> str:
-    """Record a small real training run with the agent; return its run id."""
+def _model() -> Any:
+    """The fixture's MLP: blocks 0..10, block 6 a bias-free Linear that LayerNorm 7 makes
+    scale-invariant (the update and grad equilibria are derived for it)."""
+    import torch
+
+    hidden = [torch.nn.Linear(6, 8)]
+    for i in range(DEPTH // 2 - 1):
+        if i == 3:
+            hidden += [torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)]
+        else:
+            hidden += [torch.nn.ReLU() if i % 2 == 0 else torch.nn.Tanh(),
+                       torch.nn.Linear(8, 8, bias=i != 2)]
+    model = torch.nn.Sequential(*hidden, torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    assert len(model) == DEPTH
+    return model
+
+
+def _train(home: Path) -> list[str]:
+    """Record a small real training run with the agent and, before it, a short one with plain
+    SGD; return their run ids, the first one's first."""
     import torch
 
     import gradwatch
 
     torch.manual_seed(0)
-    hidden = [torch.nn.Linear(6, 8)]
-    for i in range(DEPTH // 2 - 1):
-        hidden += [torch.nn.ReLU() if i % 2 == 0 else torch.nn.Tanh(), torch.nn.Linear(8, 8)]
-    model = torch.nn.Sequential(*hidden, torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    assert len(model) == DEPTH
-    linear = [m for m in model if isinstance(m, torch.nn.Linear)]
-    opt = torch.optim.SGD([{"params": [p for m in linear[:-1] for p in m.parameters()], "lr": 0.05},
-                           {"params": linear[-1].parameters(), "lr": 0.01}])
     x, y = torch.randn(32, 6), torch.randn(32, 1)
+    sgd_model = _model()
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05, weight_decay=0.01)
+    with gradwatch.watch(sgd_model, sgd, run="dashboards-sgd", config={**TRAIN_CONFIG, "home": str(home)}) as w:
+        for _ in range(4):
+            sgd.zero_grad()
+            torch.nn.functional.mse_loss(sgd_model(x), y).backward()
+            sgd.step()
+        sgd_run = w.run_id
+    model = _model()
+    linear = [m for m in model if isinstance(m, torch.nn.Linear)]
+    others = [p for m in model if not isinstance(m, torch.nn.Linear) for p in m.parameters()]
+    opt = torch.optim.AdamW([{"params": [p for m in linear[:-1] for p in m.parameters()] + others, "lr": 0.01},
+                             {"params": linear[-1].parameters(), "lr": 0.002}], weight_decay=0.1)
     with gradwatch.watch(model, opt, run="dashboards", config={**TRAIN_CONFIG, "home": str(home)}) as watcher:
         for _ in range(STEPS):
             opt.zero_grad()
@@ -83,7 +109,7 @@ def _train(home: Path) -> str:
             loss.backward()
             opt.step()
             watcher.log(loss=loss, accuracy=0.5)
-        return watcher.run_id
+        return [watcher.run_id, sgd_run]
 
 
 def _parse(text: str) -> dict[str, set[str]]:
@@ -94,8 +120,9 @@ def _parse(text: str) -> dict[str, set[str]]:
     return labels
 
 
-def _serve(home: Path, run: str, env: dict[str, str] | None = None) -> tuple[ServeProcess, str, dict[str, set[str]]]:
-    """`gradwatch serve --per-param` on `home`, once it serves all of `run`: the process, its
+def _serve(home: Path, runs: list[str], env: dict[str, str] | None = None
+           ) -> tuple[ServeProcess, str, dict[str, set[str]]]:
+    """`gradwatch serve --per-param` on `home`, once it serves all of `runs`: the process, its
     address and the labels of each sample name."""
     port = free_port()
     serve = ServeProcess(["--home", str(home), "--port", str(port), "--per-param", "--grace", "3600",
@@ -105,22 +132,23 @@ def _serve(home: Path, run: str, env: dict[str, str] | None = None) -> tuple[Ser
     def complete() -> dict[str, set[str]] | None:
         text = http_get(f"http://127.0.0.1:{port}/metrics").decode()
         # the close record is the log's last: once the end time is served, all of it is
-        done = re.search(rf'^gradwatch_run_end_time_seconds{{[^}}]*\brun="{run}"', text, re.MULTILINE)
+        done = all(re.search(rf'^gradwatch_run_end_time_seconds{{[^}}]*\brun="{run}"', text, re.MULTILINE)
+                   for run in runs)
         return _parse(text) if done else None
 
-    return serve, f"127.0.0.1:{port}", wait_until(complete, "serve to export the finished run")
+    return serve, f"127.0.0.1:{port}", wait_until(complete, "serve to export the finished runs")
 
 
 def start_served(home: Path) -> tuple[list[ServeProcess], Served]:
-    """Train a run into `home`, serve it at the default tiers and, from a copy of its run logs,
-    with every opt-in tier; wait until both serve all of it."""
-    run = _train(home)
-    serve, address, labels = _serve(home, run)
+    """Train the runs into `home`, serve them at the default tiers and, from a copy of their run
+    logs, with every opt-in tier; wait until both serve all of them."""
+    runs = _train(home)
+    serve, address, labels = _serve(home, runs)
     everything = home.parent / f"{home.name}-all-tiers"
     shutil.copytree(home / "logs", everything / "logs")
-    serve_all, _, labels_all = _serve(everything, run, {"GRADWATCH_PER_LAYER": "1", "GRADWATCH_PER_RANK": "1"})
+    serve_all, _, labels_all = _serve(everything, runs, {"GRADWATCH_PER_LAYER": "1", "GRADWATCH_PER_RANK": "1"})
     union = {name: labels.get(name, set()) | labels_all.get(name, set()) for name in {*labels, *labels_all}}
-    return [serve, serve_all], Served(address, run, labels, union)
+    return [serve, serve_all], Served(address, runs[0], labels, union)
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +391,7 @@ def test_layer_queries_keep_depth_and_legends_start_with_it(served: Served) -> N
         if any(name.startswith("gradwatch_layer_") for name in metric_names(target["expr"])) and \
                 target.get("format") != "table":
             assert _result_labels(target["expr"], served.labels) == {"depth", "layer"}, where
-            assert target["legendFormat"] == "{{depth}} {{layer}}", where
+            assert target["legendFormat"].startswith("{{depth}} {{layer}}"), where
 
 
 def test_every_selector_of_a_run_series_is_filtered_by_the_run_variable(served: Served) -> None:

@@ -247,3 +247,37 @@ def test_every_metric_is_documented() -> None:
         assert spec.type in row, f"{spec.name}: type {spec.type} not in its docs row"
         for label in exported(spec, Tiers()).labels + exported(spec, everything).labels:
             assert f"`{label}`" in row, f"{spec.name}: label {label} not in its docs row"
+
+
+def test_optimizer_health_and_spike_metrics_have_their_own_names() -> None:
+    """Issue 16's run metrics are named series, not user scalars; its layer metrics are served
+    per layer (a block: its largest), its per-param Adam statistics with per-param export."""
+    run = _run()
+    rows = [("loss_z", "run", "", 1.5), ("grad_norm_z", "run", "", math.inf), ("spike_count", "run", "", 3.0),
+            ("skip_rate", "run", "", 0.125), ("layer_adam_update_rms", "layer", "fc", 0.9),
+            ("layer_adam_eps_frac", "layer", "fc", 0.25), ("layer_adam_v_lag", "layer", "fc", math.nan),
+            ("update_to_weight", "layer", "fc", 1e-3), ("update_to_weight_equilibrium", "layer", "fc", 2e-3),
+            ("grad_to_weight", "layer", "fc", 0.1), ("grad_to_weight_equilibrium", "layer", "fc", 0.2),
+            ("adam_update_rms", "param", "fc.weight", 0.8), ("adam_eps_frac", "param", "fc.weight", 0.5),
+            ("adam_v_lag", "param", "fc.weight", 4.0)]
+    run.values += [LatestValue("r1", 0, metric, scope, entity, 7, value) for metric, scope, entity, value in rows]
+    reg = _registry([run], per_param=True)
+    labels, fc = {**RUN, "rank": "0"}, {**RUN, "layer": "fc", "depth": "0"}
+    assert reg.get_sample_value("gradwatch_loss_zscore", labels) == 1.5
+    assert reg.get_sample_value("gradwatch_global_grad_norm_zscore", labels) == math.inf
+    assert reg.get_sample_value("gradwatch_spike_steps_total", labels) == 3.0
+    assert reg.get_sample_value("gradwatch_skipped_steps_ratio", labels) == 0.125
+    for scalar in ("loss_z", "grad_norm_z", "spike_count", "skip_rate"):
+        assert reg.get_sample_value("gradwatch_scalar", {**labels, "scalar": scalar}) is None
+    assert reg.get_sample_value("gradwatch_layer_adam_update_rms", fc) == 0.9
+    assert reg.get_sample_value("gradwatch_layer_adam_epsilon_ratio", fc) == 0.25
+    assert math.isnan(reg.get_sample_value("gradwatch_layer_adam_second_moment_lag", fc))
+    assert reg.get_sample_value("gradwatch_layer_update_to_weight", fc) == 1e-3
+    assert reg.get_sample_value("gradwatch_layer_update_to_weight_equilibrium", fc) == 2e-3
+    assert reg.get_sample_value("gradwatch_layer_grad_to_weight", fc) == 0.1
+    assert reg.get_sample_value("gradwatch_layer_grad_to_weight_equilibrium", fc) == 0.2
+    weight = {**RUN, "layer": "fc", "param": "fc.weight"}
+    assert reg.get_sample_value("gradwatch_param_adam_update_rms", weight) == 0.8
+    assert reg.get_sample_value("gradwatch_param_adam_epsilon_ratio", weight) == 0.5
+    assert reg.get_sample_value("gradwatch_param_adam_second_moment_lag", weight) == 4.0
+    assert reg.get_sample_value("gradwatch_layer_max_rank", {**fc, "stat": "adam_update_rms"}) is None

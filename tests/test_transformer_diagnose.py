@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwatch.diagnose import Finding, diagnose
+from gradwatch.diagnose import Finding, LayerInfo, RunData, Series, diagnose
 from gradwatch.diagnose import transformer as tr
 from gradwatch.diagnose.load import load_run_data
 from gradwatch.ingest.ingester import ingest_pending
@@ -195,3 +196,56 @@ def test_outliers_grow_at_a_high_learning_rate(runs):
     assert f.severity == "warning" and f.evidence.values["value"] >= tr.OUTLIER_LIMIT
     assert f.evidence.values["outlier_late"] >= tr.OUTLIER_GROWTH * f.evidence.values["outlier_early"]
     assert "activation_outliers" not in findings(runs, "sink-lr2e-3")
+
+
+# ---------------------------------------------------------------------------------- on arrays
+
+
+LAYERS = (LayerInfo(0, "blocks.0", "Block", "block"), LayerInfo(1, "blocks.0.attn", "Attention", "attention"),
+          LayerInfo(2, "blocks.1", "Block", "block"), LayerInfo(3, "blocks.1.attn", "Attention", "attention"),
+          LayerInfo(4, "blocks.2", "Block", "block"), LayerInfo(5, "head", "Linear", "param"))
+
+
+def _matrix(steps: np.ndarray, rows: dict[int, np.ndarray]) -> Series:
+    values = np.full((len(LAYERS), len(steps)), np.nan)
+    present = np.zeros(values.shape, dtype=bool)
+    for row, v in rows.items():
+        values[row], present[row] = v, True
+    return Series(steps, values, present)
+
+
+def test_a_window_that_does_not_start_at_zero_and_nan_logits():
+    """A live window (steps 1000-1190): a max logit that turns NaN counts as past every limit."""
+    steps = np.arange(1000, 1200, 10)
+    grows = np.concatenate([np.full(10, 2.0), np.full(9, 500.0), [np.nan]])
+    data = RunData("r", "lm", LAYERS, layer={
+        "attn_logit_max": _matrix(steps, {1: grows, 3: np.full(20, 3.0)}),
+        "attn_entropy": _matrix(steps, {1: np.linspace(2.0, 0.01, 20), 3: np.full(20, 2.0)})})
+    f = {x.id: x for x in tr.attention_logit_growth(data)}["attention_logit_growth"]
+    assert f.severity == "error" and f.evidence.layers == ("blocks.0.attn",)
+    assert f.evidence.values["value"] == pytest.approx(250.0) and f.evidence.values["onset_step"] == 1100
+    assert f.evidence.steps == (1000, 1190)
+    steady = RunData("r", "lm", LAYERS, layer={"attn_logit_max": _matrix(steps, {1: np.full(20, 20.0)})})
+    assert tr.attention_logit_growth(steady) == []
+
+
+def test_entropy_collapse_alone_and_too_few_steps():
+    steps = np.arange(0, 80, 10)
+    data = RunData("r", "lm", LAYERS, layer={"attn_logit_max": _matrix(steps, {1: np.full(8, 8.0)}),
+                                             "attn_entropy": _matrix(steps, {1: np.linspace(2.0, 0.1, 8)})})
+    (f,) = tr.attention_logit_growth(data)
+    assert (f.id, f.severity) == ("attention_entropy_collapse", "warning") and f.evidence.values["threshold"] == 0.2
+    short = RunData("r", "lm", LAYERS, layer={"attn_entropy": _matrix(steps[:3], {1: np.array([2.0, 1.0, 0.0])}),
+                                              "attn_logit_max": _matrix(steps[:3], {1: np.array([1.0, 50.0, 500.0])})})
+    assert tr.attention_logit_growth(short) == []  # fewer than MIN_MEASURED steps: no judgement
+
+
+def test_residual_growth_needs_three_blocks_and_outliers_need_growth():
+    steps = np.array([0, 10])
+    rms = _matrix(steps, {0: np.array([1.0, 1.0]), 2: np.array([4.0, 2.0]), 4: np.array([40.0, 3.0])})
+    top = _matrix(steps, {0: np.array([5.0, 5.0]), 2: np.array([20.0, 10.0]), 4: np.array([200.0, 15.0])})
+    (f,) = tr.residual_growth(RunData("r", "lm", LAYERS, layer={"act_rms": rms, "act_absmax": top}))
+    assert f.evidence.values["onset_step"] == 0 and f.evidence.values["per_block_factor"] == pytest.approx(40 ** 0.5)
+    assert tr.activation_outliers(RunData("r", "lm", LAYERS, layer={"act_rms": rms, "act_absmax": top})) == []
+    two = _matrix(steps, {0: np.array([1.0, 1.0]), 2: np.array([400.0, 400.0])})
+    assert tr.residual_growth(RunData("r", "lm", LAYERS, layer={"act_rms": two, "act_absmax": two})) == []

@@ -567,6 +567,7 @@ class _MHASelf(nn.Module):
 # ---------------------------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.slow  # about 20 s on one core: two dynamo traces of the model
 def test_a_compiled_transformer_gets_the_output_statistics_but_no_attention_ones():
     """Under torch.compile (aot_eager) the output statistics go through the gradwatch::observe op
     and equal eager mode's; attention statistics are not measured (absent, not zero)."""

@@ -52,8 +52,9 @@ class Link:
 
 @dataclass(frozen=True)
 class TimeSeries:
-    """A time series panel. `thresholds` are (value, colour) steps above the green base, drawn
-    as lines and areas when given; `dashed` lists the refIds drawn dashed."""
+    """A time series panel. `thresholds` are (value, colour) steps above the `base` colour,
+    drawn as lines and areas when given (a band: a base colour below it, green in it, red above);
+    `dashed` lists the refIds drawn dashed."""
 
     title: str
     description: str
@@ -63,6 +64,7 @@ class TimeSeries:
     min: float | None = None
     max: float | None = None
     thresholds: tuple[tuple[float, str], ...] = ()
+    base: str = "green"
     dashed: tuple[str, ...] = ()
     links: tuple[Link, ...] = ()
     width: int = 12
@@ -75,7 +77,7 @@ class TimeSeries:
                        "spanNulls": False,
                        "scaleDistribution": {"type": "log", "log": 10} if self.log else {"type": "linear"},
                        "thresholdsStyle": {"mode": "line+area" if self.thresholds else "off"}},
-            "thresholds": _thresholds(self.thresholds),
+            "thresholds": _thresholds(self.thresholds, self.base),
             "color": {"mode": "palette-classic"},
         }
         if self.min is not None:
@@ -273,6 +275,6 @@ def _layout(row_panels: tuple[Panel, ...], next_id: int, y: int) -> tuple[list[J
     return out, next_id, y + line_height
 
 
-def _thresholds(steps: tuple[tuple[float, str], ...]) -> Json:
+def _thresholds(steps: tuple[tuple[float, str], ...], base: str = "green") -> Json:
     return {"mode": "absolute",
-            "steps": [{"color": "green", "value": None}, *({"color": c, "value": v} for v, c in steps)]}
+            "steps": [{"color": base, "value": None}, *({"color": c, "value": v} for v, c in steps)]}

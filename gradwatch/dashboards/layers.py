@@ -93,6 +93,62 @@ def _activations_row() -> Row:
     ))
 
 
+def _run(metric: str) -> str:
+    """A run-level series of the run, one per rank."""
+    return f'{metric}{{run="$run", rank=~"$rank"}}'
+
+
+#: the spike guard's default z-score threshold (guards.spike.z_threshold; a run may set its own)
+SPIKE_Z = 6.0
+RUN_LEGEND = "{{run_name}} rank {{rank}}"
+
+
+def _optimizer_row() -> Row:
+    return Row("Optimizer health: ${run:text}", (
+        TimeSeries("Adam update RMS",
+                   "RMS of Adam's update m̂/(√v̂+ε) over each block's elements (its largest layer). About 1 when "
+                   "healthy; far below 1, ε dominates (see the ε share); a jump above 1 follows a second moment "
+                   "that lags the squared gradients, and often precedes a loss spike.",
+                   (Query(_layer("gradwatch_layer_adam_update_rms"), LEGEND),), log=True, width=8),
+        TimeSeries("Adam second-moment lag g²/v̂",
+                   "Mean of g²/(√v̂+ε)² over each block's elements (its largest layer): how far Adam's second "
+                   "moment lags the squared gradient. Well above 1: v̂ has not caught up with a gradient surge, "
+                   "the step a loss spike follows (lower β₂, a longer warmup or a lower learning rate help).",
+                   (Query(_layer("gradwatch_layer_adam_second_moment_lag"), LEGEND),), log=True,
+                   thresholds=((10, "red"),), width=8),
+        TimeSeries("Adam ε-dominated elements",
+                   "Fraction of each block's elements where Adam's ε exceeds √v̂ (its largest layer): those "
+                   "elements take SGD-like steps of lr·m̂/ε instead of Adam's normalised ones.",
+                   (Query(_layer("gradwatch_layer_adam_epsilon_ratio"), LEGEND),), unit="percentunit", min=0,
+                   max=1, width=8),
+        TimeSeries("Update-to-weight ‖ΔW‖/‖W‖ against its band",
+                   "Each block's update-to-weight ratio at its last measured update (its largest layer), on the "
+                   "reference band of 1e-4 to 1e-2 per step (green; about 1e-3 for Adam-family training): "
+                   "below it (blue) the block barely trains, above it (red) its learning rate is too high. "
+                   "Dashed: the equilibrium √(2·lr·wd) that weight decay drives a scale-invariant layer (one "
+                   "followed by a normalisation layer) to.",
+                   (Query(_layer("gradwatch_layer_update_to_weight"), LEGEND),
+                    Query(_layer("gradwatch_layer_update_to_weight_equilibrium"), f"{LEGEND} equilibrium")),
+                   log=True, thresholds=((1e-4, "green"), (1e-2, "red")), base="blue", dashed=("B",)),
+        TimeSeries("Loss and gradient-norm z-scores",
+                   f"Robust z-scores of the loss and of the global gradient norm against the spike guard's window "
+                   f"of recent steps. Above the guard's threshold (red: the default, {SPIKE_Z:g}; a run may set "
+                   f"guards.spike.z_threshold) a step is a spike: warned about, skipped or raised on as the guard "
+                   f"says.",
+                   (Query(_run("gradwatch_loss_zscore"), f"{RUN_LEGEND} loss"),
+                    Query(_run("gradwatch_global_grad_norm_zscore"), f"{RUN_LEGEND} grad norm")),
+                   thresholds=((SPIKE_Z, "red"),)),
+        TimeSeries("Skip rate",
+                   "Fraction of the spike guard's window of optimizer steps whose update a guard (spike or "
+                   "non-finite) skipped. Above 5% for 5 minutes fires GradwatchSpikeSkipRate.",
+                   (Query(_run("gradwatch_skipped_steps_ratio"), RUN_LEGEND),), unit="percentunit", min=0,
+                   thresholds=((0.05, "red"),), height=8),
+        TimeSeries("Spike steps",
+                   "Optimizer steps the spike guard flagged as a loss or gradient-norm spike since the run started.",
+                   (Query(_run("gradwatch_spike_steps_total"), RUN_LEGEND),), min=0, height=8),
+    ))
+
+
 def _ranks_row() -> Row:
     return Row("Ranks: ${run:text}", (
         Table("Rank with the largest value",
@@ -125,12 +181,12 @@ def _per_param_row() -> Row:
 
 
 def layers() -> Dashboard:
-    """The layers dashboard. Rows for the statistics of issues 15 (attention, output logits,
-    activation scale per block) and 16 (Adam state, update bands, spikes) belong between
-    `_activations_row()` and `_ranks_row()`, once the exporter serves their metrics."""
+    """The layers dashboard. The row for issue 15's statistics (attention, output logits,
+    activation scale per block) belongs between `_activations_row()` and `_optimizer_row()`."""
     return Dashboard(
         uid="gradwatch-layers", title="gradwatch / Layers",
         description="One run block by block, in depth order: gradient flow through depth, parameter gradients, "
-                    "update ratios, saturation and dead units, and the rank with the largest value.",
+                    "update ratios, saturation and dead units, optimizer health and spikes, and the rank with the "
+                    "largest value.",
         variables=(DATASOURCE_VARIABLE, PROJECT, runs(multi=False), RANK, LAYER),
-        rows=(_flow_row(), _updates_row(), _activations_row(), _ranks_row(), _per_param_row()))
+        rows=(_flow_row(), _updates_row(), _activations_row(), _optimizer_row(), _ranks_row(), _per_param_row()))

@@ -112,6 +112,18 @@ def _training_row() -> Row:
                    height=8),
         TimeSeries("Other scalars", "Every other scalar given to watcher.log(name=value).",
                    (Query(f"gradwatch_scalar{{{SEL}}}", f"{legend} {{{{scalar}}}}"),), height=8),
+        TimeSeries("Spike z-scores",
+                   "Robust z-scores of the loss and of the global gradient norm against the spike guard's window of "
+                   "recent steps; above the guard's threshold (red: the default, 6) a step is a spike. The run's "
+                   "layers show its Adam state and update-to-weight ratios beside them.",
+                   (Query(f"gradwatch_loss_zscore{{{SEL}}}", f"{legend} loss"),
+                    Query(f"gradwatch_global_grad_norm_zscore{{{SEL}}}", f"{legend} grad norm")),
+                   thresholds=((6, "red"),), height=8),
+        TimeSeries("Skip rate",
+                   "Fraction of the spike guard's window of optimizer steps whose update a guard (spike or "
+                   "non-finite) skipped. Above 5% for 5 minutes fires GradwatchSpikeSkipRate.",
+                   (Query(f"gradwatch_skipped_steps_ratio{{{SEL}}}", legend),), unit="percentunit", min=0,
+                   thresholds=((0.05, "red"),), height=8),
     ))
 
 
@@ -120,6 +132,6 @@ def overview() -> Dashboard:
     return Dashboard(
         uid="gradwatch-overview", title="gradwatch / Overview",
         description="Runs watched by gradwatch: gradient norm before and after clipping, clipping, loss, learning "
-                    "rate, skipped and non-finite steps.",
+                    "rate, skipped and non-finite steps, loss and gradient spikes.",
         variables=(DATASOURCE_VARIABLE, PROJECT, runs(multi=True), RANK),
         rows=(_runs_row(), _norm_row(), _training_row()))

@@ -14,7 +14,7 @@ from gradwatch.diagnose.findings import Evidence, Finding
 from gradwatch.diagnose.flow import GATED, NORM
 from gradwatch.diagnose.loss import batch_spike_steps
 from gradwatch.diagnose.rundata import RunData, Series, in_sorted, nanmedian
-from gradwatch.diagnose.spikes import find_spikes, series_stats
+from gradwatch.diagnose.spikes import find_spikes, norm_stats
 from gradwatch.diagnose.text import num, plural, ranges_text, runs_of
 
 _INIT_RNN = ("initialise the recurrent weights with spectral radius near 1: nn.init.orthogonal_(w) (or Glorot), "
@@ -128,8 +128,9 @@ def _measure(data: RunData, series: Series, norms: np.ndarray, use: np.ndarray) 
         size.ratio_max = float(np.nanmax(ratio))
         size.ratio_steps = tuple(int(s) for s in steps[ok & (ratio > th.GRAD_PARAM_RATIO)])
         size.param_norm = float(np.median(ref[ok]))
-    stats = series_stats(series, th.SPIKE_LOOKBACK) if use.all() else None  # else not the series' own
-    idx, factors = find_spikes(np.where(use, norms, np.nan), stats)
+    first = data.judged_from(th.SPIKE_LOOKBACK)
+    stats = norm_stats(series, first) if use.all() else None  # else not the series' own
+    idx, factors = find_spikes(np.where(use, norms, np.nan), stats, first)
     size.spike_steps = tuple(int(s) for s in steps[idx])
     size.worst_spike = float(factors.max()) if len(factors) else 1.0
     grow = finite & (norms > 0)

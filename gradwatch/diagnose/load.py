@@ -179,7 +179,9 @@ class RunWindow:
                                  run={m: s for m, s in self._run.items() if len(s.steps)},
                                  layer={m: s for m, s in self._layer.items() if len(s.steps)},
                                  group={m: s for m, s in self._group.items() if len(s.steps)},
-                                 events=tuple(self._events), init_check=self._init_check, config=self._config)
+                                 events=tuple(self._events), init_check=self._init_check, config=self._config,
+                                 starts_run=self.steps is None or self.last_step is None
+                                 or self.last_step - self.steps + 1 <= 0)
         return self._data
 
     # ------------------------------------------------------------------ reading

@@ -8,8 +8,8 @@ import numpy as np
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.causes import lr_burst
 from gradwatch.diagnose.findings import Evidence, Finding
-from gradwatch.diagnose.rundata import RunData, Series
-from gradwatch.diagnose.spikes import LossSpike, find_loss_spikes, isolated, local_factor, series_stats
+from gradwatch.diagnose.rundata import RunData
+from gradwatch.diagnose.spikes import LossSpike, find_loss_spikes, isolated, local_factor, loss_stats
 from gradwatch.diagnose.text import num, plural, ranges_text
 
 BAD_BATCH = ("a bad batch: corrupt, unnormalised, mislabelled or out-of-distribution samples; the loss was back "
@@ -21,21 +21,23 @@ ADAM = ("with Adam: a second-moment estimate (beta2) gone stale while gradients 
         "gradient through at full step size")
 
 
-def loss_spikes(loss: Series) -> tuple[LossSpike, ...]:
-    """`find_loss_spikes` of a loss series, computed once per series and thresholds (this rule and
+def loss_spikes(data: RunData) -> tuple[LossSpike, ...]:
+    """`find_loss_spikes` of the run's loss, computed once per series and thresholds (this rule and
     exploding_gradients both need them)."""
+    s = data.run.get("loss")
+    if s is None or not s.values.size:
+        return ()
+    first = data.judged_from(th.LOSS_LOOKBACK)
     key = ("loss_spikes", th.LOSS_LOOKBACK, th.LOSS_MIN_HISTORY, th.LOSS_SPIKE_Z, th.LOSS_SPIKE_RISE,
-           th.LOSS_SPIKE_MIN_RISE)
-    return loss.derived(key, lambda s: tuple(find_loss_spikes(s.steps, s.values,
-                                                              series_stats(s, th.LOSS_LOOKBACK, mad=True))))
+           th.LOSS_SPIKE_MIN_RISE, first)
+    return s.derived(key, lambda s: tuple(find_loss_spikes(s.steps, s.values, loss_stats(s, first), first)))
 
 
 def batch_spike_steps(data: RunData) -> np.ndarray:
     """Steps of the loss spikes that a bad batch explains (one logged step, back the next)."""
     s = data.run.get("loss")
-    if s is None or not s.values.size:
-        return np.array([], dtype=np.int64)
-    return np.array([sp.first for sp in loss_spikes(s) if isolated(sp, s.steps)], dtype=np.int64)
+    return np.array([sp.first for sp in loss_spikes(data) if s is not None and isolated(sp, s.steps)],
+                    dtype=np.int64)
 
 
 def _gradient_at(data: RunData, step: int) -> tuple[str, float]:
@@ -63,7 +65,7 @@ def _recovery_line(sp: LossSpike, steps: np.ndarray) -> str:
         return f"back under {before} at the next logged step, {sp.recovered}"
     if sp.recovered is not None:
         return f"back under {before} at step {sp.recovered}"
-    if sp.after:
+    if np.any(steps > sp.first):  # logged steps after the spike began, none back under its limit
         return f"still above {before} at the last logged step {int(steps[-1])}"
     return "at the last logged step: whether it comes back is not known yet"
 
@@ -71,9 +73,7 @@ def _recovery_line(sp: LossSpike, steps: np.ndarray) -> str:
 def loss_spike(data: RunData) -> list[Finding]:
     """Logged losses far above the median of the logged steps before them."""
     s = data.run.get("loss")
-    if s is None or not s.values.size:
-        return []
-    spikes = loss_spikes(s)
+    spikes = loss_spikes(data)
     if not spikes:
         return []
     worst = max(spikes, key=lambda sp: (sp.loss - sp.median) / (sp.limit - sp.median))
@@ -83,7 +83,7 @@ def loss_spike(data: RunData) -> list[Finding]:
         summary.insert(0, f"{plural(len(spikes), 'loss spike')} at steps "
                           f"{ranges_text([(sp.first, sp.last) for sp in spikes])}; the largest:")
     one_step = isolated(worst, s.steps)
-    unrecovered = worst.recovered is None and worst.after >= th.LOSS_UNRECOVERED_STEPS
+    unrecovered = worst.recovered is None and np.count_nonzero(s.steps > worst.first) >= th.LOSS_UNRECOVERED_STEPS
     burst = lr_burst(data, worst.peak_step)
     causes = [burst] if burst else []
     causes += [BAD_BATCH, OVERSHOOT] if one_step else [OVERSHOOT, DATA_RUN]

@@ -70,30 +70,32 @@ class Series:
             self._derived[key] = compute(self)
         return self._derived[key]  # type: ignore[no-any-return]
 
-    def rolling(self, key: Hashable, lookback: int,
-                compute: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
-        """`compute(values, positions)` at every position of a run-level series, for a computation
-        whose result at a position depends on the `lookback` values before it and nothing else
-        (the rolling medians that spikes are judged against). Kept with the series and carried
-        to the series a window makes from it (`then`, `since`), where only the positions whose
-        history changed are computed again: the same arrays, for a fraction of the work."""
+    def rolling(self, key: Hashable, lookback: int, compute: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]],
+                first: int = 0) -> tuple[np.ndarray, ...]:
+        """`compute(values, positions)` at every position of a run-level series from `first` on
+        (the others hold NaN, or 0 for an integer array), for a computation whose result at a
+        position depends on the `lookback` values before it and nothing else (the rolling medians
+        that spikes are judged against). Kept with the series and carried to the series a
+        window makes from it (`then`, `since`), where only the positions whose history changed
+        are computed again: the same arrays, for a fraction of the work. The key names the
+        computation and everything it depends on but the values."""
         n = self.steps.shape[0]
+        first = min(first, n)
         held = self._rolling.get(key)
-        if held is not None and held.lookback == lookback and (held.shift, held.lo, held.hi) == (0, 0, n):
+        if held is not None and (held.shift, held.lo, held.hi) == (0, first, n):
             return held.arrays
-        if held is None or held.lookback != lookback:
-            arrays = compute(self.values, np.arange(n))
-        else:
-            todo = np.concatenate([np.arange(held.lo), np.arange(held.hi, n)])
-            fresh = compute(self.values, todo)
-            arrays = tuple(np.empty(n, dtype=f.dtype) for f in fresh)
-            for out, old, new in zip(arrays, held.arrays, fresh):
-                out[held.lo:held.hi] = old[held.lo + held.shift:held.hi + held.shift]
-                out[todo] = new
-        for a in arrays:
-            a.flags.writeable = False  # shared with the series made from this one
-        self._rolling[key] = _Rolling(lookback, arrays, 0, 0, n)
-        return arrays
+        lo, hi = (first, first) if held is None else (max(held.lo, first), held.hi)  # what `held` still holds
+        todo = np.concatenate([np.arange(first, lo), np.arange(max(hi, lo), n)])
+        arrays = []
+        for j, fresh in enumerate(compute(self.values, todo)):
+            out = np.full(n, np.nan) if fresh.dtype.kind == "f" else np.zeros(n, dtype=fresh.dtype)
+            out[todo] = fresh
+            if held is not None and lo < hi:
+                out[lo:hi] = held.arrays[j][lo + held.shift:hi + held.shift]
+            out.flags.writeable = False  # shared with the series made from this one
+            arrays.append(out)
+        self._rolling[key] = _Rolling(lookback, tuple(arrays), 0, first, n)
+        return tuple(arrays)
 
     def then(self, new: Series) -> Series:
         """`new` (later steps) after this series; a matrix keeps its presence mask. What `rolling`
@@ -168,7 +170,11 @@ class RunData:
     data), by step; `init_check` and `config` come from the run log header.
 
     It may hold only a window of recent steps (the live rules engine): no rule assumes that
-    the steps start at 0 or cover the whole run.
+    the steps start at 0 or cover the whole run. `starts_run` is False for a window that has
+    left out the run's first steps: a rule that judges a value against the ones before it then
+    judges only the values whose whole look-back is in the window. Each of them was judged so
+    when it arrived; judged again on the shorter history left near the window's start, it
+    would only add false alarms.
     """
 
     run_id: str
@@ -180,6 +186,11 @@ class RunData:
     events: tuple[dict[str, Any], ...] = ()
     init_check: tuple[dict[str, Any], ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
+    starts_run: bool = True
+
+    def judged_from(self, lookback: int) -> int:
+        """The first position of a run-level series whose value a rule with this look-back judges."""
+        return 0 if self.starts_run else lookback
 
     def layer_names(self, rows: np.ndarray | list[int]) -> tuple[str, ...]:
         """Names of the layers at the given row indices."""

@@ -26,14 +26,17 @@ GRAD_PARAM_RATIO = 100.0
 CLIP_EXPLOSION_FACTOR = 100.0
 
 #: Loss spike: a logged loss above the median of the preceding LOSS_LOOKBACK logged values (at
-#: least LOSS_MIN_HISTORY of them) by LOSS_SPIKE_Z robust standard deviations (1.4826 x MAD) and
-#: by LOSS_SPIKE_RISE x |median| (and LOSS_SPIKE_MIN_RISE in absolute terms).
-LOSS_LOOKBACK = 25
+#: least LOSS_MIN_HISTORY of them) by LOSS_SPIKE_Z robust standard deviations of its noise
+#: (1.4826 x the median absolute change from one logged value to the next / sqrt 2) and by
+#: LOSS_SPIKE_RISE x |median| (and LOSS_SPIKE_MIN_RISE in absolute terms); all on the log scale
+#: when every finite loss is positive.
+LOSS_LOOKBACK = 100
 LOSS_MIN_HISTORY = 8
-LOSS_SPIKE_Z = 10.0
+LOSS_SPIKE_Z = 6.0
 LOSS_SPIKE_RISE = 1.0
 LOSS_SPIKE_MIN_RISE = 1e-6
-#: A spiking loss still above its limit on this many later logged steps, to the last, did not recover.
+#: A spiking loss not back under its limit on any of the (at least) this many logged steps after it began
+#: did not recover.
 LOSS_UNRECOVERED_STEPS = 3
 
 #: A learning rate this many times its median over the steps given is a burst (a cause to name).

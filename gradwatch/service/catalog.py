@@ -49,6 +49,18 @@ RUN_GAUGES: dict[str, MetricSpec] = {
                           "Number of params whose gradient norm overflowed float32 at the last step while "
                           "every element was finite"),
     "loss": _g("gradwatch_loss", RUN_LABELS, "Last loss given to watcher.log()"),
+    "loss_z": _g("gradwatch_loss_zscore", RUN_LABELS,
+                 "Robust z-score of the loss against its recent window (spike guard), at the last step"),
+    "grad_norm_z": _g("gradwatch_global_grad_norm_zscore", RUN_LABELS,
+                      "Robust z-score of the global gradient norm against its recent window (spike guard), at the "
+                      "last step"),
+    "skip_rate": _g("gradwatch_skipped_steps_ratio", RUN_LABELS,
+                    "Fraction of the spike guard's window of optimizer steps whose update a guard skipped"),
+}
+# Run-level run-log metrics the agent already keeps as running counts -> exported counter.
+RUN_AGENT_COUNTERS: dict[str, MetricSpec] = {
+    "spike_count": _c("gradwatch_spike_steps_total", RUN_LABELS,
+                      "Optimizer steps the spike guard flagged as a loss or gradient-norm spike"),
 }
 # Run-level counters: metric name of the count in the snapshot -> exported counter.
 RUN_COUNTERS: dict[str, MetricSpec] = {
@@ -83,6 +95,25 @@ LAYER_GAUGES: dict[str, MetricSpec] = {
                      "Fraction of a ReLU-family layer's outputs equal to zero"),
     "act_nonfinite": _g("gradwatch_layer_activation_nonfinite", LAYER_LABELS,
                         "Number of NaN/Inf outputs of an activation layer at its last measured step"),
+    "layer_adam_update_rms": _g("gradwatch_layer_adam_update_rms", LAYER_LABELS,
+                                "RMS of Adam's update m_hat/(sqrt(v_hat)+eps) over the layer's elements "
+                                "(about 1 when healthy)"),
+    "layer_adam_eps_frac": _g("gradwatch_layer_adam_epsilon_ratio", LAYER_LABELS,
+                              "Fraction of the layer's elements where Adam's eps exceeds sqrt(v_hat)"),
+    "layer_adam_v_lag": _g("gradwatch_layer_adam_second_moment_lag", LAYER_LABELS,
+                           "Mean of g^2/(sqrt(v_hat)+eps)^2 over the layer's elements: how far Adam's second "
+                           "moment lags the squared gradient"),
+    "update_to_weight": _g("gradwatch_layer_update_to_weight", LAYER_LABELS,
+                           "||delta W||/||W|| of the layer's params in the optimizer at the last measured update"),
+    "update_to_weight_equilibrium": _g("gradwatch_layer_update_to_weight_equilibrium", LAYER_LABELS,
+                                       "Equilibrium update-to-weight ratio sqrt(2*lr*wd) of a scale-invariant "
+                                       "layer under weight decay"),
+    "grad_to_weight": _g("gradwatch_layer_grad_to_weight", LAYER_LABELS,
+                         "||g||/||W|| of a scale-invariant layer's weights at the last measured step"),
+    "grad_to_weight_equilibrium": _g("gradwatch_layer_grad_to_weight_equilibrium", LAYER_LABELS,
+                                     "Equilibrium grad-to-weight ratio sqrt(2*wd/lr) of a scale-invariant layer "
+                                     "under plain SGD with weight decay"),
+    # Issue 15's attention, logit and activation-scale metrics (docs/metrics.md names them) go here.
 }
 # Per-layer aggregates of per-param metrics.
 LAYER_GRAD_NORM = _g("gradwatch_layer_grad_norm", LAYER_LABELS,
@@ -97,6 +128,12 @@ PARAM_GAUGES: dict[str, MetricSpec] = {
     "param_norm": _g("gradwatch_param_norm", PARAM_LABELS, "L2 norm of a parameter"),
     "update_ratio": _g("gradwatch_param_update_ratio", PARAM_LABELS,
                        "||delta theta|| / ||theta|| of a parameter at the last update"),
+    "adam_update_rms": _g("gradwatch_param_adam_update_rms", PARAM_LABELS,
+                          "RMS of Adam's update m_hat/(sqrt(v_hat)+eps) over a parameter's elements"),
+    "adam_eps_frac": _g("gradwatch_param_adam_epsilon_ratio", PARAM_LABELS,
+                        "Fraction of a parameter's elements where Adam's eps exceeds sqrt(v_hat)"),
+    "adam_v_lag": _g("gradwatch_param_adam_second_moment_lag", PARAM_LABELS,
+                     "Mean of g^2/(sqrt(v_hat)+eps)^2 over a parameter's elements (Adam's second-moment lag)"),
 }
 RUN_INFO = MetricSpec("gradwatch_run_info", "info",
                       ("run", "name", "project", "host", "world_size", "device", "torch_version",
@@ -116,7 +153,7 @@ ALERTS_TOTAL = _c("gradwatch_alerts_total", ("rule", "severity"),
 ALERT_METRICS: tuple[MetricSpec, ...] = (ALERT_ACTIVE, ALERTS_TOTAL)
 
 METRICS: tuple[MetricSpec, ...] = (
-    *RUN_GAUGES.values(), *RUN_COUNTERS.values(), STEP, SCALAR, LEARNING_RATE,
+    *RUN_GAUGES.values(), *RUN_COUNTERS.values(), *RUN_AGENT_COUNTERS.values(), STEP, SCALAR, LEARNING_RATE,
     LAYER_GRAD_NORM, LAYER_PARAM_NORM, LAYER_UPDATE_RATIO, *LAYER_GAUGES.values(),
     *PARAM_GAUGES.values(), RUN_INFO, RUN_STATUS, RUN_START, RUN_END, RUNS_EXPORTED, STORE_UP,
 )

@@ -29,6 +29,7 @@ from gradwatch.service.catalog import (
     LEARNING_RATE,
     METRICS,
     PARAM_GAUGES,
+    RUN_AGENT_COUNTERS,
     RUN_COUNTERS,
     RUN_END,
     RUN_GAUGES,
@@ -59,6 +60,8 @@ from gradwatch.store.models import LatestValue
 
 # Layer-scope run-log metric -> exported layer gauge (grad_norm: the store's L2 of the layer's params).
 LAYER_SCOPE: dict[str, MetricSpec] = {"grad_norm": LAYER_GRAD_NORM, **LAYER_GAUGES}
+# Run-scope run-log metric -> its own series (other run-scope metrics but `skipped` are user scalars).
+RUN_SCOPE: dict[str, MetricSpec] = {**RUN_GAUGES, **RUN_AGENT_COUNTERS}
 Measured = dict[str, tuple[int, float]]  # entity -> (step, value)
 
 
@@ -167,7 +170,7 @@ def _add_run(out: _Families, run: RunLatest) -> None:
         steps[v.rank] = max(steps.get(v.rank, v.step), v.step)
         labels = {**ident, "rank": str(v.rank)}
         if v.scope == "run":
-            spec = RUN_GAUGES.get(v.metric)
+            spec = RUN_SCOPE.get(v.metric)
             if spec is not None:
                 out.add(spec, labels, v.value)
             elif v.metric != "skipped":

@@ -47,7 +47,8 @@ TIER_METRICS: tuple[MetricSpec, ...] = (LAYER_MAX_RANK,)
 
 # Run-log metrics whose rank of the largest value is exported: the activation statistics, which
 # differ between data-parallel ranks (each sees its own batch). Gradient and parameter norms
-# and update ratios are those of the synchronised gradients and weights, equal on every rank.
+# and update ratios are those of the synchronised gradients and weights, equal on every rank, and
+# so is the optimizer state the optimizer-health statistics read.
 ATTRIBUTED = frozenset({"act_grad_norm", "act_mean", "act_std", "saturation_ratio", "dead_ratio", "zero_ratio",
                         "act_nonfinite"})
 
@@ -185,10 +186,15 @@ def param_aggregates(norms: Mapping[str, tuple[int, float]],
 
 # How a block's layers fold into one value, per layer-scope metric of the run log:
 # "l2": norms, the norm of the concatenation; "max": fractions, the block's worst layer;
-# "sum": counts; "last": the block's deepest layer (its output).
+# "sum": counts; "last": the block's deepest layer (its output). The optimizer-health ratios
+# fold to the block's largest: the layer furthest above 1 (update RMS), above its band or its
+# equilibrium, or with the most lagging or ε-dominated second moment.
 FOLDS: dict[str, str] = {
     "grad_norm": "l2", "act_grad_norm": "l2", "saturation_ratio": "max", "dead_ratio": "max",
     "zero_ratio": "max", "act_nonfinite": "sum", "act_mean": "last", "act_std": "last",
+    "layer_adam_update_rms": "max", "layer_adam_eps_frac": "max", "layer_adam_v_lag": "max",
+    "update_to_weight": "max", "update_to_weight_equilibrium": "max", "grad_to_weight": "max",
+    "grad_to_weight_equilibrium": "max",
 }
 
 
