@@ -3,10 +3,11 @@ legends, and every query checked against what `gradwatch serve` really serves.
 
 The shipped dashboards/*.json must equal what the builder generates, byte for byte. The
 served metric names and labels are not a list written here: a real training run is recorded
-with the agent (an 11-layer MLP, so that depth 10 comes after depth 2; clipping by norm, ReLU
-and Tanh layers, a Linear followed by a LayerNorm, AdamW with weight decay in two param groups,
-the spike guard, an extra scalar; beside it a short run with plain SGD and weight decay, which
-alone has the grad-to-weight equilibrium), ingested by a real
+with the agent (an 11-block network, so that depth 10 comes after depth 2; clipping by norm,
+ReLU and Tanh layers, a Linear followed by a LayerNorm, two residual attention blocks and a
+two-output head for the attention, residual-stream and logit statistics, AdamW with weight
+decay in two param groups, the spike guard, an extra scalar; beside it a short run with plain
+SGD and weight decay, which alone has the grad-to-weight equilibrium), ingested by a real
 `gradwatch serve --per-param` subprocess, and its `/metrics` text is parsed (`served`
 fixture, shared with tests/test_deploy.py). Every metric name and label in a dashboard query,
 a legend or an alert rule must appear there. The queries are also parsed by promtool and, in
@@ -43,7 +44,7 @@ PROMETHEUS_SERIES = {"up": {"job", "instance"}}
 #: labels Prometheus attaches to every scraped series
 TARGET_LABELS = {"job", "instance"}
 STEPS = 12
-DEPTH = 11  # modules of the fixture's MLP: blocks 0..10, whose names do not sort by depth
+DEPTH = 11  # modules of the fixture's network: blocks 0..10, whose names do not sort by depth
 
 TRAIN_CONFIG = {"clip": {"mode": "norm", "max_norm": 0.05},
                 "measure": {"flush_every": 4, "param_every": 2, "update_ratio_every": 2, "activation_every": 2},
@@ -64,18 +65,40 @@ class Served:
 
 
 def _model() -> Any:
-    """The fixture's MLP: blocks 0..10, block 6 a bias-free Linear that LayerNorm 7 makes
-    scale-invariant (the update and grad equilibria are derived for it)."""
+    """The fixture's network: blocks 0..10, block 6 a bias-free Linear that LayerNorm 7 makes
+    scale-invariant (the update and grad equilibria are derived for it), block 8 two residual
+    attention blocks (the agent's attention layers and residual blocks), block 10 a head of two
+    outputs (its logits layer)."""
     import torch
+
+    class SelfAttention(torch.nn.Module):
+        """Two heads of attention over the batch's rows as one sequence, through SDPA."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(1, -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(x.shape))
+
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = SelfAttention()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.attn(x)
 
     hidden = [torch.nn.Linear(6, 8)]
     for i in range(DEPTH // 2 - 1):
         if i == 3:
-            hidden += [torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)]
+            hidden += [torch.nn.LayerNorm(8), torch.nn.Sequential(Residual(), Residual())]
         else:
             hidden += [torch.nn.ReLU() if i % 2 == 0 else torch.nn.Tanh(),
                        torch.nn.Linear(8, 8, bias=i != 2)]
-    model = torch.nn.Sequential(*hidden, torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = torch.nn.Sequential(*hidden, torch.nn.Tanh(), torch.nn.Linear(8, 2))
     assert len(model) == DEPTH
     return model
 
@@ -88,7 +111,7 @@ def _train(home: Path) -> list[str]:
     import gradwatch
 
     torch.manual_seed(0)
-    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
     sgd_model = _model()
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05, weight_decay=0.01)
     with gradwatch.watch(sgd_model, sgd, run="dashboards-sgd", config={**TRAIN_CONFIG, "home": str(home)}) as w:

@@ -281,3 +281,44 @@ def test_optimizer_health_and_spike_metrics_have_their_own_names() -> None:
     assert reg.get_sample_value("gradwatch_param_adam_epsilon_ratio", weight) == 0.5
     assert reg.get_sample_value("gradwatch_param_adam_second_moment_lag", weight) == 4.0
     assert reg.get_sample_value("gradwatch_layer_max_rank", {**fc, "stat": "adam_update_rms"}) is None
+
+
+def test_transformer_health_metrics_are_served_per_block_with_their_folds() -> None:
+    """Issue 15's layer metrics are named series; a block folds them as docs/metrics.md says
+    (attention: largest max logit, smallest entropy; the residual block's own RMS; the largest
+    max |x| and max/RMS), and each names the rank with the largest value."""
+    layers = ["h.0", "h.0.attn", "h.0.mlp.act", "h.0.attn2", "lm_head"]
+    rows = [("attn_logit_max", "h.0.attn", 3.0, 3.0), ("attn_logit_max", "h.0.attn2", 7.0, 2.0),
+            ("attn_entropy", "h.0.attn", 1.2, 1.5), ("attn_entropy", "h.0.attn2", 0.4, math.nan),
+            ("act_rms", "h.0", 2.0, 2.5), ("act_absmax", "h.0", 11.0, 10.0),
+            ("act_outlier", "h.0.mlp.act", 5.0, 4.0), ("act_outlier", "h.0", 9.0, 8.0),
+            ("logit_max", "lm_head", 15.0, 16.0), ("logit_logz", "lm_head", 0.5, -0.25)]
+    values = [LatestValue("r1", rank, metric, "layer", layer, 7, by_rank[rank])
+              for metric, layer, *by_rank in rows for rank in (0, 1)]
+    run = RunLatest(id="r1", name="exp", project="proj", status="running",
+                    layer_depths={name: i for i, name in enumerate(layers)}, values=values)
+    reg = _registry([run])
+    block, head = {**RUN, "layer": "h.0", "depth": "0"}, {**RUN, "layer": "lm_head", "depth": "1"}
+    assert reg.get_sample_value("gradwatch_layer_attention_logit_max", block) == 7.0
+    assert math.isnan(reg.get_sample_value("gradwatch_layer_attention_entropy", block))  # rank 1's NaN
+    assert reg.get_sample_value("gradwatch_layer_activation_rms", block) == 2.5
+    assert reg.get_sample_value("gradwatch_layer_activation_absmax", block) == 11.0
+    assert reg.get_sample_value("gradwatch_layer_activation_outlier", block) == 9.0
+    assert reg.get_sample_value("gradwatch_layer_logit_max", head) == 16.0
+    assert reg.get_sample_value("gradwatch_layer_logit_log_partition", head) == 0.5
+    max_rank = {("h.0", "attention_logit_max"): 0.0, ("h.0", "attention_entropy"): 1.0,
+                ("h.0", "activation_rms"): 1.0, ("h.0", "activation_absmax"): 0.0,
+                ("h.0", "activation_outlier"): 0.0, ("lm_head", "logit_max"): 1.0,
+                ("lm_head", "logit_log_partition"): 0.0}
+    for (layer, stat), rank in max_rank.items():
+        labels = block if layer == "h.0" else head
+        assert reg.get_sample_value("gradwatch_layer_max_rank", {**labels, "stat": stat}) == rank, stat
+    per_rank = _registry([run], per_rank=True)
+    assert per_rank.get_sample_value("gradwatch_layer_attention_entropy", {**block, "rank": "0"}) == 0.4
+
+
+def test_smallest_counts_nan_as_smallest() -> None:
+    from gradwatch.service.tiers import smallest
+
+    assert smallest([1.0, -math.inf, 0.5]) == -math.inf
+    assert math.isnan(smallest([1.0, math.nan, -math.inf]))

@@ -53,8 +53,8 @@ class Link:
 @dataclass(frozen=True)
 class TimeSeries:
     """A time series panel. `thresholds` are (value, colour) steps above the `base` colour,
-    drawn as lines and areas when given (a band: a base colour below it, green in it, red above);
-    `dashed` lists the refIds drawn dashed."""
+    drawn as lines and areas when given (a band: a base colour below it, green in it, red above),
+    as lines only with `threshold_lines` (a reference value); `dashed` lists the refIds drawn dashed."""
 
     title: str
     description: str
@@ -65,6 +65,7 @@ class TimeSeries:
     max: float | None = None
     thresholds: tuple[tuple[float, str], ...] = ()
     base: str = "green"
+    threshold_lines: bool = False
     dashed: tuple[str, ...] = ()
     links: tuple[Link, ...] = ()
     width: int = 12
@@ -76,7 +77,7 @@ class TimeSeries:
             "custom": {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 0, "showPoints": "never",
                        "spanNulls": False,
                        "scaleDistribution": {"type": "log", "log": 10} if self.log else {"type": "linear"},
-                       "thresholdsStyle": {"mode": "line+area" if self.thresholds else "off"}},
+                       "thresholdsStyle": {"mode": self._threshold_style()}},
             "thresholds": _thresholds(self.thresholds, self.base),
             "color": {"mode": "palette-classic"},
         }
@@ -94,6 +95,11 @@ class TimeSeries:
         if self.links:
             out["links"] = [link.to_json() for link in self.links]
         return out
+
+    def _threshold_style(self) -> str:
+        if not self.thresholds:
+            return "off"
+        return "line" if self.threshold_lines else "line+area"
 
 
 @dataclass(frozen=True)

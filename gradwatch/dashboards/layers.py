@@ -93,6 +93,54 @@ def _activations_row() -> Row:
     ))
 
 
+#: reference values of the forward-pass diagnoses (gradwatch/diagnose/transformer.py): a max attention
+#: logit of ATTN_LOGIT_LIMIT, a max/RMS of MASSIVE_RATIO (massive activations) and OUTLIER_LIMIT
+ATTN_LOGIT_LIMIT = 100.0
+MASSIVE_RATIO = 100.0
+OUTLIER_LIMIT = 10.0
+
+
+def _transformer_row() -> Row:
+    return Row("Transformer health: ${run:text}", (
+        TimeSeries("Attention max logit",
+                   "Max attention logit q·k/√d (plus an additive mask) of each block's attention layers (its "
+                   "largest), over a fixed sample of query rows and heads: a lower bound of the layer's. Logits "
+                   f"that grow by 10× or more, past {ATTN_LOGIT_LIMIT:g} (red), collapse attention and precede a "
+                   "loss divergence (no QK normalisation, a learning rate too high for the width): QK-layernorm, a "
+                   "lower learning rate or a longer warmup help. Absent for blocks without attention.",
+                   (Query(_layer("gradwatch_layer_attention_logit_max"), LEGEND),), log=True,
+                   thresholds=((ATTN_LOGIT_LIMIT, "red"),)),
+        TimeSeries("Attention entropy",
+                   "Mean entropy of the attention rows of each block's attention layers (its smallest), in nats: "
+                   "log n when a query attends uniformly to n keys, 0 when one key takes it all. A fall to a "
+                   "fraction of its early value is an entropy collapse, which follows the max logit's growth.",
+                   (Query(_layer("gradwatch_layer_attention_entropy"), LEGEND),), min=0),
+        TimeSeries("Output log Z",
+                   "Mean log-partition log Z (logsumexp over the vocabulary) of the output layer's logits: what "
+                   "z-loss keeps near 0 (green line). A log Z drifting far from 0 (the diagnosis: |log Z| above "
+                   "20) is output-logit divergence: z-loss (coefficient 1e-4), weight decay on the head or a "
+                   "lower learning rate help.",
+                   (Query(_layer("gradwatch_layer_logit_log_partition"), LEGEND),), thresholds=((0, "green"),),
+                   threshold_lines=True),
+        TimeSeries("Output max logit", "Max logit of the output layer.",
+                   (Query(_layer("gradwatch_layer_logit_max"), LEGEND),)),
+        TimeSeries("Residual stream RMS",
+                   "RMS of each residual block's output: the residual stream at that depth. Additive growth "
+                   "through depth is healthy; the last block's RMS many times the first's, growing with every "
+                   "block, is a residual stream that explodes.",
+                   (Query(_layer("gradwatch_layer_activation_rms"), LEGEND),), log=True, width=8),
+        TimeSeries("Residual stream max |x|",
+                   "Max |x| of each residual block's output (a block's largest).",
+                   (Query(_layer("gradwatch_layer_activation_absmax"), LEGEND),), log=True, width=8),
+        TimeSeries("Outliers max |x| / RMS",
+                   "Max |x| over RMS of each measured layer's output (a block's largest layer): about 4 to 6 for "
+                   f"Gaussian outputs. Growing past {OUTLIER_LIMIT:g} (orange): activation outliers; from "
+                   f"{MASSIVE_RATIO:g} (red): massive activations.",
+                   (Query(_layer("gradwatch_layer_activation_outlier"), LEGEND),), log=True,
+                   thresholds=((OUTLIER_LIMIT, "orange"), (MASSIVE_RATIO, "red")), width=8),
+    ))
+
+
 def _run(metric: str) -> str:
     """A run-level series of the run, one per rank."""
     return f'{metric}{{run="$run", rank=~"$rank"}}'
@@ -181,12 +229,13 @@ def _per_param_row() -> Row:
 
 
 def layers() -> Dashboard:
-    """The layers dashboard. The row for issue 15's statistics (attention, output logits,
-    activation scale per block) belongs between `_activations_row()` and `_optimizer_row()`."""
+    """The layers dashboard, its rows in the order a run is read: gradient flow, updates,
+    activations, the transformer's forward pass, optimizer health, ranks, params."""
     return Dashboard(
         uid="gradwatch-layers", title="gradwatch / Layers",
         description="One run block by block, in depth order: gradient flow through depth, parameter gradients, "
-                    "update ratios, saturation and dead units, optimizer health and spikes, and the rank with the "
-                    "largest value.",
+                    "update ratios, saturation and dead units, attention, output logits and the residual stream, "
+                    "optimizer health and spikes, and the rank with the largest value.",
         variables=(DATASOURCE_VARIABLE, PROJECT, runs(multi=False), RANK, LAYER),
-        rows=(_flow_row(), _updates_row(), _activations_row(), _optimizer_row(), _ranks_row(), _per_param_row()))
+        rows=(_flow_row(), _updates_row(), _activations_row(), _transformer_row(), _optimizer_row(), _ranks_row(),
+              _per_param_row()))

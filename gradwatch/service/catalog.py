@@ -113,7 +113,19 @@ LAYER_GAUGES: dict[str, MetricSpec] = {
     "grad_to_weight_equilibrium": _g("gradwatch_layer_grad_to_weight_equilibrium", LAYER_LABELS,
                                      "Equilibrium grad-to-weight ratio sqrt(2*wd/lr) of a scale-invariant layer "
                                      "under plain SGD with weight decay"),
-    # Issue 15's attention, logit and activation-scale metrics (docs/metrics.md names them) go here.
+    "attn_logit_max": _g("gradwatch_layer_attention_logit_max", LAYER_LABELS,
+                         "Max attention logit (q.k*scale + additive mask) over the sampled query rows and heads: "
+                         "a lower bound of the layer's"),
+    "attn_entropy": _g("gradwatch_layer_attention_entropy", LAYER_LABELS,
+                       "Mean attention entropy over the sampled query rows, in nats"),
+    "logit_max": _g("gradwatch_layer_logit_max", LAYER_LABELS, "Max logit of the output layer"),
+    "logit_logz": _g("gradwatch_layer_logit_log_partition", LAYER_LABELS,
+                     "Mean log Z (logsumexp over the vocabulary) of the output layer: what z-loss keeps near 0"),
+    "act_rms": _g("gradwatch_layer_activation_rms", LAYER_LABELS,
+                  "RMS of a residual block's output (the residual stream at its depth)"),
+    "act_absmax": _g("gradwatch_layer_activation_absmax", LAYER_LABELS, "Max |x| of a residual block's output"),
+    "act_outlier": _g("gradwatch_layer_activation_outlier", LAYER_LABELS,
+                      "Max |x| / RMS of a layer's output (about 4 to 6 for Gaussian outputs)"),
 }
 # Per-layer aggregates of per-param metrics.
 LAYER_GRAD_NORM = _g("gradwatch_layer_grad_norm", LAYER_LABELS,

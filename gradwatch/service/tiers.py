@@ -22,7 +22,7 @@ from typing import TypeVar
 from gradwatch.service.catalog import RUN_INFO, MetricSpec
 
 __all__ = ["ATTRIBUTED", "LAYER_MAX_RANK", "TIER_METRICS", "Placement", "Tiers", "aggregate", "block_of",
-           "exported", "l2", "largest", "param_aggregates", "placements", "rank_max", "update_ratio"]
+           "exported", "l2", "largest", "param_aggregates", "placements", "rank_max", "smallest", "update_ratio"]
 
 K = TypeVar("K")
 
@@ -46,11 +46,13 @@ LAYER_MAX_RANK = MetricSpec(
 TIER_METRICS: tuple[MetricSpec, ...] = (LAYER_MAX_RANK,)
 
 # Run-log metrics whose rank of the largest value is exported: the activation statistics, which
-# differ between data-parallel ranks (each sees its own batch). Gradient and parameter norms
-# and update ratios are those of the synchronised gradients and weights, equal on every rank, and
-# so is the optimizer state the optimizer-health statistics read.
+# differ between data-parallel ranks (each sees its own batch), the attention, output-logit and
+# activation-scale ones included. Gradient and parameter norms and update ratios are those of the
+# synchronised gradients and weights, equal on every rank, and so is the optimizer state the
+# optimizer-health statistics read.
 ATTRIBUTED = frozenset({"act_grad_norm", "act_mean", "act_std", "saturation_ratio", "dead_ratio", "zero_ratio",
-                        "act_nonfinite"})
+                        "act_nonfinite", "attn_logit_max", "attn_entropy", "logit_max", "logit_logz", "act_rms",
+                        "act_absmax", "act_outlier"})
 
 RUN_IDENTITY = ("run_name", "project")
 
@@ -137,6 +139,12 @@ def largest(values: Iterable[float]) -> float:
     return max(values, key=_nan_last)
 
 
+def smallest(values: Iterable[float]) -> float:
+    """The smallest value, NaN counting as smaller than -Inf (a NaN is never hidden by a fold)."""
+    seen = list(values)
+    return math.nan if any(math.isnan(v) for v in seen) else min(seen)
+
+
 def rank_max(by_rank: Mapping[int, float]) -> tuple[float, int]:
     """The largest value over the ranks (NaN counts as largest) and the lowest rank that has it."""
     best = largest(by_rank.values())
@@ -186,15 +194,19 @@ def param_aggregates(norms: Mapping[str, tuple[int, float]],
 
 # How a block's layers fold into one value, per layer-scope metric of the run log:
 # "l2": norms, the norm of the concatenation; "max": fractions, the block's worst layer;
-# "sum": counts; "last": the block's deepest layer (its output). The optimizer-health ratios
-# fold to the block's largest: the layer furthest above 1 (update RMS), above its band or its
-# equilibrium, or with the most lagging or ε-dominated second moment.
+# "sum": counts; "last": the block's deepest layer (its output); "min": the block's smallest
+# (NaN counting as smallest). The optimizer-health ratios fold to the block's largest: the layer
+# furthest above 1 (update RMS), above its band or its equilibrium, or with the most lagging or
+# ε-dominated second moment. Attention folds to its worst layer: the largest max logit, the
+# smallest entropy (a collapse is low); the output logits to their one layer's; the residual
+# stream's RMS to the block's output, its max |x| and every layer's max/RMS to the largest.
 FOLDS: dict[str, str] = {
     "grad_norm": "l2", "act_grad_norm": "l2", "saturation_ratio": "max", "dead_ratio": "max",
     "zero_ratio": "max", "act_nonfinite": "sum", "act_mean": "last", "act_std": "last",
     "layer_adam_update_rms": "max", "layer_adam_eps_frac": "max", "layer_adam_v_lag": "max",
     "update_to_weight": "max", "update_to_weight_equilibrium": "max", "grad_to_weight": "max",
-    "grad_to_weight_equilibrium": "max",
+    "grad_to_weight_equilibrium": "max", "attn_logit_max": "max", "attn_entropy": "min", "logit_max": "max",
+    "logit_logz": "last", "act_rms": "last", "act_absmax": "max", "act_outlier": "max",
 }
 
 
@@ -211,4 +223,6 @@ def aggregate(metric: str, values: Mapping[int, tuple[int, float]]) -> float | N
         return largest(current.values())
     if fold == "sum":
         return sum(current.values())
+    if fold == "min":
+        return smallest(current.values())
     return current[max(current)]
