@@ -1,10 +1,12 @@
 """Pictures of a run's gradients, drawn headless with matplotlib's object API (no pyplot state).
 
 Each panel function draws arrays onto an Axes; `run_figure` stacks the panels that fit the run
-(`PANELS`) on one shared step axis. Steps where anything recorded was NaN or ±Inf (loss, total
-norm, gradient elements, an overflowed norm, activation outputs, a learning rate) get the same
-hatched band in every panel, and non-finite cells of a heatmap are drawn in red; unmeasured
-cells stay blank. Tick labels are plain numbers or 1e-5 style, never mathtext powers.
+(`PANELS`) on one shared step axis; a per-layer statistic over steps is a line per layer, coloured
+by depth, or a layers x steps heatmap for a deep model. Steps where anything recorded was NaN or
+±Inf (loss, total norm, gradient elements, an overflowed norm, activation outputs, attention,
+logit and scale statistics, a learning rate) get the same hatched band in every panel, and
+non-finite cells of a heatmap are drawn in red; unmeasured cells stay blank. Tick labels are
+plain numbers or 1e-5 style, never mathtext powers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import ticker
+from matplotlib import colormaps, ticker
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -34,6 +36,12 @@ NONFINITE_COLOUR = "tab:red"
 ZERO_COLOUR = "black"
 #: Above this many rows a heatmap labels every k-th layer only, so the names stay readable.
 MAX_ROW_LABELS = 40
+#: A per-layer statistic is drawn as lines up to this many layers, as a layers x steps heatmap above.
+MAX_LINES = 6
+#: The outlier panel shows the layers with the highest max/RMS, this many of them.
+OUTLIER_LAYERS = 4
+#: Height in inches of a panel of lines.
+LINES_HEIGHT = 1.9
 
 
 # ------------------------------------------------------------------ ticks
@@ -115,14 +123,16 @@ def layer_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, labels: Seque
                   present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None, *,
                   title: str, colour_label: str, log: bool = True, cmap: str = "viridis",
                   limits: Sequence[float] = (), nonfinite: np.ndarray | None = None,
-                  nonfinite_label: str = "NaN/Inf value", extent: tuple[float, float] | None = None) -> None:
+                  nonfinite_label: str = "NaN/Inf value", extent: tuple[float, float] | None = None,
+                  span: tuple[float, float] | None = (0.0, 1.0)) -> None:
     """Layers (rows, input at the top) x steps (each column centred on its step, edges in steps).
 
     On a `log` colour scale over the positive values (cells exactly 0 drawn in ZERO_COLOUR),
-    else on 0..1; NaN/Inf cells, and cells flagged in `nonfinite` (same shape), are red (named
-    `nonfinite_label`); cells not measured (`present` False) stay blank. `limits` are drawn and
-    labelled on the colourbar and named in the legend; `nonfinite_steps` are banded. The outer
-    columns reach `extent` (the run's step range) when it lies within a column of them.
+    else on `span` (None: 0 to the largest value); NaN/Inf cells, and cells flagged in
+    `nonfinite` (same shape), are red (named `nonfinite_label`); cells not measured (`present`
+    False) stay blank. `limits` are drawn and labelled on the colourbar and named in the legend;
+    `nonfinite_steps` are banded. The outer columns reach `extent` (the run's step range) when it
+    lies within a column of them.
     """
     v = np.asarray(values, dtype=np.float64)
     measured = np.ones(v.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
@@ -136,7 +146,10 @@ def layer_heatmap(ax: Axes, steps: np.ndarray, values: np.ndarray, labels: Seque
     handles: list[Any] = []
     if shown.count():
         lo, hi = float(shown.min()), float(shown.max())
-        norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)) if log else Normalize(0.0, 1.0)
+        if log:
+            norm: Normalize = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
+        else:
+            norm = Normalize(*span) if span is not None else Normalize(min(lo, 0.0), max(hi, 1e-12))
         mesh = ax.pcolormesh(x, y, shown, norm=norm, cmap=cmap)
         bar = ax.figure.colorbar(mesh, ax=ax, label=colour_label, pad=0.01, fraction=0.03)
         if log:
@@ -252,6 +265,79 @@ def lr_plot(ax: Axes, steps: np.ndarray, lr: np.ndarray, present: np.ndarray | N
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: tick_text(v)))
     ax.set_ylabel("learning rate")
     _title(ax, "learning rate")
+    _legend(ax)
+
+
+def _depth_colours(n: int) -> list[Any]:
+    """One colour per layer, dark (input side) to light green (output side), so depth reads at a glance."""
+    return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.8, n)] if n > 1 else ["tab:blue"]
+
+
+def _log_if_positive(ax: Axes, values: np.ndarray) -> None:
+    """A log y axis with plain ticks when every finite value is positive (and there is one)."""
+    finite = values[np.isfinite(values)]
+    if len(finite) and finite.min() > 0:
+        ax.set_yscale("log")
+        readable_log_ticks(ax.yaxis)
+
+
+def _plain_linear_ticks(ax: Axes) -> None:
+    if ax.get_yscale() == "linear":
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: tick_text(v)))
+
+
+def layer_lines(ax: Axes, steps: np.ndarray, values: np.ndarray, labels: Sequence[str],
+                present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None, *,
+                title: str, ylabel: str, log: bool = False, from_zero: bool = False,
+                dashed: np.ndarray | None = None, dashed_label: str = "") -> None:
+    """One line per layer (rows of `values`, coloured by depth) over the steps where it was
+    measured, on a log scale when `log` and every finite value is positive, else linear (from 0
+    when `from_zero`); `dashed` (same shape)
+    adds a dotted line per layer in the same colour, named once as `dashed_label`. NaN/Inf values
+    are gaps, their steps banded (default: the steps where a measured value is NaN/Inf)."""
+    v = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    measured = np.ones(v.shape, dtype=bool) if present is None else np.atleast_2d(np.asarray(present, dtype=bool))
+    steps = np.asarray(steps)
+    extra = None if dashed is None else np.atleast_2d(np.asarray(dashed, dtype=np.float64))
+    for row, (label, colour) in enumerate(zip(labels, _depth_colours(len(v)))):
+        m = measured[row]
+        ax.plot(steps[m], v[row, m], lw=1.2, color=colour, label=label)
+        if extra is not None:
+            ax.plot(steps[m], extra[row, m], lw=1, ls=":", color=colour)
+    bad = (measured & ~np.isfinite(v)).any(axis=0)
+    mark_nonfinite_steps(ax, steps[bad] if nonfinite_steps is None else nonfinite_steps)
+    handles, _ = ax.get_legend_handles_labels()
+    if extra is not None:
+        handles.insert(len(labels), Line2D([], [], color="grey", lw=1, ls=":", label=dashed_label))
+    if log:
+        shown = v[measured] if extra is None else np.concatenate([v[measured], extra[measured]])
+        _log_if_positive(ax, shown)
+    if from_zero and ax.get_yscale() == "linear":
+        ax.set_ylim(bottom=0)
+    _plain_linear_ticks(ax)
+    ax.set_ylabel(ylabel)
+    _title(ax, title)
+    _legend(ax, handles)
+
+
+def output_logits_plot(ax: Axes, steps: np.ndarray, logz: np.ndarray, logit_max: np.ndarray | None = None,
+                       present: np.ndarray | None = None, nonfinite_steps: np.ndarray | None = None) -> None:
+    """The output layer's mean log Z (logsumexp over the vocabulary) over its measured steps, with
+    the line log Z = 0 that z-loss pulls it to, and its max logit; linear, in logit units."""
+    logz = np.asarray(logz, dtype=np.float64)
+    m = np.ones(logz.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    steps = np.asarray(steps)
+    ax.axhline(0.0, color="black", lw=0.8, ls="--", label="log Z = 0 (z-loss target)")
+    ax.plot(steps[m], logz[m], lw=1.2, color="tab:blue", label="mean log Z")
+    bad = ~np.isfinite(logz[m])
+    if logit_max is not None:
+        top = np.asarray(logit_max, dtype=np.float64)
+        ax.plot(steps[m], top[m], lw=1.2, color="tab:orange", label="max logit")
+        bad |= ~np.isfinite(top[m])
+    mark_nonfinite_steps(ax, steps[m][bad] if nonfinite_steps is None else nonfinite_steps)
+    _plain_linear_ticks(ax)
+    ax.set_ylabel("logit")
+    _title(ax, "output logits")
     _legend(ax)
 
 
@@ -385,6 +471,89 @@ def _nonfinite_outputs(data: RunData, rows: np.ndarray, steps: np.ndarray) -> np
     return bad[rows][:, at] & (counts.steps[at] == steps)
 
 
+def _rows_of(s: Series | None) -> np.ndarray:
+    """The layers (rows) a layer series measured at least once."""
+    return np.array([], dtype=np.intp) if s is None or not s.values.size else np.flatnonzero(s.measured.any(axis=1))
+
+
+def _on_steps(s: Series | None, rows: np.ndarray, steps: np.ndarray) -> np.ndarray | None:
+    """The values of layer series `s` for `rows` at `steps`, NaN where it measured nothing then."""
+    if s is None or not len(s.steps):
+        return None
+    at = np.searchsorted(s.steps, steps).clip(max=len(s.steps) - 1)
+    hit = s.measured[rows][:, at] & (s.steps[at] == steps)
+    return np.where(hit, s.values[rows][:, at], np.nan)
+
+
+def _per_layer(data: RunData, metric: str, *, title: str, ylabel: str, colour_label: str, log: bool,
+               dashed: str | None = None, dashed_label: str = "", heatmap_title: str = "") -> Drawing | None:
+    """`metric` of each layer that measured it: a line per layer (and, if named, the `dashed`
+    metric dotted) up to MAX_LINES layers, else a layers x steps heatmap of `metric` alone (titled
+    `heatmap_title`, default `title`); on a log scale when `log`, else from 0."""
+    s = data.layer.get(metric)
+    rows = _rows_of(s)
+    if s is None or not len(rows):
+        return None
+    if len(rows) > MAX_LINES:
+        labels = [_layer_label(data, r) for r in rows]
+        return Drawing(_heatmap_height(len(rows)), lambda ax, bad: layer_heatmap(
+            ax, s.steps, s.values[rows], labels, s.measured[rows], bad, title=heatmap_title or title,
+            colour_label=colour_label,
+            log=log, span=None, extent=_step_range(data)))
+    other = _on_steps(data.layer.get(dashed), rows, s.steps) if dashed else None
+    names = [data.layers[r].name for r in rows]
+    return Drawing(LINES_HEIGHT, lambda ax, bad: layer_lines(
+        ax, s.steps, s.values[rows], names, s.measured[rows], bad, title=title, ylabel=ylabel, log=log,
+        from_zero=not log, dashed=other, dashed_label=dashed_label))
+
+
+def _attention_logit_panel(data: RunData) -> Drawing | None:
+    return _per_layer(data, "attn_logit_max", title="max attention logit q·k/√d per attention layer",
+                      ylabel="logit", colour_label="max logit (log)", log=True)
+
+
+def _attention_entropy_panel(data: RunData) -> Drawing | None:
+    return _per_layer(data, "attn_entropy", title="mean attention entropy per attention layer (0: one-hot)",
+                      ylabel="nats", colour_label="entropy (nats)", log=False)
+
+
+def _logits_panel(data: RunData) -> Drawing | None:
+    """log Z and max logit of the output layer (the first one, should a model have several)."""
+    logz = data.layer.get("logit_logz")
+    rows = _rows_of(logz)
+    if logz is None or not len(rows):
+        return None
+    row = rows[:1]
+    top = _on_steps(data.layer.get("logit_max"), row, logz.steps)
+    most = None if top is None else top[0]
+    return Drawing(LINES_HEIGHT, lambda ax, bad: output_logits_plot(
+        ax, logz.steps, logz.values[row[0]], most, logz.measured[row[0]], bad))
+
+
+def _scale_panel(data: RunData) -> Drawing | None:
+    return _per_layer(data, "act_rms", title="residual stream per block: RMS (solid), max |x| (dotted)",
+                      ylabel="activation", colour_label="RMS (log)", log=True, dashed="act_absmax",
+                      dashed_label="max |x|", heatmap_title="residual stream RMS per block")
+
+
+def _outlier_panel(data: RunData) -> Drawing | None:
+    """max/RMS of the OUTLIER_LAYERS layers whose largest finite value is highest, on a log scale
+    when they span over 10x; for a model with residual blocks or attention only (every hooked
+    layer has the ratio: an MLP's alone is noise)."""
+    s = data.layer.get("act_outlier")
+    rows = _rows_of(s)
+    if s is None or not len(rows) or not any(len(_rows_of(data.layer.get(m))) for m in ("act_rms", "attn_logit_max")):
+        return None
+    peak = np.where(s.measured[rows] & np.isfinite(s.values[rows]), s.values[rows], -np.inf).max(axis=1)
+    worst = np.sort(rows[np.argsort(-peak, kind="stable")[:OUTLIER_LAYERS]])
+    names = [data.layers[r].name for r in worst]
+    title = f"outliers max|x|/RMS: top {len(worst)} of {len(rows)} layers"
+    shown = s.values[worst][s.measured[worst] & np.isfinite(s.values[worst])]
+    wide = bool(len(shown)) and shown.min() > 0 and shown.max() > 10 * shown.min()
+    return Drawing(LINES_HEIGHT, lambda ax, bad: layer_lines(
+        ax, s.steps, s.values[worst], names, s.measured[worst], bad, title=title, ylabel="max / RMS", log=wide))
+
+
 #: The panels of `run_figure`, top to bottom.
 PANELS: tuple[Panel, ...] = (
     Panel("gradient_flow", _flow_panel),
@@ -392,6 +561,11 @@ PANELS: tuple[Panel, ...] = (
     Panel("loss", _loss_panel),
     Panel("lr", _lr_panel),
     Panel("activations", _activation_panel),
+    Panel("attention_logits", _attention_logit_panel),
+    Panel("attention_entropy", _attention_entropy_panel),
+    Panel("output_logits", _logits_panel),
+    Panel("activation_scale", _scale_panel),
+    Panel("activation_outliers", _outlier_panel),
 )
 
 

@@ -2,21 +2,25 @@
 fit the run on one step axis, marks its NaN/Inf steps in every panel and writes readable ticks.
 
 Panel functions are checked on arrays; figures on runs trained with the real agent (a ReLU MLP
-with a NaN batch, a pre-LN transformer with GELU, a GELU MLP with two param groups on a cosine
-schedule), read back from a real SQLite store, and on synthetic `RunData`.
+with a NaN batch, a pre-LN transformer with GELU, the same transformer with NaN batches, a GELU
+MLP with two param groups on a cosine schedule), read back from a real SQLite store, and on
+synthetic `RunData`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
+import gradwatch
 from gradwatch.diagnose import LayerInfo, RunData, Series
 from gradwatch.diagnose.load import layer_matrix, load_run_data
 from gradwatch.plots import (
@@ -26,9 +30,11 @@ from gradwatch.plots import (
     Panel,
     activation_ratio_heatmap,
     gradient_flow_heatmap,
+    layer_lines,
     loss_plot,
     lr_plot,
     nonfinite_steps,
+    output_logits_plot,
     run_figure,
     save_run_plot,
     tick_text,
@@ -36,9 +42,14 @@ from gradwatch.plots import (
 )
 from gradwatch.store import Store
 from tests.fixtures import training
-from tests.fixtures.cli_runs import NAN_BATCH, nonfinite_home, ok
+from tests.fixtures.cli_runs import EVERY_STEP, NAN_BATCH, nonfinite_home, ok
 
 ALL_PANELS = [p.name for p in PANELS]
+#: The panels of a model without attention, output-logits or block measurements (an MLP).
+MLP_PANELS = ["gradient_flow", "total_norm", "loss", "lr", "activations"]
+#: The panels a transformer adds.
+TRANSFORMER_PANELS = ["attention_logits", "attention_entropy", "output_logits", "activation_scale",
+                      "activation_outliers"]
 
 
 def _bands(ax) -> list[tuple[float, float]]:
@@ -177,6 +188,44 @@ def test_activation_ratios_on_a_fixed_scale_with_the_limit_and_nan_outputs():
     assert "0.5 limit" in [t.get_text() for t in colourbar.get_yticklabels()]
 
 
+def test_layer_lines_draw_each_layer_where_measured_with_its_dotted_companion():
+    ax = Figure().subplots()
+    steps = np.array([0, 5, 10, 15])
+    rms = np.array([[1.0, 1.2, np.nan, 1.5], [2.0, np.nan, 3.0, 4.0]])
+    present = np.array([[True, True, True, True], [True, False, True, True]])  # b not measured at 5
+    layer_lines(ax, steps, rms, ["a", "b"], present, title="scale", ylabel="rms", log=True,
+                dashed=rms * 5, dashed_label="max |x|")
+    a, a_max, b, b_max = ax.get_lines()
+    np.testing.assert_array_equal(b.get_xdata(), [0, 10, 15])
+    np.testing.assert_array_equal(a_max.get_ydata(), rms[0] * 5)
+    assert a_max.get_color() == a.get_color() and a_max.get_linestyle() == ":"
+    assert a.get_color() != b.get_color()  # coloured by depth
+    assert ax.get_yscale() == "log"
+    assert _bands(ax) == [(9.5, 10.5)]  # a's measured NaN; b's unmeasured step is no band
+    assert _legend_texts(ax) == ["a", "b", "max |x|", BAND_LABEL]
+
+
+def test_layer_lines_from_zero_on_a_linear_scale():
+    ax = Figure().subplots()
+    layer_lines(ax, np.arange(3), np.array([[1.5, 1.0, 0.6]]), ["attn"], title="entropy", ylabel="nats",
+                from_zero=True)
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    assert _legend_texts(ax) == ["attn"]
+
+
+def test_output_logits_show_log_z_against_zero_and_the_max_logit():
+    ax = Figure().subplots()
+    steps = np.array([0, 5, 10, 15])
+    logz = np.array([2.8, 3.0, np.inf, 4.0])
+    output_logits_plot(ax, steps, logz, np.array([1.0, 2.0, 9.0, 5.0]))
+    zero, mean, top = ax.get_lines()
+    assert tuple(zero.get_ydata()) == (0, 0) and zero.get_linestyle() == "--"
+    np.testing.assert_array_equal(mean.get_ydata(), logz)
+    np.testing.assert_array_equal(top.get_xdata(), steps)
+    assert _bands(ax) == [(9.5, 10.5)]
+    assert _legend_texts(ax) == ["log Z = 0 (z-loss target)", "mean log Z", "max logit", BAND_LABEL]
+
+
 @pytest.mark.parametrize("value, text", [
     (0.6, "0.6"), (300, "300"), (2000, "2000"), (0.001, "0.001"), (1e-5, "1e-5"), (2.5e21, "2.5e21"),
     (1e4, "1e4"), (0.0, "0"),
@@ -216,7 +265,7 @@ def test_run_figure_bands_every_panel_at_the_nonfinite_steps():
     data = _nan_batch_run()
     np.testing.assert_array_equal(nonfinite_steps(data), np.arange(53, 70))
     panels = _panels(run_figure(data))
-    assert list(panels) == ALL_PANELS
+    assert list(panels) == MLP_PANELS
     for name, ax in panels.items():
         assert _bands(ax) == [(52.5, 69.5)], name
         assert _legend_texts(ax).count(BAND_LABEL) == 1, name
@@ -240,10 +289,10 @@ def test_a_panel_added_to_the_list_is_drawn_on_the_shared_axis():
     def scale(data: RunData) -> Drawing:
         return Drawing(1.5, lambda ax, bad: ax.plot(np.arange(0, 100, 10), np.ones(10), label="rms"))
 
-    fig = run_figure(_nan_batch_run(), PANELS + (Panel("activation_scale", scale),))
-    extra = next(ax for ax in fig.axes if ax.get_label() == "activation_scale")
+    fig = run_figure(_nan_batch_run(), PANELS + (Panel("extra", scale),))
+    extra = next(ax for ax in fig.axes if ax.get_label() == "extra")
     assert extra.get_xlim() == (-0.5, 99.5)
-    assert [ax.get_label() for ax in fig.axes][:6] == ALL_PANELS + ["activation_scale"]
+    assert [ax.get_label() for ax in fig.axes][:6] == MLP_PANELS + ["extra"]
 
 
 def test_panels_with_nothing_to_show_are_left_out():
@@ -253,6 +302,67 @@ def test_panels_with_nothing_to_show_are_left_out():
     assert list(_panels(run_figure(bare))) == ["gradient_flow", "total_norm"]
     fig = run_figure(dataclasses.replace(data, run={}, layer={}, group={}))
     assert [t.get_text() for ax in fig.axes for t in ax.texts] == ["nothing measured"]
+
+
+def _transformer_run(blocks: int) -> RunData:
+    """`blocks` pre-LN blocks (the block, its attention) and a head, measured every 5 steps of
+    100; loss, attention, logits and scale NaN on steps 53-69; layer 1 (block 0's attention) has
+    the highest outlier ratio, then each deeper layer a lower one."""
+    steps, act = np.arange(100), np.arange(0, 100, 5)
+    bad = (act >= 53) & (act <= 69)
+    layers = [LayerInfo(2 * b + k, f"blocks.{b}{'.attn' * k}", ("PreLNBlock", "MultiheadAttention")[k],
+                        ("block", "param")[k]) for b in range(blocks) for k in (0, 1)]
+    layers.append(LayerInfo(2 * blocks, "head", "Linear", "param"))
+    n = len(layers)
+
+    def rows(idx: range | list[int], make) -> Series:
+        return layer_matrix({i: (act, np.where(bad, np.nan, make(i))) for i in idx}, n)
+
+    attn, block = range(1, 2 * blocks, 2), range(0, 2 * blocks, 2)
+    return RunData("abcdef123456", "nan-transformer", tuple(layers),
+                   run={"loss": Series(steps, np.where((steps >= 53) & (steps <= 69), np.nan, 2.0))},
+                   layer={"attn_logit_max": rows(attn, lambda i: np.geomspace(1, 30 + i, len(act))),
+                          "attn_entropy": rows(attn, lambda i: np.linspace(2, 0.2, len(act))),
+                          "logit_logz": rows([n - 1], lambda i: np.linspace(3, 5, len(act))),
+                          "logit_max": rows([n - 1], lambda i: np.linspace(2, 8, len(act))),
+                          "act_rms": rows(block, lambda i: np.full(len(act), 1.0 + i)),
+                          "act_absmax": rows(block, lambda i: np.full(len(act), 10.0 + i)),
+                          "act_outlier": rows(range(n), lambda i: np.full(len(act), 100.0 - i))})
+
+
+def test_transformer_panels_band_the_nonfinite_steps_on_the_shared_axis():
+    fig = run_figure(_transformer_run(2))
+    panels = _panels(fig)
+    assert list(panels) == ["loss", *TRANSFORMER_PANELS]
+    for name, ax in panels.items():
+        assert ax.get_xlim() == (-0.5, 99.5), name
+        assert _bands(ax) == [(52.5, 69.5)], name
+        assert _legend_texts(ax).count(BAND_LABEL) == 1, name
+    assert _legend_texts(panels["attention_logits"])[:2] == ["blocks.0.attn", "blocks.1.attn"]
+    assert panels["attention_logits"].get_yscale() == "log"
+    assert panels["attention_entropy"].get_ylim()[0] == 0
+    assert _legend_texts(panels["activation_scale"]) == ["blocks.0", "blocks.1", "max |x|", BAND_LABEL]
+    _assert_plain_ticks(fig)
+
+
+def test_outlier_panel_shows_the_highest_layers_in_depth_order():
+    ax = _panels(run_figure(_transformer_run(3)))["activation_outliers"]
+    assert _legend_texts(ax) == ["blocks.0", "blocks.0.attn", "blocks.1", "blocks.1.attn", BAND_LABEL]
+    assert ax.get_title(loc="left").endswith("top 4 of 7 layers")
+    assert ax.get_yscale() == "linear"  # 97..100: within 10x
+
+
+def test_a_deep_transformer_gets_heatmaps_of_its_layers():
+    panels = _panels(run_figure(_transformer_run(12)))
+    logits, entropy, scale = (panels[n] for n in ("attention_logits", "attention_entropy", "activation_scale"))
+    for ax in (logits, entropy, scale):
+        assert ax.collections[0].get_array().reshape(12, -1).shape == (12, 20)
+        assert _bands(ax) == [(52.5, 69.5)]
+        assert ax.get_xlim() == (-0.5, 99.5)
+    assert scale.get_title(loc="left") == "residual stream RMS per block"
+    assert type(logits.collections[0].norm).__name__ == "LogNorm"
+    assert entropy.collections[0].norm.vmin == 0 and entropy.collections[0].norm.vmax == pytest.approx(2)
+    assert not logits.get_lines()
 
 
 def test_run_figure_saves_a_png(tmp_path):
@@ -296,8 +406,8 @@ def trained(tmp_path_factory) -> dict[str, RunData]:
 
 
 @pytest.mark.parametrize("run, names", [
-    ("nan-batch", ALL_PANELS),
-    ("pre-ln-transformer", ["gradient_flow", "total_norm", "loss", "lr"]),
+    ("nan-batch", MLP_PANELS),
+    ("pre-ln-transformer", ["gradient_flow", "total_norm", "loss", "lr", *TRANSFORMER_PANELS]),
     ("normalised-cosine", ["gradient_flow", "total_norm", "loss", "lr"]),
 ], ids=["relu-mlp", "transformer", "gelu-mlp"])
 def test_the_panels_fit_the_model(trained, run, names, tmp_path):
@@ -337,3 +447,50 @@ def test_lr_panel_shows_each_group_of_the_schedule(trained):
         np.testing.assert_array_equal(x, np.arange(steps))
         np.testing.assert_allclose(lines[label].get_ydata(), [base * training.cosine(s, steps) for s in x], rtol=1e-6)
     assert ax.get_yscale() == "log"
+
+
+#: The steps on which the transformer below gets NaN embeddings.
+NAN_EMBEDDINGS = range(20, 25)
+
+
+@pytest.fixture(scope="module")
+def nan_transformer(tmp_path_factory) -> RunData:
+    """tests/fixtures/training.py's pre-LN transformer (nn.MultiheadAttention) trained 40 steps,
+    measured every step, its embeddings NaN on the steps of NAN_EMBEDDINGS (the `skip` guard keeps
+    the weights finite); read from a real SQLite store."""
+    home = tmp_path_factory.mktemp("nan-transformer") / "home"
+    job = next(j for j in training.HEALTHY if j.name == "pre-ln-transformer")
+    torch.manual_seed(0)
+    model = job.model()
+    opt = job.optimizer(model)
+    poison = {"on": False}
+    model.blocks.register_forward_pre_hook(lambda m, args: (args[0] * math.nan,) if poison["on"] else None)
+    config = {**EVERY_STEP, "home": str(home), "guards": {"nonfinite": "skip"}}
+    with gradwatch.watch(model, opt, run="nan-transformer", config=config) as watcher:
+        for step in range(40):
+            poison["on"] = step in NAN_EMBEDDINGS
+            x, y = job.batches(step)
+            loss = job.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            watcher.log(loss=loss.detach())
+    ok("runs", "--home", home)
+    with Store.open(home=home) as store:
+        return load_run_data(store, store.resolve_run("nan-transformer"))
+
+
+def test_a_transformer_with_nan_steps_bands_them_in_every_panel(nan_transformer, tmp_path):
+    fig = run_figure(nan_transformer)
+    panels = _panels(fig)
+    assert list(panels) == ["gradient_flow", "total_norm", "loss", "lr", *TRANSFORMER_PANELS]
+    band = (NAN_EMBEDDINGS.start - 0.5, NAN_EMBEDDINGS.stop - 0.5)
+    for name, ax in panels.items():
+        assert ax.get_xlim() == (-0.5, 39.5), name
+        assert _bands(ax) == [band], name
+        assert _legend_texts(ax).count(BAND_LABEL) == 1, name
+    for line in panels["attention_logits"].get_lines():  # NaN logits are gaps on exactly those steps
+        x, y = line.get_xdata(), line.get_ydata()
+        np.testing.assert_array_equal(x[~np.isfinite(y)], list(NAN_EMBEDDINGS))
+    _assert_plain_ticks(fig)
+    save_run_plot(nan_transformer, tmp_path / "nan-transformer.png")

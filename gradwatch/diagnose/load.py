@@ -31,7 +31,7 @@ RUN_METRICS = ("grad_norm_total", "grad_norm_total_clipped", "clip_coef", "clip_
 #: Layer-level metrics the rules and plots read, when the run has them.
 LAYER_METRICS = ("act_grad_norm", "saturation_ratio", "dead_ratio", "act_nonfinite", "layer_adam_v_lag",
                  "layer_adam_eps_frac", "layer_adam_update_rms", "update_to_weight", "update_to_weight_equilibrium",
-                 "attn_logit_max", "attn_entropy", "logit_logz", "logit_max", "act_rms", "act_absmax")
+                 "attn_logit_max", "attn_entropy", "logit_logz", "logit_max", "act_rms", "act_absmax", "act_outlier")
 #: Per-param-group metrics the rules read.
 GROUP_METRICS = ("lr",)
 #: Per-param metrics, read into the run-level `param_norm_total` (L2 over the params) and, for a
