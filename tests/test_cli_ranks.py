@@ -116,7 +116,7 @@ def test_a_metric_only_rank_0_recorded_is_a_one_line_error_naming_the_ranks_that
 
 @pytest.mark.parametrize("command", [
     ("history", "ddp-a", "-m", "loss"), ("layers", "ddp-a"), ("show", "ddp-a"), ("export", "ddp-a"),
-    ("compare", "ddp-a", "ddp-b"),
+    ("compare", "ddp-a", "ddp-b"), ("diagnose", "ddp-a"), ("plot", "ddp-a", "--out", "/tmp/never-written.png"),
 ], ids=lambda c: c[0])
 def test_a_rank_the_run_does_not_have_is_one_line_listing_its_ranks(home, command):
     line = fails(2, *command, "--home", home, "--rank", "2")
@@ -188,3 +188,22 @@ def test_compare_reads_the_same_rank_of_both_runs(home):
     _, loss = _expected("ddp-b", 1, "loss")
     assert ranked["b"]["final_loss"] == pytest.approx(loss[-1], rel=1e-6)
     assert ranked["a"]["median_grad_norm_total"] is None  # rank 1 records no gradient norms
+
+
+def test_plot_and_diagnose_read_the_rank_asked_for(home, store, tmp_path):
+    from gradwatch.diagnose.load import load_run_data
+
+    run_id = RUNS["ddp-a"][0]
+    for rank in (0, 1):
+        data = load_run_data(store, run_id, rank)
+        steps, values = _expected("ddp-a", rank, "loss")
+        assert data.run["loss"].steps.tolist() == steps.tolist()
+        np.testing.assert_allclose(data.run["loss"].values, values, rtol=1e-6)
+        assert ("grad_norm_total" in data.run) == (rank == 0)  # as under DDP: rank 0 records the norms
+    out = tmp_path / "rank1.png"
+    assert _json("plot", "ddp-a", "--home", home, "--out", out, "--rank", "1") == {
+        "run": run_id, "name": "ddp-a", "out": str(out), "rank": 1}
+    assert out.stat().st_size > 0
+    assert "rank" not in _json("plot", "ddp-a", "--home", home, "--out", out)
+    assert _json("diagnose", "ddp-a", "--home", home, "--rank", "1")["rank"] == 1
+    assert ok("diagnose", "ddp-a", "--home", home, "--rank", "1").startswith("ddp-a rank 1 (ddpa00000001)")

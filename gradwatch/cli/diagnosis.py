@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gradwatch.cli import _format as fmt
-from gradwatch.cli._options import CONTEXT, json_option, require_steps, resolve_run, with_store
+from gradwatch.cli._options import (CONTEXT, json_option, rank_metrics, rank_option, require_steps, resolve_run,
+                                    with_store)
 
 if TYPE_CHECKING:
     from gradwatch.diagnose import Finding
@@ -43,12 +44,12 @@ def render_findings(name: str, run_id: str, findings: list[Finding], verbose: bo
     return "\n".join(lines)
 
 
-def diagnose_run(store: Store, run_id: str) -> tuple[str, list[Finding]]:
-    """(run name, findings) of one stored run."""
+def diagnose_run(store: Store, run_id: str, rank: int = 0) -> tuple[str, list[Finding]]:
+    """(run name, findings) of one rank of a stored run."""
     from gradwatch.diagnose import diagnose
     from gradwatch.diagnose.load import load_run_data
 
-    data = load_run_data(store, run_id)
+    data = load_run_data(store, run_id, rank)
     return data.name, diagnose(data)
 
 
@@ -61,9 +62,10 @@ Example:
 @click.option("--brief", is_flag=True, help="Only titles and evidence, no causes and remedies.")
 @click.option("--strict", is_flag=True,
               help="Exit with status 1 when any error or warning is found (info notes do not count).")
+@rank_option
 @json_option
 @with_store
-def diagnose(store: Store, run: str, brief: bool, strict: bool, as_json: bool) -> None:
+def diagnose(store: Store, run: str, brief: bool, strict: bool, rank: int | None, as_json: bool) -> None:
     """Find gradient problems in a run (non-finite values, exploding gradients, loss spikes,
     vanishing flow, saturation, dying units, clipping), each with its evidence (numbers, layers,
     steps), likely causes and remedies; `info` notes (such as the init check) are not problems.
@@ -71,9 +73,13 @@ def diagnose(store: Store, run: str, brief: bool, strict: bool, as_json: bool) -
     an error (exit 1), not a healthy run. Thresholds: docs/diagnosis.md."""
     run_id = resolve_run(store, run)
     require_steps(store.run(run_id), "nothing to diagnose")
-    name, findings = diagnose_run(store, run_id)
+    chosen, _ = rank_metrics(store, run_id, rank)
+    name, findings = diagnose_run(store, run_id, chosen)
     data: dict[str, Any] = {"run": {"id": run_id, "name": name}, "healthy": not problems(findings),
                             "findings": [f.to_json() for f in findings]}
-    fmt.emit(data, as_json, lambda d: render_findings(name, run_id, findings, verbose=not brief))
+    if rank is not None:
+        data["rank"] = chosen
+    fmt.emit(data, as_json, lambda d: render_findings(name if rank is None else f"{name} rank {chosen}", run_id,
+                                                      findings, verbose=not brief))
     if strict and problems(findings):
         raise click.exceptions.Exit(1)

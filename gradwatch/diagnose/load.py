@@ -77,15 +77,16 @@ def _append(old: Series | None, new: Series) -> Series:
 
 class RunWindow:
     """One run's measurements over its last `steps` steps (all of them when None), as a `RunData`
-    kept up to date from the store (`refresh`) or from the ingester's batches (`feed`). Rank 0,
-    as everything diagnosis reads."""
+    kept up to date from the store (`refresh`) or from the ingester's batches (`feed`), of one
+    rank (rank 0 unless told: the live alerts read rank 0)."""
 
-    def __init__(self, store: Store, run_id: str, steps: int | None = None) -> None:
+    def __init__(self, store: Store, run_id: str, steps: int | None = None, rank: int = 0) -> None:
         if steps is not None and steps < 1:
             raise ValueError(f"a window holds at least 1 step, got {steps}")
         self.store = store
         self.run_id = run_id
         self.steps = steps
+        self.rank = rank
         summary = store.run_summary(run_id)
         stored = store.layers(run_id)
         self.name = summary.run.name
@@ -103,16 +104,16 @@ class RunWindow:
         self._last_event_id = 0  # events are read by id: one stored late for an earlier step is still read
         self.last_step: int | None = None  # every run-level row up to this step has been read
         self.layer_step: int | None = None  # and every layer and param row up to this one
-        self.offset: int | None = None  # rank 0's log is held up to this byte, all of it: `feed` goes on from here
+        self.offset: int | None = None  # the rank's log is held up to this byte, all of it: `feed` goes on from here
         self._layouts: dict[str, tuple[tuple[int, ...], np.ndarray, np.ndarray]] = {}  # see `_layout`
         self._data: RunData | None = None
 
     def refresh(self, layers: bool = True) -> bool:
-        """Read what was stored after the last read, up to the step rank 0's log stands at; True
+        """Read what was stored after the last read, up to the step the rank's log stands at; True
         when something new was read. Run-level and group metrics are read every time; layer
         and param metrics (hundreds of series in a large model) and events only with `layers`,
         from where they were last read, so a caller can read them less often."""
-        log = self._rank0_log()
+        log = self._rank_log()
         until = None if log is None else log.last_step
         read = self._read_events() if layers else False
         if until is not None and (self.last_step is None or until > self.last_step):
@@ -127,7 +128,7 @@ class RunWindow:
         return read
 
     def feed(self, batches: Iterable[Batch]) -> bool:
-        """Append the batches the ingester committed from rank 0's log, as `refresh` would read
+        """Append the batches the ingester committed from the rank's log, as `refresh` would read
         them; True when every batch was appended or already held. False, with the batches before
         it appended, at the first batch that does not follow on from what the window holds (its
         `offset`: rows that another process ingested, or a window last read with `layers=False`),
@@ -139,7 +140,7 @@ class RunWindow:
         for batch in batches:
             if end is not None and batch.end <= end:
                 continue  # a read already found it
-            if batch.start != end or batch.rank != 0 or batch.run_id != self.run_id:
+            if batch.start != end or batch.rank != self.rank or batch.run_id != self.run_id:
                 complete = False
                 break
             chain.append(batch)
@@ -186,13 +187,13 @@ class RunWindow:
 
     # ------------------------------------------------------------------ reading
 
-    def _rank0_log(self) -> LogInfo | None:
-        """Rank 0's log as the store has it (its offset and last step come from one row), or None."""
-        logs = [log for log in self.store.logs(self.run_id) if log.rank == 0]
+    def _rank_log(self) -> LogInfo | None:
+        """The rank's log as the store has it (its offset and last step come from one row), or None."""
+        logs = [log for log in self.store.logs(self.run_id) if log.rank == self.rank]
         return max(logs, key=lambda log: -1 if log.last_step is None else log.last_step) if logs else None
 
     def _read_events(self) -> bool:
-        new = [e for e in self.store.events(self.run_id, after_id=self._last_event_id) if e.rank == 0]
+        new = [e for e in self.store.events(self.run_id, after_id=self._last_event_id) if e.rank == self.rank]
         if not new:
             return False
         self._last_event_id = max(e.id for e in new)
@@ -214,7 +215,7 @@ class RunWindow:
 
     def _read(self, start: int | None, end: int | None, metrics: tuple[str, ...]) -> None:
         """Append the rows in [start, end] (unbounded where None) of `metrics`."""
-        got = self.store.histories(self.run_id, metrics, start, end)  # series that did not move: unread
+        got = self.store.histories(self.run_id, metrics, start, end, rank=self.rank)  # series that did not move: unread
         for metric in RUN_METRICS:
             series = got.get(metric, {}).get(0)
             if series is not None:
@@ -302,9 +303,9 @@ class RunWindow:
         self._events = [e for e in self._events if int(e["step"]) >= first]
 
 
-def load_run_data(store: Store, run_id: str) -> RunData:
-    """Everything the rules and plots need about one run (rank 0), read through the query API."""
-    window = RunWindow(store, run_id)
+def load_run_data(store: Store, run_id: str, rank: int = 0) -> RunData:
+    """Everything the rules and plots need about one rank of a run, read through the query API."""
+    window = RunWindow(store, run_id, rank=rank)
     window._read_events()
     window._read(None, None, FAST_METRICS + window._slow_metrics())
     return window.data
