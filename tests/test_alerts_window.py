@@ -17,6 +17,7 @@ import pytest
 from gradwatch.agent import runlog
 from gradwatch.agent.runlog import Close, Event, Header, MetricDef
 from gradwatch.alerts import AlertEngine, AlertsConfig
+from gradwatch.alerts import engine as engine_module
 from gradwatch.diagnose import RULES, RunData, diagnose
 from gradwatch.diagnose.load import RunWindow
 from gradwatch.ingest import Batch, Ingester
@@ -291,3 +292,22 @@ def test_a_fed_engine_fires_and_resolves_what_an_engine_reading_the_store_does(t
     kinds = {(kind, rule) for kind, rule, *_ in seen}
     assert {("firing", "nonfinite_loss"), ("resolved", "nonfinite_loss"), ("escalated", "dying_units"),
             ("firing", "loss_spike")} <= kinds
+
+
+def test_batches_past_the_bound_are_dropped_and_the_window_reads_the_store_instead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "MAX_WAITING_BYTES", 1)  # keep only the last batch of each run
+    twin = Twin(tmp_path, f"sqlite:///{tmp_path / 'gw.db'}", fed=True)
+    try:
+        twin.log.write(30)
+        twin.tick()  # the run's window is made: from now on its batches wait for it
+        made = twin.engine._watched[RUN_ID].window
+        for _ in range(3):
+            twin.log.write(10, event=True)
+            twin.ingester.poll_once()  # no evaluation in between: the first two are dropped
+        twin.tick()
+        window = twin.engine._watched[RUN_ID].window
+        assert window is not made and window.last_step == 59  # read anew, past the gap
+        assert_same(window.data, read(twin.store, 150))
+    finally:
+        twin.store.close()

@@ -5,13 +5,18 @@ Every finding made here is also checked for how it reads (tests/fixtures/finding
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from gradwatch.diagnose import LayerInfo, RunData, Series, find_spikes, suggest_clip_threshold
+from gradwatch.diagnose import LayerInfo, RunData, Series, find_loss_spikes, find_spikes, suggest_clip_threshold
 from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.load import layer_matrix
+from gradwatch.diagnose.loss import loss_spike
+from gradwatch.diagnose.rundata import in_sorted, nanmedian
+from gradwatch.diagnose.spikes import loss_stats, rolling_stats
 from gradwatch.diagnose.nonfinite import (
     nonfinite_activations,
     nonfinite_gradients,
@@ -548,3 +553,102 @@ def test_every_finding_has_its_value_and_threshold():
     for f in findings.values():
         assert np.isfinite(f.evidence.values["value"]), f.id
         assert ("threshold" in f.evidence.values) == (f.id not in no_threshold), f.id
+
+
+# ---------------------------------------------------------------- what the live engine relies on
+
+def _nan_equal(a, b) -> bool:
+    return type(a) is type(b) and np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nanmedian_gives_numpys_numbers(dtype):
+    """The sort-based median the rules use: NumPy's `nanmedian`, value for value, NaN and ±Inf
+    included, along every axis (NumPy's own warnings on all-NaN slices left out)."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        shape = tuple(int(k) for k in rng.integers(0, 7, size=rng.integers(1, 4)))
+        a = (rng.normal(size=shape) * rng.choice([1.0, 1e30])).astype(dtype)
+        if rng.random() < 0.3:
+            a = np.round(a)  # ties
+        u = rng.random(shape)
+        a[u < 0.3], a[u > 0.9], a[u > 0.95] = np.nan, np.inf, -np.inf
+        for axis in (None, *range(len(shape))):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                want = np.nanmedian(a, axis=axis)
+            assert _nan_equal(nanmedian(a, axis=axis), want), (shape, axis)
+    big = np.full((2, 3), np.finfo(dtype).max, dtype=dtype)  # NumPy's (x + x) / 2 along a short axis overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _nan_equal(nanmedian(big, axis=1), np.nanmedian(big, axis=1))
+        assert _nan_equal(nanmedian(big[0]), np.nanmedian(big[0]))
+
+
+def test_in_sorted_is_isin():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        values = rng.integers(0, 30, rng.integers(0, 20))
+        members = np.unique(rng.integers(0, 30, rng.integers(0, 10)))
+        np.testing.assert_array_equal(in_sorted(values, members), np.isin(values, members))
+
+
+def test_rolling_results_carried_through_a_moving_window_are_the_ones_computed_afresh():
+    """What `Series.rolling` keeps as a window appends and drops steps equals computing it on the
+    window from scratch, from the first position or from a later one."""
+    rng = np.random.default_rng(2)
+    values = rng.lognormal(0, 0.3, 400)
+    values[rng.random(400) < 0.05] = np.nan
+    calls = []
+
+    def stats(v, positions):
+        calls.append(len(positions))
+        return rolling_stats(v, 25, positions, noise=True)
+
+    for first in (0, 25):
+        window = Series(np.arange(0), np.zeros(0))
+        end = 0
+        while end < 400:
+            step = int(rng.integers(1, 9))
+            window = window.then(Series(np.arange(end, min(end + step, 400)), values[end:end + step]))
+            end = min(end + step, 400)
+            window = window.since(end - 120)
+            calls.clear()
+            kept = window.rolling(("stats", first), 25, stats, first)
+            fresh = Series(window.steps, window.values).rolling(("stats", first), 25, stats, first)
+            for a, b in zip(kept, fresh):
+                np.testing.assert_array_equal(a, b)
+            if end > 200:
+                assert calls[0] <= step + 25 - first  # only the appended steps, and the start's when judged
+    loss = _falling_loss(120)
+    loss[70] *= 25
+    s = Series(np.arange(120), loss)
+    assert [sp.first for sp in find_loss_spikes(s.steps, s.values, loss_stats(s))] == [70]
+
+
+def test_a_noisy_healthy_loss_has_no_spike_whole_or_in_live_windows():
+    """Old main: a loss with +-30% lognormal batch noise spiked about once in 10,000 steps judged
+    once, and the live engine, judging each value again on the shrinking history at the start of
+    its window, saw one about every 600 steps."""
+    steps = np.arange(20_000)
+    loss = (1 / np.sqrt(1 + steps / 100)) * np.exp(np.random.default_rng(3).normal(0, 0.3, len(steps)))
+    assert find_loss_spikes(steps, loss) == []
+    layers = (LayerInfo(0, "fc", "Linear", "param"),)
+    for end in range(500, 3_000, 4):
+        window = RunData("r", "live", layers, run={"loss": Series(steps[end - 500:end], loss[end - 500:end])},
+                         starts_run=False)
+        assert loss_spike(window) == [], end
+
+
+def test_a_window_that_cut_into_the_run_judges_only_values_with_their_whole_look_back():
+    loss = _falling_loss(200)
+    loss[40] *= 30  # 40 logged values before it in this window; the run had more
+    run = {"loss": Series(np.arange(200) + 1_000, loss)}
+    layers = (LayerInfo(0, "fc", "Linear", "param"),)
+    assert [f.id for f in diagnose(RunData("r", "whole", layers, run=run))] == ["loss_spike"]
+    assert diagnose(RunData("r", "live", layers, run=run, starts_run=False)) == []
+    later = loss.copy()  # a series is never changed in place: what rules derived from it is kept with it
+    later[150] *= 30
+    run = {"loss": Series(np.arange(200) + 1_000, later)}
+    (f,) = diagnose(RunData("r", "live", layers, run=run, starts_run=False))
+    assert f.evidence.steps == (1_150,)

@@ -63,7 +63,7 @@ _BAD_COUNTS = ("nonfinite_params", "overflow_params")
 #: Log bytes of batches a run may have waiting for its next evaluation; past it the oldest are
 #: dropped, and the window, seeing the gap, reads the store instead (an evaluation thread that
 #: fell far behind must not hold a backlog in memory).
-MAX_WAITING_BYTES = 64 * 1024 * 1024
+MAX_WAITING_BYTES = 8 * 1024 * 1024
 
 
 def _went_nonfinite(data: RunData, after: int | None) -> bool:
