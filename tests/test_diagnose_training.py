@@ -21,8 +21,6 @@ from torch import nn
 from gradwatch.diagnose import Finding, RunData, Series, diagnose
 from gradwatch.diagnose import thresholds as th
 from gradwatch.diagnose.load import load_run_data
-from gradwatch.ingest.ingester import ingest_pending
-from gradwatch.store import Store
 from tests.fixtures import training
 from tests.fixtures.cli_runs import invoke
 from tests.fixtures.findings_text import check_text
@@ -63,15 +61,7 @@ def home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(home):
     """Trains each job the first time a test asks for it; returns (store, run id)."""
-    trained: dict[str, str] = {}
-    with Store.open(home=home) as store:
-        def get(name: str) -> tuple[Store, str]:
-            if name not in trained:
-                trained[name] = training.train(JOBS[name], home)
-                report = ingest_pending(store, home)
-                assert not report.errors, report.errors
-            return store, trained[name]
-        yield get
+    yield from training.trained_runs(JOBS, home)
 
 
 def _findings(runs, name: str) -> dict[str, Finding]:

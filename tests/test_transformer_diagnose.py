@@ -26,8 +26,6 @@ from torch import nn
 from gradwatch.diagnose import Finding, LayerInfo, RunData, Series, diagnose
 from gradwatch.diagnose import transformer as tr
 from gradwatch.diagnose.load import load_run_data
-from gradwatch.ingest.ingester import ingest_pending
-from gradwatch.store import Store
 from tests.fixtures import training
 from tests.fixtures.findings_text import check_text
 from tests.fixtures.training import Job, cross_entropy
@@ -129,15 +127,7 @@ def home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(home):
     """Trains each job the first time a test asks for it; returns (store, run id)."""
-    trained: dict[str, str] = {}
-    with Store.open(home=home) as store:
-        def get(name: str) -> tuple[Store, str]:
-            if name not in trained:
-                trained[name] = training.train(JOBS[name], home)
-                report = ingest_pending(store, home)
-                assert not report.errors, report.errors
-            return store, trained[name]
-        yield get
+    yield from training.trained_runs(JOBS, home)
 
 
 def findings(runs, name: str) -> dict[str, Finding]:
