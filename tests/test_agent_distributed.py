@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,13 @@ from torch import nn
 
 import gradwatch
 from gradwatch.agent import runlog
+from tests.fixtures.prometheus import free_port
 
 WORLD = 2
 STEPS = 4
 MAX_NORM = 0.05
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _net() -> nn.Module:
@@ -85,7 +79,7 @@ def _worker(rank: int, kind: str, port: int, home: str, out: str) -> None:
 def _run(kind: str, tmp_path: Path) -> list[dict]:
     home, out = tmp_path / "home", tmp_path / "out"
     out.mkdir()
-    mp.start_processes(_worker, args=(kind, _free_port(), str(home), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(kind, free_port(), str(home), str(out)), nprocs=WORLD, start_method="spawn")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradwatch
+from tests.fixtures.prometheus import free_port
 from tests.test_spikes import events, series
 
 WORLD = 2
@@ -24,12 +24,6 @@ STEPS = 24
 SPIKE = 18
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _net() -> nn.Module:
@@ -77,7 +71,7 @@ def _worker(rank: int, port: int, home: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("out")
-    mp.start_processes(_worker, args=(_free_port(), str(home), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(home), str(out)), nprocs=WORLD, start_method="spawn")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
