@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -334,7 +335,7 @@ def test_a_moving_run_is_evaluated_at_most_every_evaluate_every_and_its_layers_r
     h = harness(AlertsConfig.model_validate({"evaluate_every": 10, "layers_every": 60,
                                              "rules": {"dying_units": {"for_steps": 0}}}))
     log = LiveLog(tmp_path, run_id="cadence3")
-    assert h.engine._phase(log.run_id) == pytest.approx(5.04)  # its reads: at once, then 55 s later, every 60 s
+    assert h.engine._phase(log.run_id, 60) == pytest.approx(5.04)  # its reads: at once, then 55 s later, every 60 s
     log.write(40)
     assert h.tick(1) == []  # evaluated, layers read
     log.write(40, dead=0.95)
@@ -344,3 +345,25 @@ def test_a_moving_run_is_evaluated_at_most_every_evaluate_every_and_its_layers_r
     got = {t.alert.rule: t.alert for t in h.tick(5)}
     assert set(got) == {"nonfinite_loss", "dying_units"}  # a NaN has the layers read at once
     assert got["nonfinite_loss"].step == 85
+
+
+def test_runs_first_seen_together_are_evaluated_in_different_passes_afterwards(harness, tmp_path) -> None:
+    evaluated: list[tuple[float, str]] = []
+
+    def counting(data: RunData):
+        evaluated.append((h.now, data.run_id))
+        return []
+
+    h = harness(AlertsConfig.model_validate({"evaluate_every": 2}), rules=(counting,))
+    logs = [LiveLog(tmp_path, run_id=f"spread{i:02d}", name=f"spread{i}") for i in range(12)]
+    for log in logs:
+        log.write(20)
+    h.tick(0.5)
+    assert len(evaluated) == 12  # all at once on the pass that first sees them
+    for _ in range(8):  # then every 2 s each, but at its own phase: the 0.5 s passes share them out
+        for log in logs:
+            log.write(1)
+        h.tick(0.5)
+    per_pass = Counter(t for t, _ in evaluated[12:])
+    assert max(per_pass.values()) <= 4  # without phases: all 12 on one pass in four
+    assert Counter(r for _, r in evaluated[12:]) == {log.run_id: 2 for log in logs}  # every 2 s, no more

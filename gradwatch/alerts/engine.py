@@ -202,7 +202,8 @@ class AlertEngine:
             w.progress_at, w.last_step = now, run.last_step
         if now - w.evaluated_at >= self.config.evaluate_every and self._update(w, run, now):
             w.findings = self._findings(w.window.data)
-            w.evaluated_at = now
+            first = not math.isfinite(w.evaluated_at)  # then each run at its own phase, as the layer reads
+            w.evaluated_at = now - self._phase(run.id, self.config.evaluate_every) if first else now
         findings = list(w.findings)
         if self._alive(run):
             findings += self._kept(stalled(now - w.progress_at, self.config.stalled_after, run.last_step, run.pid))
@@ -232,7 +233,7 @@ class AlertEngine:
             layers = True
             w.window.refresh(layers=True)
         if layers:  # after the first read, each run at its own phase: not all in one pass
-            w.layers_at = now if math.isfinite(w.layers_at) else now - self._phase(run.id)
+            w.layers_at = now if math.isfinite(w.layers_at) else now - self._phase(run.id, self.config.layers_every)
         return True
 
     def _last_pass(self, run_id: str, now: float) -> list[Transition]:
@@ -253,10 +254,11 @@ class AlertEngine:
         with self._waiting_lock:
             self._waiting.pop(run_id, None)
 
-    def _phase(self, run_id: str) -> float:
-        """A fraction of `layers_every` fixed by the run id, so runs started together spread their
-        layer reads over the interval."""
-        return zlib.crc32(run_id.encode()) % 1000 / 1000 * self.config.layers_every
+    @staticmethod
+    def _phase(run_id: str, interval: float) -> float:
+        """A fraction of `interval` fixed by the run id, so runs started together spread their
+        evaluations and layer reads over it."""
+        return zlib.crc32(run_id.encode()) % 1000 / 1000 * interval
 
     def _owned(self) -> set[str] | None:
         """Ids of the runs whose logs lie in the home (None: every run of the store)."""
